@@ -1,0 +1,40 @@
+"""Shared set-up for benchmarks: load the shipped checkpoint and run batches of requests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO.parent / "shared" / "data"
+CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-ess"
+
+
+def load(checkpoint: Path = CHECKPOINT):
+    """``(decoder, tokenizer)`` for the checkpoint on the prepared base model."""
+    from transformers import AutoTokenizer
+
+    from safety_decoding.base_model import prepare_base_model
+    from safety_decoding.decode import Decoder
+    from safety_decoding.model import load_safety_model
+
+    base = prepare_base_model(log=lambda m: print(m, file=sys.stderr))
+    tok = AutoTokenizer.from_pretrained(str(base))
+    return Decoder(load_safety_model(checkpoint, base), tok), tok
+
+
+def run_batches(decoder, requests, batch_size: int = 16, desc: str = ""):
+    """Run requests in length-sorted batches; returns ``(text, final_event)`` in input order."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt.ids))
+    out = [None] * len(requests)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, file=sys.stderr, mininterval=10):
+        idx = order[start:start + batch_size]
+        texts = {j: "" for j in range(len(idx))}
+        for step in decoder.generate([requests[i] for i in idx]):
+            for e in step:
+                texts[e.index] += e.text
+                if e.finish_reason:
+                    out[idx[e.index]] = (texts[e.index], e)
+    return out

@@ -1,0 +1,83 @@
+"""Issue-2 safety figures on evaluation-only files (nothing the model trained on).
+
+- Query classifier (the prefill ``[CLS]`` verdict): accuracy, F1 and AUROC on AdvBench
+  harmful_behaviors + HarmBench test (malicious) vs XSTest safe + safety-tuned-llamas
+  I-Alpaca (benign).
+- Refusal rates with greedy decoding: AdvBench direct, AdvBench prefill (``target`` as the
+  response prefix), XSTest safe (over-refusal), with the safety signal on and off.
+
+Usage: ``python benchmarks/safety_eval.py [--limit N] [--max-new-tokens 48] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from common import DATA_DIR, load, run_batches
+
+from safety_decoding.data import advbench_behaviors, harmbench_test, stl_eval, xstest
+from safety_decoding.decode import GenerationRequest
+from safety_decoding.judge import is_refusal
+from safety_decoding.policy import SafetyParams
+from safety_decoding.prompt import build_chat_prompt
+from safety_decoding.sampling import SamplingParams
+from safety_decoding.train import classification_metrics
+
+
+def prompt_of(tok, text, prefix=""):
+    return build_chat_prompt(tok, [{"role": "user", "content": text}], prefix)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--limit", type=int, default=0, help="first N prompts of each set (0: all)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--json", default="benchmarks/results/safety_eval.json")
+    args = ap.parse_args()
+    lim = (lambda xs: xs[:args.limit]) if args.limit else (lambda xs: xs)
+    decoder, tok = load()
+    cfg = decoder.model.config
+    t0 = time.time()
+
+    adv = lim(advbench_behaviors(DATA_DIR))
+    malicious = [r["goal"] for r in adv] + lim(harmbench_test(DATA_DIR))
+    benign = lim(xstest(DATA_DIR, "safe")) + lim(stl_eval(DATA_DIR, "I-Alpaca"))
+    one = SamplingParams(max_new_tokens=1)
+    reqs = [GenerationRequest(prompt_of(tok, t), one) for t in malicious + benign]
+    scores = [e.safety["query_score"] for _, e in run_batches(decoder, reqs, desc="classifier")]
+    labels = [1] * len(malicious) + [0] * len(benign)
+    clf = classification_metrics(labels, scores, cfg.threshold)
+    clf["n_malicious"], clf["n_benign"] = len(malicious), len(benign)
+
+    sets = {
+        "advbench_direct": [prompt_of(tok, r["goal"]) for r in adv],
+        "advbench_prefill": [prompt_of(tok, r["goal"], r["target"]) for r in adv],
+        "xstest_safe": [prompt_of(tok, t) for t in lim(xstest(DATA_DIR, "safe"))],
+    }
+    gen = SamplingParams(max_new_tokens=args.max_new_tokens)
+    rows = []
+    for safety_on in (True, False):
+        for name, prompts in sets.items():
+            res = run_batches(decoder, [GenerationRequest(p, gen, SafetyParams(enabled=safety_on))
+                                        for p in prompts], desc=f"{name} safety={safety_on}")
+            refused = [e.safety["intervened"] or is_refusal(text) for text, e in res]
+            rows.append({"set": name, "safety": safety_on, "n": len(res),
+                         "refusal_rate": round(sum(refused) / len(res), 4),
+                         "intervention_rate": round(sum(e.safety["intervened"] for _, e in res) / len(res), 4),
+                         "example": res[0][0][:160]})
+    out = {"classifier": clf, "refusal": rows, "max_new_tokens": args.max_new_tokens,
+           "seconds": round(time.time() - t0, 1)}
+    print("\nQuery classifier (threshold %.2f): " % cfg.threshold + json.dumps(clf))
+    print(f"\n| set | safety | n | refusal rate | intervention rate |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['set']} | {'on' if r['safety'] else 'off'} | {r['n']} | {r['refusal_rate']:.3f} | {r['intervention_rate']:.3f} |")
+    from pathlib import Path
+
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

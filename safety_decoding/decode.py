@@ -1,0 +1,256 @@
+"""The decode loop: prefill with ``[CLS]`` at slot 0, then one forward per step over
+``[token, CLS-probe?]`` rows, the policy verdict, token selection, stops and release.
+
+Written batch-first (``B`` rows, left-padded prefill) so batching does not fork the code path.
+It is a generator of per-step events and does no I/O. The KV cache is a transformers
+``DynamicCache``; the probe's slot is dropped after each step (method.md decision 1), and a
+truncation back to S_t marks the dropped slots ``PAD`` instead of rewriting the cache, so rows
+of one batch never need the same length.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from transformers import DynamicCache
+
+from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
+from .model import SafetyModel
+from .policy import SafetyParams, SafetyState, Trip
+from .prompt import Prompt
+from .sampling import SamplingParams, logits_processors, make_generator, select_token
+from .text import IncrementalDetokenizer, StopStringBuffer
+
+# Finish reasons (TGI's names; the OpenAI layer maps eos_token/stop_sequence to "stop").
+LENGTH, EOS, STOP_SEQUENCE, ABORT = "length", "eos_token", "stop_sequence", "abort"
+
+
+@dataclass
+class GenerationRequest:
+    prompt: Prompt
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    safety: SafetyParams = field(default_factory=SafetyParams)
+    cancelled: Callable[[], bool] = lambda: False
+    """Polled at every step boundary; True aborts the request."""
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    id: int
+    text: str
+    """Text released with this token ("" while held for UTF-8, stop strings or a check)."""
+    logprob: float
+    forced: bool
+    """Inserted by the safety policy rather than chosen by sampling."""
+
+
+@dataclass
+class StepEvent:
+    """What one request released in one step."""
+
+    index: int
+    """Row of the request in the ``generate`` call."""
+    tokens: list[TokenOutput]
+    finish_reason: str | None = None
+    safety: dict | None = None
+    """The `SafetyState.summary` object, on the finishing event only."""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+
+@dataclass
+class _Row:
+    req: GenerationRequest
+    state: SafetyState
+    procs: object
+    generator: torch.Generator
+    detok: IncrementalDetokenizer
+    stopbuf: StopStringBuffer
+    prompt_len: int
+    gen: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    forced: list[bool] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    queue: deque = field(default_factory=deque)
+    released: int = 0
+    finish_reason: str | None = None
+
+
+class Decoder:
+    """Runs `GenerationRequest`s on a `SafetyModel` (one thread owns it; not thread-safe)."""
+
+    def __init__(self, model: SafetyModel, tokenizer):
+        self.model = model
+        self.tok = tokenizer
+        self.refusal = model.config.refusal_prefix
+        ids = {tokenizer.eos_token_id}
+        endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        if isinstance(endoftext, int) and endoftext != tokenizer.unk_token_id:
+            ids.add(endoftext)
+        self.stop_ids = {i for i in ids if i is not None}
+
+    def refusal_ids(self, previous_id: int | None) -> list[int]:
+        """Token ids of the refusal prefix, with a space when it follows a word."""
+        before = self.tok.decode([previous_id]) if previous_id is not None else ""
+        text = self.refusal if not before or before[-1].isspace() else " " + self.refusal
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    @torch.inference_mode()
+    def generate(self, requests: list[GenerationRequest]) -> Iterator[list[StepEvent]]:
+        """Decode ``requests`` together; yields the events of each step until all finish."""
+        model, B = self.model, len(requests)
+        rows = [_Row(r, SafetyState(r.safety), logits_processors(r.sampling),
+                     make_generator(r.sampling), IncrementalDetokenizer(self.tok),
+                     StopStringBuffer(r.sampling.stop), 1 + len(r.prompt.ids)) for r in requests]
+
+        # ---- prefill: [PAD..., CLS, prompt] per row, left-padded -------------------------
+        P = max(r.prompt_len for r in rows)
+        ids = torch.zeros(B, P, dtype=torch.long)
+        kind = torch.full((B, P), PAD, dtype=torch.long)
+        in_query = torch.zeros(B, P, dtype=torch.bool)
+        reads = torch.zeros(B, P, dtype=torch.bool)
+        pos = torch.zeros(B, P, dtype=torch.long)
+        for b, row in enumerate(rows):
+            p, o = row.req.prompt, P - row.prompt_len
+            on = row.req.safety.enabled
+            ids[b, o + 1:] = torch.tensor(p.ids)
+            kind[b, o] = CLS if on else PAD
+            kind[b, o + 1:] = TOKEN
+            in_query[b, o + 1:] = torch.tensor(p.query_mask)
+            reads[b, o + 1 + p.reads_cls_from:] = on
+            pos[b, o:] = torch.arange(row.prompt_len)
+        self.key_kind, self.key_in_query = kind, in_query
+        self.key_gen = torch.full((B, P), -1, dtype=torch.long)
+        cache = DynamicCache(config=model.decoder.config)
+        mask = strategic_attention_mask(kind, in_query, torch.arange(P).expand(B, P), reads)
+        hidden, _ = model.hidden_states(ids, kind, pos, mask, cache)
+        logits = model.lm_logits(hidden[:, -1])
+        scores = torch.sigmoid(model.safety_logits(hidden[:, :, :]).float())
+        events = []
+        for b, row in enumerate(rows):
+            if row.req.safety.enabled:
+                trip = row.state.on_query(float(scores[b, P - row.prompt_len]))
+                if trip:
+                    row.queue.extend(self.refusal_ids(row.req.prompt.ids[-1] if row.req.prompt.ids else None))
+            events.append(self._advance(b, row, logits[b]))
+        yield [e for e in events if e]
+
+        # ---- decode steps ----------------------------------------------------------------
+        while any(r.finish_reason is None for r in rows):
+            live = [r.finish_reason is None for r in rows]
+            check = [live[b] and r.state.needs_check(len(r.gen)) for b, r in enumerate(rows)]
+            q = 2 if any(check) else 1
+            kv = self.key_kind.shape[1]
+            step_ids = torch.zeros(B, q, dtype=torch.long)
+            step_kind = torch.full((B, q), PAD, dtype=torch.long)
+            step_pos = torch.zeros(B, q, dtype=torch.long)
+            window = torch.zeros(B, q, kv + q, dtype=torch.bool)
+            step_reads = torch.zeros(B, q, dtype=torch.bool)
+            new_gen = torch.full((B, q), -1, dtype=torch.long)
+            for b, row in enumerate(rows):
+                if not live[b]:
+                    continue
+                n = len(row.gen)
+                step_ids[b, 0] = row.gen[-1]
+                step_kind[b, 0] = TOKEN
+                step_pos[b, 0] = row.prompt_len + n - 1
+                step_reads[b, 0] = row.req.safety.enabled
+                new_gen[b, 0] = n - 1
+                row.slots.append(kv)
+                if check[b]:
+                    step_kind[b, 1] = PROBE
+                    lo, hi = row.state.window(n)
+                    gens = torch.cat([self.key_gen[b], new_gen[b]])
+                    window[b, 1] = (gens >= lo) & (gens < hi)
+            key_kind = torch.cat([self.key_kind, step_kind], 1)
+            key_in_query = torch.cat([self.key_in_query, torch.zeros(B, q, dtype=torch.bool)], 1)
+            row_index = torch.arange(kv, kv + q).expand(B, q)
+            mask = strategic_attention_mask(key_kind, key_in_query, row_index, step_reads, window)
+            hidden, _ = model.hidden_states(step_ids, step_kind, step_pos, mask, cache)
+            if q == 2:
+                cache.crop(-1)  # drop the probe's K/V: later tokens read the prefill [CLS]
+                probe_scores = torch.sigmoid(model.safety_logits(hidden[:, 1]).float())
+            self.key_kind = key_kind[:, :kv + 1]
+            self.key_in_query = key_in_query[:, :kv + 1]
+            self.key_gen = torch.cat([self.key_gen, new_gen[:, :1]], 1)
+            logits = model.lm_logits(hidden[:, 0])
+            events = []
+            for b, row in enumerate(rows):
+                if not live[b]:
+                    continue
+                trip = row.state.on_check(float(probe_scores[b]), len(row.gen)) if check[b] else None
+                if trip:
+                    self._truncate(b, row, trip)
+                    events.append(self._advance(b, row, None))
+                else:
+                    events.append(self._advance(b, row, logits[b]))
+            yield [e for e in events if e]
+
+    # ---- per-row helpers -------------------------------------------------------------------
+
+    def _truncate(self, b: int, row: _Row, trip: Trip) -> None:
+        """Drop ``g_{S_t}..`` from the response and the cache view, queue the refusal."""
+        t = trip.truncate_to
+        dropped = row.slots[t:]
+        if dropped:
+            self.key_kind[b, dropped] = PAD
+        del row.gen[t:], row.logprobs[t:], row.forced[t:], row.slots[t:]
+        assert row.released <= t, "a token covered by a failed check was released"
+        previous = row.gen[-1] if row.gen else (row.req.prompt.ids[-1] if row.req.prompt.ids else None)
+        row.queue.clear()
+        row.queue.extend(self.refusal_ids(previous))
+
+    def _advance(self, b: int, row: _Row, logits: torch.Tensor | None) -> StepEvent | None:
+        """Append the next token (forced or selected), apply stops, release what passed."""
+        sp = row.req.sampling
+        if row.queue:
+            token = row.queue.popleft()
+            lp = float(torch.log_softmax(logits.float(), -1)[token]) if logits is not None else 0.0
+            row.gen.append(token), row.logprobs.append(lp), row.forced.append(True)
+        else:
+            history = torch.tensor(list(row.req.prompt.ids) + row.gen, dtype=torch.long)
+            token, lp = select_token(logits, history, sp, row.procs, row.generator)
+            if token in self.stop_ids and not sp.ignore_eos:
+                row.finish_reason = EOS
+            else:
+                row.gen.append(token), row.logprobs.append(lp), row.forced.append(False)
+        if row.finish_reason is None and len(row.gen) >= sp.max_new_tokens:
+            row.finish_reason = LENGTH
+        if row.finish_reason is None and row.req.cancelled():
+            row.finish_reason = ABORT
+        if row.finish_reason in (EOS, LENGTH):
+            trip = row.state.on_finish()
+            if trip:  # an unresolved malicious streak: its tokens never pass
+                self._truncate(b, row, trip)
+                while row.queue:
+                    row.gen.append(row.queue.popleft()), row.logprobs.append(0.0), row.forced.append(True)
+        limit = len(row.gen) if row.finish_reason in (EOS, LENGTH) else row.state.releasable(len(row.gen))
+        tokens = []
+        while row.released < limit and row.finish_reason != STOP_SEQUENCE:
+            i = row.released
+            text, matched = row.stopbuf.push(row.detok.push(row.gen[i]))
+            row.released += 1
+            tokens.append(TokenOutput(row.gen[i], text, row.logprobs[i], row.forced[i]))
+            if matched:
+                row.finish_reason = STOP_SEQUENCE
+        if row.finish_reason in (EOS, LENGTH):
+            tail = row.stopbuf.flush()
+            if tail:
+                if tokens:
+                    last = tokens[-1]
+                    tokens[-1] = TokenOutput(last.id, last.text + tail, last.logprob, last.forced)
+                else:
+                    tokens.append(TokenOutput(row.gen[-1], tail, 0.0, False))
+        if not tokens and row.finish_reason is None:
+            return None
+        done = row.finish_reason is not None
+        return StepEvent(b, tokens, row.finish_reason, row.state.summary() if done else None,
+                         prompt_tokens=len(row.req.prompt.ids),
+                         generated_tokens=row.released if done else 0)

@@ -1,0 +1,203 @@
+"""The explicit-safety-signal model: a causal LM plus an input-only ``[CLS]`` and a binary head.
+
+``[CLS]`` is not added to the vocabulary. Its embedding is a separate learned row that replaces
+the token embedding wherever a slot has kind ``CLS`` or ``PROBE`` (see `masks`), so the tied LM
+head keeps its original size and ``[CLS]`` can never be sampled (paper §1.1: "lm_head is not
+resized"). The head is ``Linear(hidden, 1)`` on the final hidden state after the last norm;
+``p_malicious = sigmoid(logit)`` (paper §1.2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .masks import CLS, PROBE
+
+CHECKPOINT_CONFIG = "ess_config.json"
+SAFETY_WEIGHTS = "safety_head.safetensors"
+ADAPTER_DIR = "adapter"
+REFUSAL_PREFIX = "Sorry, I cannot fulfill your request because"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match the base model."""
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """Everything a checkpoint records besides weights (``ess_config.json``)."""
+
+    base_model: str
+    """Name of the base model the adapter was trained on."""
+    base_model_sha256: str
+    """`base_model.weights_sha256` of the base weights; checked on load."""
+    hidden_size: int
+    cls_token_id: int
+    """Virtual id of ``[CLS]`` (the base vocabulary size): never produced by the tokenizer."""
+    lambda_cls: float = 0.1
+    """Weight of the BCE loss on ``[CLS]`` logits (paper: 0.1 or 0.01)."""
+    threshold: float = 0.5
+    """Malicious when ``p > threshold`` (paper §1.3)."""
+    tau: int = 3
+    r1: int = 10
+    r2: int = 10
+    r3: int = 10
+    refusal_prefix: str = REFUSAL_PREFIX
+    data_manifest: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+class SafetyModel(nn.Module):
+    """Wraps a Hugging Face Llama-style causal LM (optionally a peft model).
+
+    Shapes: ``B`` batch, ``q`` rows computed in this forward, ``kv`` key slots, ``H`` hidden.
+    """
+
+    def __init__(self, lm: nn.Module, config: SafetyConfig):
+        super().__init__()
+        self.lm = lm
+        self.config = config
+        H = config.hidden_size
+        emb = self._causal_lm().get_input_embeddings().weight
+        # Our choice: start [CLS] at the mean token embedding (paper: not published).
+        self.cls_embedding = nn.Parameter(emb.detach().mean(0).clone())
+        self.head = nn.Linear(H, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def _causal_lm(self) -> nn.Module:
+        lm = self.lm
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformer body (``LlamaModel``), ending in the final norm."""
+        return self._causal_lm().model
+
+    def embed(self, ids: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """``ids, kinds: (B, q)`` -> ``(B, q, H)``; CLS/PROBE slots get the [CLS] embedding."""
+        emb = self._causal_lm().get_input_embeddings()
+        vocab = emb.weight.shape[0]
+        x = emb(ids.clamp(0, vocab - 1))
+        is_cls = ((kinds == CLS) | (kinds == PROBE)).unsqueeze(-1)
+        return torch.where(is_cls, self.cls_embedding.to(x.dtype), x)
+
+    def hidden_states(self, ids, kinds, position_ids, attention_mask, past_key_values=None):
+        """One forward of the body.
+
+        Args:
+            ids, kinds, position_ids: ``(B, q)``.
+            attention_mask: ``(B, 1, q, kv)`` bool from `masks.strategic_attention_mask`.
+            past_key_values: a transformers ``Cache`` or None.
+
+        Returns:
+            ``(hidden (B, q, H) after the final norm, cache)``.
+        """
+        out = self.decoder(
+            inputs_embeds=self.embed(ids, kinds),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,
+            use_cache=past_key_values is not None,
+        )
+        return out.last_hidden_state, past_key_values
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., H)`` -> ``(..., V)`` next-token logits."""
+        return self._causal_lm().lm_head(hidden)
+
+    def safety_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., H)`` -> ``(...)`` malicious logits; ``sigmoid`` gives p_malicious."""
+        return self.head(hidden).squeeze(-1)
+
+    # ---- checkpoint I/O -------------------------------------------------------------
+
+    def save_checkpoint(self, out_dir: str | Path, config: SafetyConfig | None = None) -> None:
+        """Write ``ess_config.json``, the [CLS] row + head (safetensors), and the LoRA adapter."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = config or self.config
+        (out / CHECKPOINT_CONFIG).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        save_file({
+            "cls_embedding": self.cls_embedding.detach().contiguous(),
+            "head.weight": self.head.weight.detach().contiguous(),
+            "head.bias": self.head.bias.detach().contiguous(),
+        }, str(out / SAFETY_WEIGHTS))
+        if hasattr(self.lm, "peft_config"):  # only the LoRA adapter, never the base weights
+            self.lm.save_pretrained(str(out / ADAPTER_DIR))
+
+
+def read_safety_config(ckpt_dir: str | Path) -> SafetyConfig:
+    """Read ``ess_config.json``.
+
+    Raises:
+        CheckpointError: the file is missing or not valid JSON for `SafetyConfig`.
+    """
+    path = Path(ckpt_dir) / CHECKPOINT_CONFIG
+    try:
+        return SafetyConfig(**json.loads(path.read_text()))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} not found: is {ckpt_dir} an ESS checkpoint?") from exc
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from exc
+
+
+def load_safety_model(ckpt_dir: str | Path, base_dir: str | Path, merge: bool = True,
+                      dtype: torch.dtype = torch.float32) -> SafetyModel:
+    """Load the base model from ``base_dir`` and apply the checkpoint in ``ckpt_dir``.
+
+    Args:
+        merge: fold the LoRA weights into the base weights (faster decoding; our choice for
+            serving).
+
+    Raises:
+        CheckpointError: a missing or corrupt file, or a base model whose weights hash or
+            hidden size differs from the one the checkpoint was trained on.
+    """
+    from peft import PeftModel
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    ckpt_dir, base_dir = Path(ckpt_dir), Path(base_dir)
+    cfg = read_safety_config(ckpt_dir)
+    recorded = base_dir / "WEIGHTS_SHA256"
+    base_sha = recorded.read_text().strip() if recorded.exists() else "unknown"
+    if base_sha != cfg.base_model_sha256:
+        raise CheckpointError(
+            f"base model mismatch: checkpoint {ckpt_dir} was trained on {cfg.base_model} with "
+            f"weights sha256 {cfg.base_model_sha256}, but {base_dir} has {base_sha}; run "
+            "`ess prepare --force` or point --base-model at the right folder")
+    lm = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    if lm.config.hidden_size != cfg.hidden_size:
+        raise CheckpointError(f"hidden size mismatch: checkpoint {cfg.hidden_size}, base "
+                              f"{lm.config.hidden_size}")
+    adapter = ckpt_dir / ADAPTER_DIR
+    if adapter.exists():
+        try:
+            lm = PeftModel.from_pretrained(lm, str(adapter))
+        except Exception as exc:  # peft raises several types for bad adapters
+            raise CheckpointError(f"LoRA adapter in {adapter} is corrupt or does not fit "
+                                  f"{cfg.base_model}: {exc}") from exc
+        if merge:
+            lm = lm.merge_and_unload()
+    model = SafetyModel(lm, cfg)
+    try:
+        weights = load_file(str(ckpt_dir / SAFETY_WEIGHTS))
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{ckpt_dir / SAFETY_WEIGHTS} is missing or corrupt: {exc}") from exc
+    if weights.get("cls_embedding") is None or weights["cls_embedding"].shape != (cfg.hidden_size,):
+        raise CheckpointError(f"{SAFETY_WEIGHTS}: cls_embedding does not have shape "
+                              f"({cfg.hidden_size},)")
+    with torch.no_grad():
+        model.cls_embedding.copy_(weights["cls_embedding"])
+        model.head.weight.copy_(weights["head.weight"])
+        model.head.bias.copy_(weights["head.bias"])
+    return model.to(dtype).eval()

@@ -1,0 +1,183 @@
+"""The safety policy: when to re-check, what ``[CLS]`` sees, and what a verdict does.
+
+A small per-sequence state machine driven by scores, so it is unit-tested with scripted
+scores and no model. Indices are generated-token indices ``g_0, g_1, ...`` of the current
+response (forced refusal tokens included).
+
+Decode step ``k >= 1`` feeds ``g_{k-1}`` and, when the schedule says so, a ``[CLS]`` probe whose
+window ends at ``g_{k-1}``; its verdict covers every token up to ``g_{k-1}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .sampling import ParameterError
+
+SCHEDULES = ("each", "first")
+ACTIONS = ("refuse", "monitor")
+
+
+@dataclass(frozen=True)
+class SafetyParams:
+    """Safety policy for one request (defaults: method.md; paper §3.3 and §4)."""
+
+    enabled: bool = True
+    """False: plain decoding, no ``[CLS]`` verdict at all."""
+    threshold: float = 0.5
+    """Malicious when ``p_malicious > threshold`` (paper §1.3)."""
+    tau: int = 3
+    """Consecutive malicious re-checks that trip a mid-response refusal (paper: tau <= 3)."""
+    r1: int = 10
+    """Rule 1 window: first ``r1`` generated tokens after a malicious query verdict."""
+    r2: int = 10
+    """Rule 2 window: the most recent ``r2`` generated tokens (benign query)."""
+    schedule: str = "each"
+    """``each``: re-check at every decode step; ``first``: the query verdict only."""
+    action: str = "refuse"
+    """``refuse``: insert the refusal prefix (paper §4); ``monitor``: report only."""
+
+    def __post_init__(self):
+        if not 0 < self.threshold < 1:
+            raise ParameterError("threshold", "must be in (0, 1)")
+        if not 1 <= self.tau <= 64:
+            raise ParameterError("tau", "must be between 1 and 64")
+        for name in ("r1", "r2"):
+            if not 1 <= getattr(self, name) <= 512:
+                raise ParameterError(name, "must be between 1 and 512")
+        if self.schedule not in SCHEDULES:
+            raise ParameterError("schedule", f"must be one of {SCHEDULES}")
+        if self.action not in ACTIONS:
+            raise ParameterError("action", f"must be one of {ACTIONS}")
+
+    def stricter(self, threshold: float | None = None, schedule: str | None = None) -> "SafetyParams":
+        """Per-request overrides that can only make the policy stricter (architecture.md).
+
+        Raises:
+            ParameterError: a threshold above the server's, or a sparser schedule.
+        """
+        from dataclasses import replace
+
+        changes = {}
+        if threshold is not None:
+            if threshold > self.threshold:
+                raise ParameterError("threshold", f"may only be lowered (server: {self.threshold})")
+            changes["threshold"] = threshold
+        if schedule is not None:
+            if schedule not in SCHEDULES or SCHEDULES.index(schedule) > SCHEDULES.index(self.schedule):
+                raise ParameterError("schedule", f"may only be denser than the server's '{self.schedule}'")
+            changes["schedule"] = schedule
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Trip:
+    """A verdict that intervenes: truncate the response to ``truncate_to`` tokens, then insert."""
+
+    stage: str
+    """``query`` (prefill verdict) or ``response`` (tau consecutive re-checks)."""
+    truncate_to: int
+    """Generated tokens kept: ``g_0 .. g_{truncate_to - 1}`` (S_t for a response trip)."""
+
+
+@dataclass
+class SafetyState:
+    """Per-sequence policy state."""
+
+    params: SafetyParams
+    query_score: float | None = None
+    refused: bool = False
+    streak: int = 0
+    streak_start: int | None = None
+    """S_t: index of the newest token in the first malicious window of the current streak."""
+    checks: int = 0
+    max_score: float = 0.0
+    trip: Trip | None = None
+    would_trip: list = field(default_factory=list)
+    """Monitor mode: the trips that ``refuse`` would have made."""
+
+    @property
+    def active(self) -> bool:
+        """Whether re-checks still run (our choice: none after a refusal was inserted)."""
+        return self.params.enabled and not self.refused and self.params.schedule == "each"
+
+    def on_query(self, score: float) -> Trip | None:
+        """Prefill verdict; a malicious query inserts the refusal at the response start."""
+        self.query_score = score
+        self.max_score = max(self.max_score, score)
+        if score > self.params.threshold:
+            return self._trip(Trip("query", 0))
+        return None
+
+    def needs_check(self, n_generated: int) -> bool:
+        """Whether decode step with ``n_generated`` tokens so far runs a probe."""
+        return self.active and n_generated >= 1
+
+    def window(self, n_generated: int) -> tuple[int, int]:
+        """Generated-index span ``[lo, hi)`` the probe reads besides the query (rules 1-2)."""
+        if self.query_score is not None and self.query_score > self.params.threshold:
+            return 0, min(self.params.r1, n_generated)  # rule 1 (monitor mode only)
+        return max(0, n_generated - self.params.r2), n_generated  # rule 2
+
+    def on_check(self, score: float, n_generated: int) -> Trip | None:
+        """Re-check verdict covering ``g_0 .. g_{n_generated-1}``."""
+        self.checks += 1
+        self.max_score = max(self.max_score, score)
+        if score <= self.params.threshold:
+            self.streak, self.streak_start = 0, None
+            return None
+        if self.streak == 0:
+            self.streak_start = n_generated - 1
+        self.streak += 1
+        if self.streak >= self.params.tau:
+            trip = Trip("response", self.streak_start)
+            self.streak, self.streak_start = 0, None
+            return self._trip(trip)
+        return None
+
+    def on_finish(self) -> Trip | None:
+        """Generation ends while a malicious streak is unresolved: its tokens never pass.
+
+        Our choice: treat it as a trip at S_t, because the tokens the failed checks covered
+        may not reach the caller and no later check can clear them.
+        """
+        if self.streak and self.params.enabled:
+            trip = Trip("response", self.streak_start)
+            self.streak, self.streak_start = 0, None
+            return self._trip(trip)
+        return None
+
+    def releasable(self, n_generated: int) -> int:
+        """How many generated tokens may reach the caller now.
+
+        All tokens are covered by a passing check except those of an ongoing malicious
+        streak (from S_t on) and the newest one when a check of it is still to come.
+        """
+        if self.streak:
+            return self.streak_start
+        if self.active:
+            return max(0, n_generated - 1)
+        return n_generated
+
+    def _trip(self, trip: Trip) -> Trip | None:
+        if self.params.action == "monitor":
+            self.would_trip.append(trip)
+            return None
+        self.refused = True
+        self.trip = trip
+        return trip
+
+    def summary(self) -> dict:
+        """The ``safety`` object of responses."""
+        return {
+            "query_score": None if self.query_score is None else round(self.query_score, 4),
+            "max_score": round(self.max_score, 4),
+            "checks": self.checks,
+            "intervened": self.trip is not None,
+            "stage": self.trip.stage if self.trip else None,
+            "trip_token": self.trip.truncate_to if self.trip else None,
+            "would_trip": [t.stage for t in self.would_trip],
+            "action": self.params.action,
+            "schedule": self.params.schedule,
+            "threshold": self.params.threshold,
+        }

@@ -1,0 +1,303 @@
+"""Training recipe: joint LM + [CLS] classification loss with the strategic-attention masks.
+
+Loss (method.md "Training", paper §2.1)::
+
+    loss = CE(LM logits, response tokens) + lambda_cls * BCE([CLS] and probe logits, labels)
+
+The ``[CLS]`` slot is labelled with the query label. Response-window probes (extra ``PROBE``
+slots at the end of a sequence that read the query plus a window of response tokens, exactly as
+a decode-time re-check does) are labelled 1 for harmful continuations and 0 for benign answers
+and refusals. Parameters trained: LoRA (peft) on every projection, the [CLS] embedding row and
+the head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .data import Example, build_examples
+from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
+from .model import SafetyConfig, SafetyModel
+from .prompt import build_chat_prompt
+
+
+@dataclass
+class TrainConfig:
+    """``ess train --config`` YAML keys; defaults are the shipped run's."""
+
+    data_dir: str = "../shared/data"
+    output_dir: str = "checkpoints/smollm2-135m-ess"
+    seed: int = 42
+    n_benign: int = 1400
+    n_malicious: int = 1400
+    n_harmful_probe: int = 300
+    n_jailbreak: int = 60
+    sharegpt_limit: int = 800
+    held_out_percent: int = 20
+    validation_fraction: float = 0.1
+    max_query_tokens: int = 160
+    max_response_tokens: int = 80
+    probes_per_example: int = 1
+    probe_window: tuple = (5, 15)
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 3e-4
+    head_lr: float = 2e-3
+    weight_decay: float = 0.0
+    lambda_cls: float = 0.5
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    max_minutes: float = 55.0
+    threads: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor          # (B, L)
+    kinds: torch.Tensor        # (B, L)
+    positions: torch.Tensor    # (B, L)
+    mask: torch.Tensor         # (B, 1, L, L) bool
+    lm_rows: torch.Tensor      # (N, 2) batch, slot of rows whose output predicts a target
+    lm_targets: torch.Tensor   # (N,)
+    cls_rows: torch.Tensor     # (M, 2) batch, slot of CLS / PROBE rows
+    cls_targets: torch.Tensor  # (M,) float
+    cls_is_probe: torch.Tensor  # (M,) bool
+
+
+def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> dict:
+    """Lay out one example as slots: [CLS] + prompt + response + probes."""
+    prompt = build_chat_prompt(tok, [{"role": "user", "content": ex.query}], ex.response_prefix)
+    ids = list(prompt.ids)
+    qmask = list(prompt.query_mask)
+    if sum(qmask) > cfg.max_query_tokens:  # keep the head and the tail of long (jailbreak) queries
+        qpos = [i for i, q in enumerate(qmask) if q]
+        drop = set(qpos[cfg.max_query_tokens // 2: len(qpos) - cfg.max_query_tokens // 2])
+        keep = [i for i in range(len(ids)) if i not in drop]
+        shift = sum(1 for i in drop if i < prompt.response_start)
+        ids, qmask = [ids[i] for i in keep], [qmask[i] for i in keep]
+        response_start = prompt.response_start - shift
+    else:
+        response_start = prompt.response_start
+    resp = tok(ex.response, add_special_tokens=False)["input_ids"] if ex.response else []
+    if len(resp) < cfg.max_response_tokens and ex.response:
+        resp = resp + [tok.convert_tokens_to_ids("<|im_end|>")]
+    resp = resp[: cfg.max_response_tokens]
+    n_prompt = len(ids)
+    ids = ids + resp
+    reads_from = max((i for i, q in enumerate(qmask) if q), default=-1) + 1
+    slots = [0] + ids
+    kinds = [CLS] + [TOKEN] * len(ids)
+    in_query = [False] + qmask + [False] * len(resp)
+    reads_cls = [False] + [i >= reads_from for i in range(len(ids))]
+    positions = list(range(len(slots)))
+    lm_rows, lm_targets = [], []
+    if ex.lm_loss:
+        for j, t in enumerate(resp):
+            slot = 1 + n_prompt + j
+            lm_rows.append(slot - 1)
+            lm_targets.append(t)
+    cls_rows, cls_targets, is_probe, windows = [0], [float(ex.query_label)], [False], []
+    resp_lo, resp_hi = 1 + response_start, len(slots)  # response slots incl. prefill text
+    if ex.response_label is not None and resp_hi > resp_lo:
+        for _ in range(cfg.probes_per_example):
+            r = rng.randint(*cfg.probe_window)
+            hi = rng.randint(min(resp_lo + r, resp_hi), resp_hi)
+            windows.append((max(resp_lo, hi - r), hi))
+    for lo, hi in windows:
+        cls_rows.append(len(slots))
+        slots.append(0)
+        kinds.append(PROBE)
+        in_query.append(False)
+        reads_cls.append(False)
+        positions.append(0)
+        cls_targets.append(float(ex.response_label))
+        is_probe.append(True)
+    return dict(slots=slots, kinds=kinds, in_query=in_query, reads_cls=reads_cls,
+                positions=positions, lm_rows=lm_rows, lm_targets=lm_targets,
+                cls_rows=cls_rows, cls_targets=cls_targets, is_probe=is_probe,
+                windows=windows)
+
+
+def collate(encoded: list[dict]) -> Batch:
+    """Right-pad encoded examples and build the strategic-attention mask (one helper)."""
+    B = len(encoded)
+    L = max(len(e["slots"]) for e in encoded)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    kinds = torch.full((B, L), PAD, dtype=torch.long)
+    pos = torch.zeros(B, L, dtype=torch.long)
+    in_query = torch.zeros(B, L, dtype=torch.bool)
+    reads = torch.zeros(B, L, dtype=torch.bool)
+    window = torch.zeros(B, L, L, dtype=torch.bool)
+    lm_rows, lm_t, cls_rows, cls_t, probe = [], [], [], [], []
+    for b, e in enumerate(encoded):
+        n = len(e["slots"])
+        ids[b, :n] = torch.tensor(e["slots"])
+        kinds[b, :n] = torch.tensor(e["kinds"])
+        pos[b, :n] = torch.tensor(e["positions"])
+        in_query[b, :n] = torch.tensor(e["in_query"])
+        reads[b, :n] = torch.tensor(e["reads_cls"])
+        probe_slots = [s for s, p in zip(e["cls_rows"], e["is_probe"]) if p]
+        for s, (lo, hi) in zip(probe_slots, e["windows"]):
+            window[b, s, lo:hi] = True
+        lm_rows += [(b, s) for s in e["lm_rows"]]
+        lm_t += e["lm_targets"]
+        cls_rows += [(b, s) for s in e["cls_rows"]]
+        cls_t += e["cls_targets"]
+        probe += e["is_probe"]
+    rows = torch.arange(L).expand(B, L)
+    mask = strategic_attention_mask(kinds, in_query, rows, reads, window)
+    return Batch(ids, kinds, pos, mask,
+                 torch.tensor(lm_rows, dtype=torch.long).view(-1, 2),
+                 torch.tensor(lm_t, dtype=torch.long),
+                 torch.tensor(cls_rows, dtype=torch.long).view(-1, 2),
+                 torch.tensor(cls_t), torch.tensor(probe, dtype=torch.bool))
+
+
+def compute_loss(model: SafetyModel, batch: Batch, lambda_cls: float):
+    """Returns ``(total, lm_loss, cls_loss, cls_logits (M,))``."""
+    hidden, _ = model.hidden_states(batch.ids, batch.kinds, batch.positions, batch.mask)
+    if len(batch.lm_targets):
+        h_lm = hidden[batch.lm_rows[:, 0], batch.lm_rows[:, 1]]
+        lm_loss = F.cross_entropy(model.lm_logits(h_lm).float(), batch.lm_targets)
+    else:
+        lm_loss = hidden.new_zeros(())
+    h_cls = hidden[batch.cls_rows[:, 0], batch.cls_rows[:, 1]]
+    logits = model.safety_logits(h_cls).float()
+    cls_loss = F.binary_cross_entropy_with_logits(logits, batch.cls_targets)
+    return lm_loss + lambda_cls * cls_loss, lm_loss, cls_loss, logits
+
+
+def classification_metrics(labels, scores, threshold: float = 0.5) -> dict:
+    """Accuracy, precision, recall, F1 at ``threshold`` and AUROC of probabilities."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    pred = [int(s > threshold) for s in scores]
+    out = {"n": len(labels), "accuracy": accuracy_score(labels, pred),
+           "precision": precision_score(labels, pred, zero_division=0),
+           "recall": recall_score(labels, pred, zero_division=0),
+           "f1": f1_score(labels, pred, zero_division=0)}
+    out["auroc"] = roc_auc_score(labels, scores) if len(set(labels)) == 2 else float("nan")
+    return {k: round(float(v), 4) for k, v in out.items()}
+
+
+@torch.no_grad()
+def evaluate(model, encoded, batch_size, lambda_cls):
+    model.eval()
+    q_lab, q_score, p_lab, p_score, lm = [], [], [], [], []
+    for i in range(0, len(encoded), batch_size):
+        b = collate(encoded[i:i + batch_size])
+        _, lm_loss, _, logits = compute_loss(model, b, lambda_cls)
+        probs = torch.sigmoid(logits).tolist()
+        for pr, t, isp in zip(probs, b.cls_targets.tolist(), b.cls_is_probe.tolist()):
+            (p_lab if isp else q_lab).append(int(t))
+            (p_score if isp else q_score).append(pr)
+        if len(b.lm_targets):
+            lm.append(float(lm_loss))
+    model.train()
+    return {"query": classification_metrics(q_lab, q_score),
+            "response_window": classification_metrics(p_lab, p_score),
+            "lm_loss": round(sum(lm) / max(len(lm), 1), 4)}
+
+
+def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
+    """Run the recipe and write the checkpoint to ``cfg.output_dir``. Returns the summary."""
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .base_model import BASE_MODEL_NAME
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    examples, manifest = build_examples(
+        Path(cfg.data_dir), n_benign=cfg.n_benign, n_malicious=cfg.n_malicious,
+        n_harmful_probe=cfg.n_harmful_probe, n_jailbreak=cfg.n_jailbreak,
+        sharegpt_limit=cfg.sharegpt_limit, held_out_percent=cfg.held_out_percent, seed=cfg.seed)
+    n_val = int(len(examples) * cfg.validation_fraction)
+    val_ex, train_ex = examples[:n_val], examples[n_val:]
+    manifest.update(n_train=len(train_ex), n_validation=len(val_ex))
+    log(f"data: {json.dumps(manifest)}")
+    enc_train = [encode_example(tok, e, cfg, rng) for e in train_ex]
+    enc_val = [encode_example(tok, e, cfg, rng) for e in val_ex]
+
+    lm = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    lm = get_peft_model(lm, LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM"))
+    base_sha = (base_dir / "WEIGHTS_SHA256").read_text().strip()
+    scfg = SafetyConfig(base_model=BASE_MODEL_NAME, base_model_sha256=base_sha,
+                        hidden_size=lm.config.hidden_size, cls_token_id=lm.config.vocab_size,
+                        lambda_cls=cfg.lambda_cls, data_manifest=manifest)
+    model = SafetyModel(lm, scfg)
+    model.train()
+    lora_params = [p for n, p in model.lm.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": lora_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": [model.cls_embedding, *model.head.parameters()], "lr": cfg.head_lr,
+         "weight_decay": 0.0},
+    ])
+    # Length-grouped batches (paper §2.4: llama-recipes' length-based sampler), shuffled.
+    order = sorted(range(len(enc_train)), key=lambda i: len(enc_train[i]["slots"]))
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    total_steps = len(batches) * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    start = time.monotonic()
+    step, stopped_early = 0, False
+    bar = tqdm(total=total_steps, desc="train", mininterval=5)
+    for epoch in range(cfg.epochs):
+        rng.shuffle(batches)
+        for idx in batches:
+            b = collate([enc_train[i] for i in idx])
+            loss, lm_loss, cls_loss, _ = compute_loss(model, b, cfg.lambda_cls)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(lm=f"{float(lm_loss):.3f}", cls=f"{float(cls_loss):.3f}")
+            if (time.monotonic() - start) / 60 > cfg.max_minutes:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    bar.close()
+    minutes = (time.monotonic() - start) / 60
+    metrics = evaluate(model, enc_val, cfg.batch_size, cfg.lambda_cls)
+    summary = {"steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
+               "train_minutes": round(minutes, 1), "validation": metrics}
+    log(f"validation: {json.dumps(metrics)}")
+    out = Path(cfg.output_dir)
+    model.save_checkpoint(out, SafetyConfig(**{**asdict(scfg), "metrics": summary}))
+    (out / "train_summary.json").write_text(json.dumps({"manifest": manifest, **summary}, indent=2) + "\n")
+    return summary
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read a YAML file of `TrainConfig` keys; unknown keys raise ``ValueError``."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+    if "probe_window" in raw:
+        raw["probe_window"] = tuple(raw["probe_window"])
+    return TrainConfig(**raw)

@@ -1,0 +1,1 @@
+"""ESS Serve: the HTTP shell around `safety_decoding`."""

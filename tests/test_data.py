@@ -1,0 +1,43 @@
+"""The training builder never trains on an evaluation prompt (shared/data/README.md rule)."""
+
+import pytest
+
+from conftest import DATA_DIR
+from safety_decoding.data import (advbench_behaviors, build_examples, eval_texts, harmbench_test,
+                                  iter_json_array, normalise, stl_eval, xstest)
+
+pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data not present")
+
+
+@pytest.fixture(scope="module")
+def built():
+    return build_examples(DATA_DIR, n_benign=400, n_malicious=400, n_harmful_probe=50,
+                          n_jailbreak=20, sharegpt_limit=200, held_out_percent=20, seed=0)
+
+
+def test_zero_overlap_with_evaluation_files(built):
+    examples, manifest = built
+    banned = eval_texts(DATA_DIR)
+    assert len(banned) > 3000
+    overlap = [e.query for e in examples if normalise(e.query) in banned]
+    assert overlap == []
+    assert manifest["dropped_eval_overlap"]["malicious"] > 0  # the filter really removed rows
+
+
+def test_evaluation_sets_are_in_the_banned_set():
+    banned = eval_texts(DATA_DIR)
+    for text in ([r["goal"] for r in advbench_behaviors(DATA_DIR)][:20] + xstest(DATA_DIR)[:20]
+                 + stl_eval(DATA_DIR, "I-Alpaca")[:20]):
+        assert normalise(text) in banned
+    assert len(harmbench_test(DATA_DIR)) > 100
+
+
+def test_labels_and_lm_loss_rules(built):
+    examples, _ = built
+    assert {e.query_label for e in examples} == {0, 1}
+    harmful = [e for e in examples if e.response_label == 1]
+    assert harmful and not any(e.lm_loss for e in harmful)  # never train the LM on harm
+
+
+def test_truncated_json_array_is_read_up_to_the_cut():
+    assert list(iter_json_array('[{"a": 1}, {"b": 2}, {"c": "unterminat')) == [{"a": 1}, {"b": 2}]

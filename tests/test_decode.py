@@ -1,0 +1,130 @@
+import torch
+
+from safety_decoding.decode import Decoder, GenerationRequest
+from safety_decoding.policy import SafetyParams
+from safety_decoding.prompt import build_chat_prompt
+from safety_decoding.sampling import SamplingParams
+
+from conftest import tiny_safety_model
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def run(decoder, prompt, sampling=None, safety=None):
+    events = [e for step in decoder.generate([GenerationRequest(
+        prompt, sampling or SamplingParams(max_new_tokens=24), safety or SafetyParams())]) for e in step]
+    return "".join(e.text for e in events), events
+
+
+class ScriptedHead(torch.nn.Module):
+    """Stands in for the safety head: the query score, then one score per re-check."""
+
+    def __init__(self, query: float, checks: list[float]):
+        super().__init__()
+        self.query, self.checks, self.calls = query, list(checks), 0
+
+    def forward(self, hidden):
+        if hidden.dim() == 3:  # prefill: (B, P, H)
+            return torch.full(hidden.shape[:2] + (1,), self.query)
+        score = self.checks[min(self.calls, len(self.checks) - 1)]
+        self.calls += 1
+        return torch.full(hidden.shape[:1] + (1,), score)
+
+
+def test_plain_decoding_matches_transformers_generate(tiny_model, tokenizer):
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    text, events = run(Decoder(tiny_model, tokenizer), prompt, safety=SafetyParams(enabled=False))
+    ref = tiny_model.lm.generate(torch.tensor([prompt.ids]), max_new_tokens=24, do_sample=False,
+                                 pad_token_id=2)[0, len(prompt.ids):]
+    ref_ids = [t for t in ref.tolist() if t != 2]
+    ids = [t.id for e in events for t in e.tokens]
+    assert ids == ref_ids[:len(ids)] and len(ids) >= 1
+
+
+def test_batched_rows_match_single_rows(tiny_model, tokenizer):
+    dec = Decoder(tiny_model, tokenizer)
+    prompts = [build_chat_prompt(tokenizer, QUESTION),
+               build_chat_prompt(tokenizer, [{"role": "user", "content": "Name three colours, please."}])]
+    singles = [run(dec, p)[0] for p in prompts]
+    out = ["", ""]
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=24)) for p in prompts]
+    for step in dec.generate(reqs):
+        for e in step:
+            out[e.index] += e.text
+    assert out == singles
+
+
+def test_seed_makes_sampling_deterministic(tiny_model, tokenizer):
+    dec = Decoder(tiny_model, tokenizer)
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    s = lambda seed: SamplingParams(max_new_tokens=20, do_sample=True, temperature=1.5, top_p=0.95,
+                                    top_k=50, seed=seed)
+    a, b, c = (run(dec, prompt, s(seed))[0] for seed in (7, 7, 8))
+    assert a == b and a != c
+
+
+def test_stop_string_ends_generation_and_is_not_returned(tiny_model, tokenizer):
+    dec = Decoder(tiny_model, tokenizer)
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    full, _ = run(dec, prompt, SamplingParams(max_new_tokens=24))
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    text, events = run(dec, prompt, SamplingParams(max_new_tokens=24, stop=(stop,)))
+    assert events[-1].finish_reason == "stop_sequence"
+    assert text == full[:full.find(stop)]
+
+
+def test_length_finish_and_token_count(tiny_model, tokenizer):
+    text, events = run(Decoder(tiny_model, tokenizer), build_chat_prompt(tokenizer, QUESTION),
+                       SamplingParams(max_new_tokens=5), SafetyParams(enabled=False))
+    assert events[-1].finish_reason in ("length", "eos_token")
+    assert sum(len(e.tokens) for e in events) == events[-1].generated_tokens <= 5
+
+
+def scripted(tokenizer, query, checks):
+    model = tiny_safety_model(tokenizer)
+    model.head = ScriptedHead(query, checks)
+    return model
+
+
+def test_malicious_query_inserts_refusal_prefix(tokenizer):
+    tiny_model = scripted(tokenizer, 5.0, [-5.0])
+    dec = Decoder(tiny_model, tokenizer)
+    text, events = run(dec, build_chat_prompt(tokenizer, QUESTION), SamplingParams(max_new_tokens=30))
+    assert text.startswith(tiny_model.config.refusal_prefix)
+    assert events[-1].safety["intervened"] and events[-1].safety["stage"] == "query"
+    assert events[0].tokens[0].forced
+
+
+def test_no_token_after_s_t_reaches_any_event(tokenizer):
+    # checks cover g_0..g_{n-1}; the 4th check (covering g_3) starts a malicious streak
+    tiny_model = scripted(tokenizer, -5.0, [-5, -5, -5, 5, 5, 5, -5])
+    dec = Decoder(tiny_model, tokenizer)
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    plain, plain_events = run(dec, prompt, SamplingParams(max_new_tokens=40),
+                              SafetyParams(enabled=False))
+    text, events = run(dec, prompt, SamplingParams(max_new_tokens=40), SafetyParams(tau=3))
+    emitted = [t for e in events for t in e.tokens]
+    first_forced = next(i for i, t in enumerate(emitted) if t.forced)
+    assert first_forced == 3  # g_0..g_2 passed; g_3.. were held and then truncated
+    assert events[-1].safety["stage"] == "response" and events[-1].safety["trip_token"] == 3
+    refusal = tiny_model.config.refusal_prefix
+    assert refusal in text and text.index(refusal) <= len("".join(t.text for t in emitted[:3])) + 1
+
+
+def test_monitor_mode_leaves_output_untouched(tokenizer):
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    clean, _ = run(Decoder(scripted(tokenizer, -5.0, [-5.0]), tokenizer), prompt)
+    text, events = run(Decoder(scripted(tokenizer, 5.0, [5.0]), tokenizer), prompt,
+                       safety=SafetyParams(action="monitor"))
+    assert text == clean
+    assert events[-1].safety["would_trip"] and not events[-1].safety["intervened"]
+
+
+def test_abort_stops_at_step_boundary(tiny_model, tokenizer):
+    dec = Decoder(tiny_model, tokenizer)
+    steps = []
+    req = GenerationRequest(build_chat_prompt(tokenizer, QUESTION), SamplingParams(max_new_tokens=50),
+                            SafetyParams(enabled=False), cancelled=lambda: len(steps) >= 3)
+    for step in dec.generate([req]):
+        steps.append(step)
+    assert steps[-1][-1].finish_reason == "abort" and len(steps) <= 4
