@@ -66,6 +66,17 @@ class StepEvent:
 
 
 @dataclass
+class _Slots:
+    """What each KV-cache slot holds, per row: ``(B, kv)`` tensors."""
+
+    kind: torch.Tensor
+    """`masks` kind; truncated slots become ``PAD``."""
+    in_query: torch.Tensor
+    gen: torch.Tensor
+    """Generated-token index of the slot, -1 for prompt and padding."""
+
+
+@dataclass
 class _Row:
     req: GenerationRequest
     state: SafetyState
@@ -90,11 +101,9 @@ class Decoder:
         self.model = model
         self.tok = tokenizer
         self.refusal = model.config.refusal_prefix
-        ids = {tokenizer.eos_token_id}
-        endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        if isinstance(endoftext, int) and endoftext != tokenizer.unk_token_id:
-            ids.add(endoftext)
-        self.stop_ids = {i for i in ids if i is not None}
+        # EOS plus the document end token (SmolLM2's <|endoftext|> doubles as its unk token).
+        ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+        self.stop_ids = {i for i in ids if isinstance(i, int) and i >= 0}
 
     def refusal_ids(self, previous_id: int | None) -> list[int]:
         """Token ids of the refusal prefix, with a space when it follows a word."""
@@ -126,20 +135,20 @@ class Decoder:
             in_query[b, o + 1:] = torch.tensor(p.query_mask)
             reads[b, o + 1 + p.reads_cls_from:] = on
             pos[b, o:] = torch.arange(row.prompt_len)
-        self.key_kind, self.key_in_query = kind, in_query
-        self.key_gen = torch.full((B, P), -1, dtype=torch.long)
+        slots = _Slots(kind, in_query, torch.full((B, P), -1, dtype=torch.long))
         cache = DynamicCache(config=model.decoder.config)
         mask = strategic_attention_mask(kind, in_query, torch.arange(P).expand(B, P), reads)
         hidden, _ = model.hidden_states(ids, kind, pos, mask, cache)
         logits = model.lm_logits(hidden[:, -1])
-        scores = torch.sigmoid(model.safety_logits(hidden[:, :, :]).float())
+        cls_slot = torch.tensor([P - r.prompt_len for r in rows])
+        scores = torch.sigmoid(model.safety_logits(hidden[torch.arange(B), cls_slot]).float())
         events = []
         for b, row in enumerate(rows):
             if row.req.safety.enabled:
-                trip = row.state.on_query(float(scores[b, P - row.prompt_len]))
+                trip = row.state.on_query(float(scores[b]))
                 if trip:
                     row.queue.extend(self.refusal_ids(row.req.prompt.ids[-1] if row.req.prompt.ids else None))
-            events.append(self._advance(b, row, logits[b]))
+            events.append(self._advance(slots, b, row, logits[b]))
         yield [e for e in events if e]
 
         # ---- decode steps ----------------------------------------------------------------
@@ -147,7 +156,7 @@ class Decoder:
             live = [r.finish_reason is None for r in rows]
             check = [live[b] and r.state.needs_check(len(r.gen)) for b, r in enumerate(rows)]
             q = 2 if any(check) else 1
-            kv = self.key_kind.shape[1]
+            kv = slots.kind.shape[1]
             step_ids = torch.zeros(B, q, dtype=torch.long)
             step_kind = torch.full((B, q), PAD, dtype=torch.long)
             step_pos = torch.zeros(B, q, dtype=torch.long)
@@ -167,19 +176,18 @@ class Decoder:
                 if check[b]:
                     step_kind[b, 1] = PROBE
                     lo, hi = row.state.window(n)
-                    gens = torch.cat([self.key_gen[b], new_gen[b]])
+                    gens = torch.cat([slots.gen[b], new_gen[b]])
                     window[b, 1] = (gens >= lo) & (gens < hi)
-            key_kind = torch.cat([self.key_kind, step_kind], 1)
-            key_in_query = torch.cat([self.key_in_query, torch.zeros(B, q, dtype=torch.bool)], 1)
+            key_kind = torch.cat([slots.kind, step_kind], 1)
+            key_in_query = torch.cat([slots.in_query, torch.zeros(B, q, dtype=torch.bool)], 1)
             row_index = torch.arange(kv, kv + q).expand(B, q)
             mask = strategic_attention_mask(key_kind, key_in_query, row_index, step_reads, window)
             hidden, _ = model.hidden_states(step_ids, step_kind, step_pos, mask, cache)
             if q == 2:
                 cache.crop(-1)  # drop the probe's K/V: later tokens read the prefill [CLS]
                 probe_scores = torch.sigmoid(model.safety_logits(hidden[:, 1]).float())
-            self.key_kind = key_kind[:, :kv + 1]
-            self.key_in_query = key_in_query[:, :kv + 1]
-            self.key_gen = torch.cat([self.key_gen, new_gen[:, :1]], 1)
+            slots = _Slots(key_kind[:, :kv + 1], key_in_query[:, :kv + 1],
+                           torch.cat([slots.gen, new_gen[:, :1]], 1))
             logits = model.lm_logits(hidden[:, 0])
             events = []
             for b, row in enumerate(rows):
@@ -187,27 +195,28 @@ class Decoder:
                     continue
                 trip = row.state.on_check(float(probe_scores[b]), len(row.gen)) if check[b] else None
                 if trip:
-                    self._truncate(b, row, trip)
-                    events.append(self._advance(b, row, None))
+                    self._truncate(slots, b, row, trip)
+                    events.append(self._advance(slots, b, row, None))
                 else:
-                    events.append(self._advance(b, row, logits[b]))
+                    events.append(self._advance(slots, b, row, logits[b]))
             yield [e for e in events if e]
 
     # ---- per-row helpers -------------------------------------------------------------------
 
-    def _truncate(self, b: int, row: _Row, trip: Trip) -> None:
+    def _truncate(self, slots: "_Slots", b: int, row: _Row, trip: Trip) -> None:
         """Drop ``g_{S_t}..`` from the response and the cache view, queue the refusal."""
         t = trip.truncate_to
         dropped = row.slots[t:]
         if dropped:
-            self.key_kind[b, dropped] = PAD
+            slots.kind[b, dropped] = PAD
         del row.gen[t:], row.logprobs[t:], row.forced[t:], row.slots[t:]
         assert row.released <= t, "a token covered by a failed check was released"
         previous = row.gen[-1] if row.gen else (row.req.prompt.ids[-1] if row.req.prompt.ids else None)
         row.queue.clear()
         row.queue.extend(self.refusal_ids(previous))
 
-    def _advance(self, b: int, row: _Row, logits: torch.Tensor | None) -> StepEvent | None:
+    def _advance(self, slots: "_Slots", b: int, row: _Row,
+                 logits: torch.Tensor | None) -> StepEvent | None:
         """Append the next token (forced or selected), apply stops, release what passed."""
         sp = row.req.sampling
         if row.queue:
@@ -228,7 +237,7 @@ class Decoder:
         if row.finish_reason in (EOS, LENGTH):
             trip = row.state.on_finish()
             if trip:  # an unresolved malicious streak: its tokens never pass
-                self._truncate(b, row, trip)
+                self._truncate(slots, b, row, trip)
                 while row.queue:
                     row.gen.append(row.queue.popleft()), row.logprobs.append(0.0), row.forced.append(True)
         limit = len(row.gen) if row.finish_reason in (EOS, LENGTH) else row.state.releasable(len(row.gen))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ class ParameterError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 MAX_STOP_STRINGS = 8
@@ -76,8 +78,9 @@ def logits_processors(p: SamplingParams) -> LogitsProcessorList:
 
 
 def make_generator(p: SamplingParams) -> torch.Generator:
+    """A per-request generator; without a seed, a fresh random one (global RNG untouched)."""
     g = torch.Generator()
-    g.manual_seed(p.seed if p.seed is not None else torch.seed() % 2**63)
+    g.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
     return g
 
 

@@ -23,12 +23,10 @@ class ScriptedHead(torch.nn.Module):
         super().__init__()
         self.query, self.checks, self.calls = query, list(checks), 0
 
-    def forward(self, hidden):
-        if hidden.dim() == 3:  # prefill: (B, P, H)
-            return torch.full(hidden.shape[:2] + (1,), self.query)
-        score = self.checks[min(self.calls, len(self.checks) - 1)]
+    def forward(self, hidden):  # hidden: (B, H); the first call is the prefill verdict
+        score = self.query if self.calls == 0 else self.checks[min(self.calls - 1, len(self.checks) - 1)]
         self.calls += 1
-        return torch.full(hidden.shape[:1] + (1,), score)
+        return torch.full(hidden.shape[:1] + (1,), float(score))
 
 
 def test_plain_decoding_matches_transformers_generate(tiny_model, tokenizer):
@@ -100,8 +98,6 @@ def test_no_token_after_s_t_reaches_any_event(tokenizer):
     tiny_model = scripted(tokenizer, -5.0, [-5, -5, -5, 5, 5, 5, -5])
     dec = Decoder(tiny_model, tokenizer)
     prompt = build_chat_prompt(tokenizer, QUESTION)
-    plain, plain_events = run(dec, prompt, SamplingParams(max_new_tokens=40),
-                              SafetyParams(enabled=False))
     text, events = run(dec, prompt, SamplingParams(max_new_tokens=40), SafetyParams(tau=3))
     emitted = [t for e in events for t in e.tokens]
     first_forced = next(i for i, t in enumerate(emitted) if t.forced)

@@ -1,0 +1,286 @@
+"""The FastAPI app: TGI routes, health, metrics, and the error mapping.
+
+`create_app` takes an injected `Engine`, so routes are testable with any engine; the lifespan
+starts (and warms) it and stops it on shutdown. Handlers never touch the model: they build
+library parameter objects, ``engine.submit`` them, and shape the events.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from sse_starlette.event import JSONServerSentEvent
+
+from safety_decoding.decode import ABORT, EOS, GenerationRequest
+from safety_decoding.prompt import PromptError
+from safety_decoding.sampling import ParameterError
+
+from .engine import (Engine, EngineError, EngineNotRunning, EngineOverloaded, RequestStream,
+                     reported_finish_reason)
+from .metrics import CONTENT_TYPE_LATEST
+from .schemas import (GenerateRequest, build_prompt, error_body, final_stream_event,
+                      generate_response, resolve_seed, sampling_enabled, special_token_json,
+                      stream_event, to_safety_params, to_sampling_params, token_json)
+from .settings import Settings, server_safety_params
+
+log = logging.getLogger("ess.app")
+
+# TGI answers validation errors with 422; we use 400 for every bad request (schema, library
+# ParameterError/PromptError, prompt length) so clients see one status. One place to change.
+VALIDATION_STATUS = 400
+
+
+class InvalidRequest(Exception):
+    """A request field is at fault; ``field`` is its dotted path (``parameters.top_p``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# ---- error mapping (pure) ------------------------------------------------------------------
+
+
+def field_path(loc) -> str:
+    """Pydantic ``loc`` -> ``parameters.stop[2]`` (the leading ``body`` dropped)."""
+    parts = list(loc)
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    path = ""
+    for p in parts:
+        path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
+    return path or "body"
+
+
+def validation_message(errors) -> str:
+    """One line naming every offending field: ``parameters.top_p: Input should be ...``."""
+    lines = []
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            detail = (e.get("ctx") or {}).get("error")
+            lines.append(f"body: invalid JSON{f' ({detail})' if detail else ''}")
+        else:
+            lines.append(f"{field_path(e.get('loc', ()))}: {e.get('msg', 'invalid')}")
+    return "; ".join(lines) or "body: invalid request"
+
+
+def library_message(exc: ParameterError) -> str:
+    """The text of a `ParameterError` without its ``"<field>: "`` prefix."""
+    text, prefix = str(exc), f"{exc.field}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def _error(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, error_type), status_code=status, headers=headers)
+
+
+# ---- the app -------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
+    """Build the app around ``engine`` (started by the lifespan, stopped on shutdown).
+
+    Raises:
+        ParameterError: the settings and the checkpoint give an invalid safety policy.
+    """
+    settings = settings if settings is not None else Settings()
+    server_safety = server_safety_params(settings, engine.safety_config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="ESS Serve", version="0.1.0", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.safety = server_safety
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, exc: RequestValidationError):
+        return _error(VALIDATION_STATUS, validation_message(exc.errors()), "validation")
+
+    @app.exception_handler(InvalidRequest)
+    async def _on_invalid(request: Request, exc: InvalidRequest):
+        return _error(VALIDATION_STATUS, str(exc), "validation")
+
+    @app.exception_handler(EngineOverloaded)
+    async def _on_overloaded(request: Request, exc: EngineOverloaded):
+        return _error(429, "Model is overloaded", "overloaded",
+                      {"Retry-After": str(settings.retry_after_seconds)})
+
+    @app.exception_handler(EngineNotRunning)
+    async def _on_not_running(request: Request, exc: EngineNotRunning):
+        return _error(503, str(exc), "unavailable")
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(request: Request, exc: Exception):
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return _error(500, f"internal error: {type(exc).__name__}", "internal")
+
+    @app.exception_handler(EngineError)
+    async def _on_engine_error(request: Request, exc: EngineError):
+        return _error(424, str(exc), "generation")  # TGI's status for generation errors
+
+    async def prepare(body: GenerateRequest) -> tuple[GenerationRequest, int | None]:
+        """Validate against this server's limits and build the library request.
+
+        Raises:
+            InvalidRequest: a field is out of range for this server or the library.
+        """
+        p = body.parameters
+        limit = settings.max_new_tokens_limit
+        if p.max_new_tokens is not None and p.max_new_tokens > limit:
+            raise InvalidRequest("parameters.max_new_tokens", f"must be <= {limit} on this server")
+        if p.raw and p.response_prefix:
+            raise InvalidRequest("parameters.response_prefix",
+                                 "cannot be combined with raw (a raw prompt is all query)")
+        try:
+            # Tokenizing a long input takes milliseconds: keep it off the event loop.
+            prompt = await anyio.to_thread.run_sync(build_prompt, engine.tokenizer, body)
+        except PromptError as exc:
+            raise InvalidRequest(exc.field, str(exc)) from exc
+        n = len(prompt.ids)
+        if n > settings.max_input_tokens:
+            raise InvalidRequest("inputs", f"the prompt is {n} tokens after templating, more "
+                                           f"than the limit of {settings.max_input_tokens}")
+        room = engine.model_max_length - 1 - n  # position 0 is [CLS]
+        max_new = p.max_new_tokens if p.max_new_tokens is not None else min(limit, room)
+        if max_new > room or room < 1:
+            raise InvalidRequest(
+                "parameters.max_new_tokens",
+                f"{n} prompt tokens + [CLS] + {max_new} new tokens exceed the model's "
+                f"{engine.model_max_length} positions")
+        seed = resolve_seed(p, sampling_enabled(p))
+        try:
+            sampling = to_sampling_params(p, max_new, seed)
+        except ParameterError as exc:
+            raise InvalidRequest(f"parameters.{exc.field}", library_message(exc)) from exc
+        try:
+            safety = to_safety_params(server_safety, p.safety)
+        except ParameterError as exc:
+            raise InvalidRequest(f"parameters.safety.{exc.field}", library_message(exc)) from exc
+        return GenerationRequest(prompt, sampling, safety), seed
+
+    @app.get("/health")
+    async def health():
+        """200 once the model is loaded and a warm-up step ran, else 503."""
+        if engine.ready:
+            return {"status": "ok"}
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/info")
+    async def info():
+        """What this server runs and its limits (a subset of TGI's ``/info``)."""
+        s = server_safety
+        return {"model_id": settings.model_name, "max_input_tokens": settings.max_input_tokens,
+                "max_new_tokens": settings.max_new_tokens_limit,
+                "max_total_tokens": engine.model_max_length - 1,
+                "max_waiting": engine.max_waiting,
+                "safety": {"threshold": s.threshold, "tau": s.tau, "r1": s.r1, "r2": s.r2,
+                           "schedule": s.schedule, "action": s.action}}
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request):
+        """TGI ``/generate``: the whole response at once."""
+        req, seed = await prepare(body)
+        stream = engine.submit(req)
+        events = await _collect_unless_disconnected(stream, request)
+        if events is None:  # the client left; the engine aborted the request
+            return Response(status_code=499)
+        final = events[-1]
+        if final.finish_reason == ABORT:
+            raise EngineNotRunning("the request was aborted: the server is shutting down")
+        tokens = [t for ev in events for t in ev.tokens]
+        text = "".join(t.text for t in tokens)
+        if body.parameters.return_full_text:
+            text = body.inputs + body.parameters.response_prefix + text
+        return generate_response(text, tokens, reported_finish_reason(final),
+                                 final.generated_tokens, seed, final.safety,
+                                 body.parameters.details)
+
+    @app.post("/generate_stream")
+    async def generate_stream(body: GenerateRequest):
+        """TGI ``/generate_stream``: one SSE event per token; the last carries the text."""
+        req, seed = await prepare(body)
+        stream = engine.submit(req)  # 429 / 503 before any byte is sent
+        prefix = (body.inputs + body.parameters.response_prefix
+                  if body.parameters.return_full_text else "")
+        frames = _sse_frames(stream, seed, prefix, engine.tokenizer.eos_token_id)
+        return EventSourceResponse(frames, sep="\n", ping=settings.sse_ping_seconds)
+
+    return app
+
+
+async def _collect_unless_disconnected(stream: RequestStream, request: Request):
+    """All events of ``stream``; None if the client disconnected first (request aborted)."""
+    events, error = [], None
+    async with stream, anyio.create_task_group() as tg:
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            async for ev in stream:
+                events.append(ev)
+        except EngineError as exc:  # raised outside the task group: no ExceptionGroup wrapping
+            error = exc
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if not events or events[-1].finish_reason is None:
+        return None
+    return events
+
+
+async def _sse_frames(stream: RequestStream, seed: int | None, prefix: str, eos_id: int | None):
+    """TGI stream events for ``stream``; closing this generator aborts the request.
+
+    Every released token is one event, "" texts included (TGI does). The last token carries
+    ``generated_text`` and ``details``; an ``eos_token`` finish adds TGI's final special EOS
+    event instead (the library does not release the EOS token itself).
+    """
+    index, texts = 0, []
+    try:
+        async for ev in stream:
+            final = ev.finish_reason is not None
+            if final and ev.finish_reason == ABORT:
+                yield JSONServerSentEvent(error_body("the request was aborted: the server is "
+                                                     "shutting down", "generation"), sep="\n")
+                return
+            attach_to_last = final and ev.finish_reason != EOS and bool(ev.tokens)
+            for i, t in enumerate(ev.tokens):
+                index += 1
+                texts.append(t.text)
+                if attach_to_last and i == len(ev.tokens) - 1:
+                    break
+                yield JSONServerSentEvent(stream_event(index, token_json(t)), sep="\n")
+            if not final:
+                continue
+            if attach_to_last:
+                token = token_json(ev.tokens[-1])
+            else:
+                index += 1
+                token = special_token_json(eos_id)
+            yield JSONServerSentEvent(final_stream_event(
+                index, token, prefix + "".join(texts), reported_finish_reason(ev),
+                ev.generated_tokens, ev.prompt_tokens, seed, ev.safety), sep="\n")
+    except EngineError as exc:
+        yield JSONServerSentEvent(error_body(str(exc), "generation"), sep="\n")
+    finally:
+        await stream.aclose()

