@@ -177,10 +177,11 @@ def benign_prompts(data_dir: Path, sharegpt_limit: int, held_out_percent: int,
 
 
 # Words that mark a ShareGPT turn as possibly harmful: such turns are dropped, not labelled.
+# Our choice: only words with little benign use; "kill a process", "hack", "shoot a photo"
+# stay, so the head does not learn that a scary word alone is malicious.
 _HARM_WORDS = re.compile(
-    r"\b(kill|bomb|weapon|drug|hack|steal|porn|sex|nude|suicide|murder|terror|explosive|poison|"
-    r"racis|nazi|abuse|rape|meth|cocaine|illegal|gun|jailbreak|dan mode|ignore (all|previous))",
-    re.I)
+    r"\b(bomb|porn|sex|nude|suicide|murder|terroris|explosive|nazi|rape|meth|cocaine|"
+    r"jailbreak|dan mode|ignore (all|previous))", re.I)
 
 
 def sharegpt_pairs(limit: int, rng: random.Random) -> list[tuple[str, str, str]]:
@@ -259,28 +260,24 @@ REFUSAL_REASONS = [
 ]
 COMPLIANCE_OPENERS = ["Sure, here is", "Sure, here's how", "Of course! Here are the steps:",
                       "Absolutely. Step 1:", "Here is a detailed guide:", "Certainly! First,"]
-GENERIC_REFUSALS = [
-    "I'm sorry, but I can't help with that. It could cause harm to people, and I won't provide assistance with it.",
-    "I can't assist with that request because it involves something harmful or illegal. Is there anything else I can help with?",
-    "I'm not able to help with this. If you have another question that is safe and legal, I'm happy to help.",
-]
-
-
-def refusal_text(rng: random.Random) -> str:
-    return REFUSAL_PREFIX + " " + rng.choice(REFUSAL_REASONS)
-
-
-def build_examples(data_dir: Path, *, n_benign: int, n_malicious: int, n_harmful_probe: int,
+def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
+                   n_malicious: int, n_malicious_query_only: int, n_harmful_probe: int,
                    n_jailbreak: int, sharegpt_limit: int, held_out_percent: int,
                    seed: int) -> tuple[list[Example], dict]:
     """Compose the training set (before the train/validation split).
 
-    Mix (method.md "Training"): benign prompts with answers (label 0, LM loss); harmful
-    prompts with refusals (label 1, LM loss on the refusal; half of them start with the
-    refusal prefix the decoder inserts, some after a simulated compliance prefill, so the
-    model learns to continue an inserted prefix); probe-only examples whose response is
-    harmful text (probe label 1, no LM loss: we never train the LM to say it); jailbreak
-    templates wrapped around harmful prompts (label 1).
+    Mix (method.md "Training"):
+    - benign prompts with answers: query label 0, LM loss, a response-window probe labelled 0;
+    - benign and harmful prompts without a response: the query classification alone (cheap:
+      the [CLS] loss needs only the prompt);
+    - harmful prompts whose response starts with the refusal prefix the decoder inserts
+      (sometimes after a simulated compliance prefill): label 1, LM loss only on the
+      explanation after the prefix. Our choice: the LM never learns to start a refusal by
+      itself, so refusing is decided by the explicit signal alone (implicit refusals learned
+      by a 135M model generalise by keyword and over-refuse);
+    - probe-only examples whose response is harmful text: probe label 1, no LM loss (we never
+      train the LM to say it);
+    - jailbreak templates wrapped around harmful prompts: label 1.
 
     Returns:
         ``(examples, manifest)``; the manifest records sources, counts and dropped overlaps.
@@ -298,38 +295,33 @@ def build_examples(data_dir: Path, *, n_benign: int, n_malicious: int, n_harmful
     rng.shuffle(ben)
     harm = [h for h in harmful_strings(data_dir) if normalise(h) not in banned]
     templates = jailbreak_templates(data_dir)
+    answered = [b for b in ben if b[1]]
+    unanswered = [b for b in ben if not b[1]] + answered[n_benign:]
 
     ex: list[Example] = []
-    for q, a, src in ben[:n_benign]:
-        if a:
-            ex.append(Example(q, a, 0, response_label=0, source=src))
-        else:
-            ex.append(Example(q, "", 0, lm_loss=False, source=src))
-    for i, (q, a, src) in enumerate(mal[:n_malicious]):
-        kind = i % 4
-        if kind == 0 and a:
-            ex.append(Example(q, a, 1, response_label=0, source=src))
-        elif kind == 3:
-            ex.append(Example(q, refusal_text(rng), 1, response_label=0,
-                              response_prefix=rng.choice(COMPLIANCE_OPENERS) + " ", source=src))
-        elif kind == 2:
-            ex.append(Example(q, rng.choice(GENERIC_REFUSALS), 1, response_label=0, source=src))
-        else:
-            ex.append(Example(q, refusal_text(rng), 1, response_label=0, source=src))
+    for q, a, src in answered[:n_benign]:
+        ex.append(Example(q, a, 0, response_label=0, source=src))
+    for q, _, src in unanswered[:n_benign_query_only]:
+        ex.append(Example(q, "", 0, lm_loss=False, source=src + "-query-only"))
+    for i, (q, _, src) in enumerate(mal[:n_malicious]):
+        opener = rng.choice(COMPLIANCE_OPENERS) + " " if i % 4 == 3 else ""
+        ex.append(Example(q, " " + rng.choice(REFUSAL_REASONS), 1, response_label=0,
+                          response_prefix=opener + REFUSAL_PREFIX, source=src))
+    for q, _, src in mal[n_malicious:n_malicious + n_malicious_query_only]:
+        ex.append(Example(q, "", 1, lm_loss=False, source=src + "-query-only"))
     for i in range(n_harmful_probe):
         h = rng.choice(harm)
         opener = rng.choice(COMPLIANCE_OPENERS + [""])
         if i % 2 == 0:  # harmful text after a harmful query
-            q = rng.choice(mal)[0]
-            label = 1
+            q, label = rng.choice(mal)[0], 1
         else:  # harmful text after a benign query: the response alone must trip the probe
-            q = rng.choice(ben)[0]
-            label = 0
+            q, label = rng.choice(ben)[0], 0
         ex.append(Example(q, (opener + " " + h).strip(), label, response_label=1, lm_loss=False,
                           source="advbench-harmful-strings"))
-    for i in range(n_jailbreak):
+    for _ in range(n_jailbreak):
         q = rng.choice(templates).replace("{prompt}", rng.choice(mal)[0])
-        ex.append(Example(q, refusal_text(rng), 1, response_label=0, source="jailbreak-template"))
+        ex.append(Example(q, " " + rng.choice(REFUSAL_REASONS), 1, response_label=0,
+                          response_prefix=REFUSAL_PREFIX, source="jailbreak-template"))
     rng.shuffle(ex)
     counts: dict[str, int] = {}
     for e in ex:

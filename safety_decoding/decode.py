@@ -59,6 +59,9 @@ class StepEvent:
     """The `SafetyState.summary` object, on the finishing event only."""
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    checked: bool = False
+    """This step ran a ``[CLS]`` re-check for the request (an event is sent even when the
+    check released no token, so callers can time checked and unchecked steps apart)."""
 
     @property
     def text(self) -> str:
@@ -196,9 +199,9 @@ class Decoder:
                 trip = row.state.on_check(float(probe_scores[b]), len(row.gen)) if check[b] else None
                 if trip:
                     self._truncate(slots, b, row, trip)
-                    events.append(self._advance(slots, b, row, None))
+                    events.append(self._advance(slots, b, row, None, check[b]))
                 else:
-                    events.append(self._advance(slots, b, row, logits[b]))
+                    events.append(self._advance(slots, b, row, logits[b], check[b]))
             yield [e for e in events if e]
 
     # ---- per-row helpers -------------------------------------------------------------------
@@ -215,8 +218,8 @@ class Decoder:
         row.queue.clear()
         row.queue.extend(self.refusal_ids(previous))
 
-    def _advance(self, slots: "_Slots", b: int, row: _Row,
-                 logits: torch.Tensor | None) -> StepEvent | None:
+    def _advance(self, slots: "_Slots", b: int, row: _Row, logits: torch.Tensor | None,
+                 checked: bool = False) -> StepEvent | None:
         """Append the next token (forced or selected), apply stops, release what passed."""
         sp = row.req.sampling
         if row.queue:
@@ -257,9 +260,9 @@ class Decoder:
                     tokens[-1] = TokenOutput(last.id, last.text + tail, last.logprob, last.forced)
                 else:
                     tokens.append(TokenOutput(row.gen[-1], tail, 0.0, False))
-        if not tokens and row.finish_reason is None:
+        if not tokens and row.finish_reason is None and not checked:
             return None
         done = row.finish_reason is not None
         return StepEvent(b, tokens, row.finish_reason, row.state.summary() if done else None,
                          prompt_tokens=len(row.req.prompt.ids),
-                         generated_tokens=row.released if done else 0)
+                         generated_tokens=row.released if done else 0, checked=checked)

@@ -132,6 +132,21 @@ class SafetyModel(nn.Module):
         }, str(out / SAFETY_WEIGHTS))
         if hasattr(self.lm, "peft_config"):  # only the LoRA adapter, never the base weights
             self.lm.save_pretrained(str(out / ADAPTER_DIR))
+            compact_adapter(out / ADAPTER_DIR)
+
+
+def compact_adapter(adapter_dir: str | Path) -> None:
+    """Store the LoRA weights as float16 (half the size; peft casts them back on load).
+
+    Our choice, so that the shipped checkpoint stays well under 20 MB; LoRA factors are small
+    values for which float16 loses nothing measurable.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt"})
 
 
 def read_safety_config(ckpt_dir: str | Path) -> SafetyConfig:

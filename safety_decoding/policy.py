@@ -11,11 +11,52 @@ window ends at ``g_{k-1}``; its verdict covers every token up to ``g_{k-1}``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .sampling import ParameterError
 
-SCHEDULES = ("each", "first")
+SCHEDULES = ("each", "annealing", "periodic", "first")
+"""Re-check schedules, densest first (a request may only move left of the server's)."""
 ACTIONS = ("refuse", "monitor")
+
+
+@lru_cache(maxsize=64)
+def annealing_steps(dense: int, growth: float, horizon: int) -> frozenset[int]:
+    """Check points (tokens generated when the check runs) of the ``annealing`` schedule.
+
+    Every step for the first ``dense`` tokens; after that the gap between checks grows by
+    ``growth`` each check (1, 1.25, 1.56, ... rounded up); no check once ``horizon`` tokens
+    exist. Our choice (the paper does not publish its curve): prefill attacks and harmful
+    pivots show up in the first sentence, while later text mostly continues what the checks
+    already cleared, so density is spent early.
+    """
+    steps, n, gap = set(range(1, dense + 1)), dense, 1.0
+    while True:
+        gap *= growth
+        n += max(1, round(gap))
+        if n > horizon:
+            return frozenset(steps)
+        steps.add(n)
+
+
+def is_check_step(p: "SafetyParams", n_generated: int) -> bool:
+    """Whether the schedule re-checks when ``n_generated`` tokens exist (``n_generated >= 1``)."""
+    if p.schedule == "each":
+        return True
+    if p.schedule == "periodic":
+        return n_generated % p.period == 0
+    if p.schedule == "annealing":
+        return n_generated in annealing_steps(p.anneal_dense, p.anneal_growth, p.anneal_horizon)
+    return False
+
+
+def has_future_check(p: "SafetyParams", n_generated: int) -> bool:
+    """Whether any check will still run after ``n_generated`` tokens."""
+    if p.schedule in ("each", "periodic"):
+        return True
+    if p.schedule == "annealing":
+        return n_generated < max(annealing_steps(p.anneal_dense, p.anneal_growth, p.anneal_horizon))
+    return False
 
 
 @dataclass(frozen=True)
@@ -32,8 +73,20 @@ class SafetyParams:
     """Rule 1 window: first ``r1`` generated tokens after a malicious query verdict."""
     r2: int = 10
     """Rule 2 window: the most recent ``r2`` generated tokens (benign query)."""
+    r3: int = 10
+    """Rule 3 look-ahead: during a malicious streak from S_t, the window is
+    ``[S_t - r2, S_t + r3]``."""
     schedule: str = "each"
-    """``each``: re-check at every decode step; ``first``: the query verdict only."""
+    """``each`` (every decode step), ``annealing``, ``periodic`` (every ``period`` tokens) or
+    ``first`` (the query verdict only)."""
+    period: int = 10
+    """Tokens between re-checks of the ``periodic`` schedule (paper: 10)."""
+    anneal_dense: int = 16
+    """``annealing``: tokens checked at every step before the gaps start growing."""
+    anneal_growth: float = 1.25
+    """``annealing``: factor by which the gap between checks grows after each check."""
+    anneal_horizon: int = 256
+    """``annealing``: no re-check once this many tokens were generated."""
     action: str = "refuse"
     """``refuse``: insert the refusal prefix (paper §4); ``monitor``: report only."""
 
@@ -42,9 +95,11 @@ class SafetyParams:
             raise ParameterError("threshold", "must be in (0, 1)")
         if not 1 <= self.tau <= 64:
             raise ParameterError("tau", "must be between 1 and 64")
-        for name in ("r1", "r2"):
-            if not 1 <= getattr(self, name) <= 512:
-                raise ParameterError(name, "must be between 1 and 512")
+        for name in ("r1", "r2", "r3", "period", "anneal_dense", "anneal_horizon"):
+            if not 1 <= getattr(self, name) <= 4096:
+                raise ParameterError(name, "must be between 1 and 4096")
+        if not 1.0 <= self.anneal_growth <= 4.0:
+            raise ParameterError("anneal_growth", "must be between 1 and 4")
         if self.schedule not in SCHEDULES:
             raise ParameterError("schedule", f"must be one of {SCHEDULES}")
         if self.action not in ACTIONS:
@@ -89,7 +144,9 @@ class SafetyState:
     refused: bool = False
     streak: int = 0
     streak_start: int | None = None
-    """S_t: index of the newest token in the first malicious window of the current streak."""
+    """S_t: the first token the failing checks cover that no passing check cleared."""
+    checked_upto: int = 0
+    """Tokens ``g_0 .. g_{checked_upto-1}`` are cleared by a passing check."""
     checks: int = 0
     max_score: float = 0.0
     trip: Trip | None = None
@@ -99,7 +156,7 @@ class SafetyState:
     @property
     def active(self) -> bool:
         """Whether re-checks still run (our choice: none after a refusal was inserted)."""
-        return self.params.enabled and not self.refused and self.params.schedule == "each"
+        return self.params.enabled and not self.refused and self.params.schedule != "first"
 
     def on_query(self, score: float) -> Trip | None:
         """Prefill verdict; a malicious query inserts the refusal at the response start."""
@@ -111,13 +168,17 @@ class SafetyState:
 
     def needs_check(self, n_generated: int) -> bool:
         """Whether decode step with ``n_generated`` tokens so far runs a probe."""
-        return self.active and n_generated >= 1
+        return self.active and n_generated >= 1 and is_check_step(self.params, n_generated)
 
     def window(self, n_generated: int) -> tuple[int, int]:
-        """Generated-index span ``[lo, hi)`` the probe reads besides the query (rules 1-2)."""
-        if self.query_score is not None and self.query_score > self.params.threshold:
-            return 0, min(self.params.r1, n_generated)  # rule 1 (monitor mode only)
-        return max(0, n_generated - self.params.r2), n_generated  # rule 2
+        """Generated-index span ``[lo, hi)`` the probe reads besides the query (rules 1-3)."""
+        p = self.params
+        if self.query_score is not None and self.query_score > p.threshold:
+            return 0, min(p.r1, n_generated)  # rule 1 (reached in monitor mode only)
+        if self.streak:  # rule 3: around the transition S_t until the streak ends
+            s = self.streak_start
+            return max(0, s - p.r2), min(n_generated, s + p.r3 + 1)
+        return max(0, n_generated - p.r2), n_generated  # rule 2
 
     def on_check(self, score: float, n_generated: int) -> Trip | None:
         """Re-check verdict covering ``g_0 .. g_{n_generated-1}``."""
@@ -125,9 +186,10 @@ class SafetyState:
         self.max_score = max(self.max_score, score)
         if score <= self.params.threshold:
             self.streak, self.streak_start = 0, None
+            self.checked_upto = n_generated
             return None
         if self.streak == 0:
-            self.streak_start = n_generated - 1
+            self.streak_start = self.checked_upto
         self.streak += 1
         if self.streak >= self.params.tau:
             trip = Trip("response", self.streak_start)
@@ -150,13 +212,14 @@ class SafetyState:
     def releasable(self, n_generated: int) -> int:
         """How many generated tokens may reach the caller now.
 
-        All tokens are covered by a passing check except those of an ongoing malicious
-        streak (from S_t on) and the newest one when a check of it is still to come.
+        Tokens wait for a passing check that covers them; a malicious streak holds everything
+        from S_t on. When no check will run any more (``first``, a refusal already inserted,
+        or past the annealing horizon) nothing is held.
         """
         if self.streak:
             return self.streak_start
-        if self.active:
-            return max(0, n_generated - 1)
+        if self.active and has_future_check(self.params, n_generated):
+            return self.checked_upto
         return n_generated
 
     def _trip(self, trip: Trip) -> Trip | None:

@@ -37,27 +37,29 @@ class TrainConfig:
     data_dir: str = "../shared/data"
     output_dir: str = "checkpoints/smollm2-135m-ess"
     seed: int = 42
-    n_benign: int = 1400
-    n_malicious: int = 1400
-    n_harmful_probe: int = 300
+    n_benign: int = 900
+    n_benign_query_only: int = 1400
+    n_malicious: int = 800
+    n_malicious_query_only: int = 1200
+    n_harmful_probe: int = 240
     n_jailbreak: int = 60
-    sharegpt_limit: int = 800
+    sharegpt_limit: int = 3000
     held_out_percent: int = 20
     validation_fraction: float = 0.1
     max_query_tokens: int = 160
-    max_response_tokens: int = 80
+    max_response_tokens: int = 48
     probes_per_example: int = 1
     probe_window: tuple = (5, 15)
     epochs: int = 1
     batch_size: int = 8
     lr: float = 3e-4
-    head_lr: float = 2e-3
+    head_lr: float = 1e-3
     weight_decay: float = 0.0
     lambda_cls: float = 0.5
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    max_minutes: float = 55.0
+    max_minutes: float = 45.0
     threads: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -210,6 +212,26 @@ def evaluate(model, encoded, batch_size, lambda_cls):
             "lm_loss": round(sum(lm) / max(len(lm), 1), 4)}
 
 
+def balanced_batches(encoded: list[dict], labels: list[int], batch_size: int) -> list[list[int]]:
+    """Length-grouped batches with half malicious and half benign examples.
+
+    The paper uses llama-recipes' length-based sampler (§2.4) with 72 sequences a batch. With
+    8 a batch, length groups are nearly one class each (sources differ in length), and the
+    BCE gradient swings with the class of each batch; pairing the classes rank by rank keeps
+    padding low and every batch balanced (our choice).
+    """
+    by_class = [sorted((i for i, y in enumerate(labels) if y == c),
+                       key=lambda i: len(encoded[i]["slots"])) for c in (0, 1)]
+    half = batch_size // 2
+    n = min(len(by_class[0]), len(by_class[1])) // half
+    batches = [by_class[0][k * half:(k + 1) * half] + by_class[1][k * half:(k + 1) * half]
+               for k in range(n)]
+    rest = by_class[0][n * half:] + by_class[1][n * half:]
+    rest.sort(key=lambda i: len(encoded[i]["slots"]))
+    batches += [rest[i:i + batch_size] for i in range(0, len(rest), batch_size)]
+    return batches
+
+
 def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     """Run the recipe and write the checkpoint to ``cfg.output_dir``. Returns the summary."""
     from peft import LoraConfig, get_peft_model
@@ -225,7 +247,8 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     rng = random.Random(cfg.seed)
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     examples, manifest = build_examples(
-        Path(cfg.data_dir), n_benign=cfg.n_benign, n_malicious=cfg.n_malicious,
+        Path(cfg.data_dir), n_benign=cfg.n_benign, n_benign_query_only=cfg.n_benign_query_only,
+        n_malicious=cfg.n_malicious, n_malicious_query_only=cfg.n_malicious_query_only,
         n_harmful_probe=cfg.n_harmful_probe, n_jailbreak=cfg.n_jailbreak,
         sharegpt_limit=cfg.sharegpt_limit, held_out_percent=cfg.held_out_percent, seed=cfg.seed)
     n_val = int(len(examples) * cfg.validation_fraction)
@@ -252,9 +275,7 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
         {"params": [model.cls_embedding, *model.head.parameters()], "lr": cfg.head_lr,
          "weight_decay": 0.0},
     ])
-    # Length-grouped batches (paper §2.4: llama-recipes' length-based sampler), shuffled.
-    order = sorted(range(len(enc_train)), key=lambda i: len(enc_train[i]["slots"]))
-    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    batches = balanced_batches(enc_train, [e.query_label for e in train_ex], cfg.batch_size)
     total_steps = len(batches) * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))

@@ -319,7 +319,7 @@ class Engine:
     def _run(self, jobs: list[_Job]) -> None:
         """Drive the decode loop for ``jobs``, timing each step, and deliver the events."""
         steps: list[float] = []  # decode-step seconds; the prefill step is not one of them
-        checks = 0
+        checked: list[bool] = []  # whether each decode step ran a [CLS] probe
         gen = self._decoder.generate([j.request for j in jobs])
         done = [False] * len(jobs)
         try:
@@ -333,6 +333,7 @@ class Engine:
                 now = time.perf_counter()
                 if not prefill:
                     steps.append(now - t0)
+                    checked.append(any(ev.checked for ev in events))
                 prefill = False
                 for ev in events:
                     job = jobs[ev.index]
@@ -342,7 +343,6 @@ class Engine:
                         job.last_token = now
                     if ev.finish_reason is not None:
                         done[ev.index] = True
-                        checks = max(checks, (ev.safety or {}).get("checks", 0))
                         self._count_finished(job, ev, now)
                         self._release(job)
                     job.deliver(ev)
@@ -357,8 +357,7 @@ class Engine:
         finally:
             gen.close()
         if any(j.record for j in jobs):
-            # With one request per batch the probe steps are the first `checks` steps.
-            self.metrics.observe_steps(steps, checks)
+            self.metrics.observe_steps(steps, checked)
 
     # ---- metrics helpers ---------------------------------------------------------------------
 

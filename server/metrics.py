@@ -81,15 +81,10 @@ class Metrics:
         self._step_sum = {True: 0.0, False: 0.0}
         self._step_count = {True: 0, False: 0}
 
-    def observe_steps(self, seconds: list[float], checked: int) -> None:
-        """Record one request's decode steps; the first ``checked`` ran a probe.
-
-        The policy re-checks from the first decode step until it stops for good (a refusal, or
-        schedule ``first``), so the probe steps are a prefix (safety_decoding.policy).
-        """
+    def observe_steps(self, seconds: list[float], checked: list[bool]) -> None:
+        """Record one request's decode steps (seconds) and whether each ran a probe."""
         with self._lock:
-            for i, s in enumerate(seconds):
-                with_check = i < checked
+            for s, with_check in zip(seconds, checked):
                 self.decode_step.labels("true" if with_check else "false").observe(s)
                 self._step_sum[with_check] += s
                 self._step_count[with_check] += 1

@@ -33,9 +33,9 @@ class SafetyOverrides(BaseModel):
 
     threshold: float | None = Field(None, gt=0, lt=1,
                                     description="Lower than the server's threshold, in (0, 1).")
-    schedule: Literal["each", "first"] | None = Field(
-        None, description="`each` (a re-check per step) or `first`; never sparser than the "
-                          "server's.")
+    schedule: Literal["each", "annealing", "periodic", "first"] | None = Field(
+        None, description="`each`, `annealing`, `periodic` or `first` (densest first); never "
+                          "sparser than the server's.")
 
 
 def _unsupported() -> PydanticCustomError:

@@ -43,9 +43,16 @@ class Settings(BaseSettings):
     safety_r2: int | None = Field(
         None, ge=1, le=512, description="ESS_SAFETY_R2: rule-2 window (tokens); unset: the "
                                         "checkpoint's.")
-    safety_schedule: Literal["each", "first"] = Field(
-        "each", description="ESS_SAFETY_SCHEDULE: `each` re-checks every step, `first` only the "
-                            "query. Clients may only make it denser.")
+    safety_r3: int | None = Field(
+        None, ge=1, le=512, description="ESS_SAFETY_R3: rule-3 look-ahead after a transition "
+                                        "(tokens); unset: the checkpoint's.")
+    safety_schedule: Literal["each", "annealing", "periodic", "first"] = Field(
+        "each", description="ESS_SAFETY_SCHEDULE: `each` re-checks every step, `annealing` dense "
+                            "early then sparser, `periodic` every ESS_SAFETY_PERIOD tokens, `first` "
+                            "only the query. Clients may only make it denser.")
+    safety_period: int = Field(
+        10, ge=1, le=4096, description="ESS_SAFETY_PERIOD: tokens between re-checks of the "
+                                       "`periodic` schedule.")
     safety_action: Literal["refuse", "monitor"] = Field(
         "refuse", description="ESS_SAFETY_ACTION: `refuse` inserts the refusal, `monitor` only "
                               "reports.")
@@ -89,6 +96,8 @@ def server_safety_params(settings: Settings, checkpoint_config):
         tau=pick(settings.safety_tau, checkpoint_config.tau),
         r1=pick(settings.safety_r1, checkpoint_config.r1),
         r2=pick(settings.safety_r2, checkpoint_config.r2),
+        r3=pick(settings.safety_r3, checkpoint_config.r3),
         schedule=settings.safety_schedule,
+        period=settings.safety_period,
         action=settings.safety_action,
     )

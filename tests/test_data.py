@@ -11,7 +11,8 @@ pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data no
 
 @pytest.fixture(scope="module")
 def built():
-    return build_examples(DATA_DIR, n_benign=400, n_malicious=400, n_harmful_probe=50,
+    return build_examples(DATA_DIR, n_benign=400, n_benign_query_only=100, n_malicious=400,
+                          n_malicious_query_only=100, n_harmful_probe=50,
                           n_jailbreak=20, sharegpt_limit=200, held_out_percent=20, seed=0)
 
 

@@ -124,3 +124,15 @@ def test_abort_stops_at_step_boundary(tiny_model, tokenizer):
     for step in dec.generate([req]):
         steps.append(step)
     assert steps[-1][-1].finish_reason == "abort" and len(steps) <= 4
+
+
+def test_periodic_schedule_never_leaks_tokens_after_s_t(tokenizer):
+    # period 3: checks at n=3 (pass, clears g_0..g_2), n=6 and n=9 (fail): trip back to g_3
+    model = scripted(tokenizer, -5.0, [-5, 5, 5, -5])
+    text, events = run(Decoder(model, tokenizer), build_chat_prompt(tokenizer, QUESTION),
+                       SamplingParams(max_new_tokens=40),
+                       SafetyParams(schedule="periodic", period=3, tau=2))
+    emitted = [t for e in events for t in e.tokens]
+    first_forced = next(i for i, t in enumerate(emitted) if t.forced)
+    assert first_forced == 3 and events[-1].safety["trip_token"] == 3
+    assert sum(e.checked for e in events) == 3

@@ -24,8 +24,8 @@ def test_malicious_query_trips_at_response_start():
 
 
 def test_benign_query_no_trip_and_releases_all_but_newest():
-    s, trips = run([0.1, 0.2, 0.3])
-    assert trips == [] and s.releasable(3) == 2
+    s, trips = run([0.1, 0.2, 0.3])  # the check at n=3 covers g_0..g_2
+    assert trips == [] and s.releasable(4) == 3  # g_3 waits for its check
 
 
 def test_tau_consecutive_malicious_checks_trip_at_s_t():
@@ -42,7 +42,7 @@ def test_streak_reset_by_a_benign_check():
 
 def test_tokens_of_a_malicious_streak_are_held():
     s, _ = run([0.1, 0.1, 0.9], tau=3)
-    assert s.releasable(3) == 2  # g_2 is covered by the failed check
+    assert s.releasable(4) == 2  # g_2 is covered by the failed check
 
 
 def test_finish_during_streak_trips():
@@ -95,3 +95,46 @@ def test_invalid_params_name_the_field(kw, field):
     with pytest.raises(ParameterError) as e:
         SafetyParams(**kw)
     assert e.value.field == field
+
+
+def test_periodic_checks_every_k_and_holds_until_cleared():
+    s = SafetyState(SafetyParams(schedule="periodic", period=4))
+    s.on_query(0.1)
+    assert [n for n in range(1, 13) if s.needs_check(n)] == [4, 8, 12]
+    assert s.releasable(3) == 0  # nothing cleared yet: held for the check at 4
+    s.on_check(0.1, 4)
+    assert s.releasable(6) == 4
+
+
+def test_periodic_trip_truncates_to_first_uncleared_token():
+    s = SafetyState(SafetyParams(schedule="periodic", period=4, tau=2))
+    s.on_query(0.1)
+    s.on_check(0.1, 4)
+    assert s.on_check(0.9, 8) is None
+    trip = s.on_check(0.9, 12)
+    assert trip.truncate_to == 4  # g_4..g_7 were covered only by failing checks
+
+
+def test_annealing_is_dense_early_sparser_later_then_stops():
+    from safety_decoding.policy import annealing_steps
+
+    p = SafetyParams(schedule="annealing", anneal_dense=8, anneal_growth=1.5, anneal_horizon=100)
+    steps = sorted(annealing_steps(p.anneal_dense, p.anneal_growth, p.anneal_horizon))
+    assert steps[:8] == list(range(1, 9))
+    gaps = [b - a for a, b in zip(steps[8:], steps[9:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0] and max(steps) <= 100
+    s = SafetyState(p)
+    s.on_query(0.1)
+    assert not s.needs_check(max(steps) + 1) and s.releasable(150) == 150  # past the horizon
+
+
+def test_rule3_window_spans_the_transition_during_a_streak():
+    s = SafetyState(SafetyParams(r2=3, r3=2, tau=5))
+    s.on_query(0.1)
+    for n in range(1, 6):
+        s.on_check(0.1, n)
+    s.on_check(0.9, 6)  # S_t = 5
+    assert s.window(7) == (2, 7)  # [S_t - r2, S_t + r3] clipped to what exists
+    assert s.window(20) == (2, 8)
+    s.on_check(0.1, 7)  # the malicious state did not persist: back to rule 2
+    assert s.window(10) == (7, 10)
