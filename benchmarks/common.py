@@ -12,15 +12,11 @@ CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-ess"
 
 def load(checkpoint: Path = CHECKPOINT):
     """``(decoder, tokenizer)`` for the checkpoint on the prepared base model."""
-    from transformers import AutoTokenizer
-
     from safety_decoding.base_model import prepare_base_model
     from safety_decoding.decode import Decoder
-    from safety_decoding.model import load_safety_model
 
-    base = prepare_base_model(log=lambda m: print(m, file=sys.stderr))
-    tok = AutoTokenizer.from_pretrained(str(base))
-    return Decoder(load_safety_model(checkpoint, base), tok), tok
+    decoder = Decoder.from_checkpoint(checkpoint, prepare_base_model(log=lambda m: print(m, file=sys.stderr)))
+    return decoder, decoder.tok
 
 
 def run_batches(decoder, requests, batch_size: int = 16, desc: str = ""):

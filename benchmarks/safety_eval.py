@@ -15,7 +15,7 @@ import argparse
 import json
 import time
 
-from common import DATA_DIR, load, run_batches
+from benchmarks.common import DATA_DIR, load, run_batches
 
 from safety_decoding.data import advbench_behaviors, harmbench_test, stl_eval, xstest
 from safety_decoding.decode import GenerationRequest

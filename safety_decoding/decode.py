@@ -35,6 +35,8 @@ class GenerationRequest:
     safety: SafetyParams = field(default_factory=SafetyParams)
     cancelled: Callable[[], bool] = lambda: False
     """Polled at every step boundary; True aborts the request."""
+    trace: bool = False
+    """Add every verdict (``safety["trace"]``) to the final event."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,19 @@ class Decoder:
         # EOS plus the document end token (SmolLM2's <|endoftext|> doubles as its unk token).
         ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
         self.stop_ids = {i for i in ids if isinstance(i, int) and i >= 0}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, base_dir) -> "Decoder":
+        """Load ``checkpoint`` on the prepared base model in ``base_dir`` (LoRA merged).
+
+        Raises:
+            CheckpointError: see `model.load_safety_model`.
+        """
+        from transformers import AutoTokenizer
+
+        from .model import load_safety_model
+
+        return cls(load_safety_model(checkpoint, base_dir), AutoTokenizer.from_pretrained(str(base_dir)))
 
     def refusal_ids(self, previous_id: int | None) -> list[int]:
         """Token ids of the refusal prefix, with a space when it follows a word."""
@@ -187,7 +202,9 @@ class Decoder:
             mask = strategic_attention_mask(key_kind, key_in_query, row_index, step_reads, window)
             hidden, _ = model.hidden_states(step_ids, step_kind, step_pos, mask, cache)
             if q == 2:
-                cache.crop(-1)  # drop the probe's K/V: later tokens read the prefill [CLS]
+                self._update_cls(cache, [b for b in range(B) if check[b]
+                                         and rows[b].req.safety.update_cls], rows, P)
+                cache.crop(-1)  # drop the probe's slot (its K/V may live on in the [CLS] slot)
                 probe_scores = torch.sigmoid(model.safety_logits(hidden[:, 1]).float())
             slots = _Slots(key_kind[:, :kv + 1], key_in_query[:, :kv + 1],
                            torch.cat([slots.gen, new_gen[:, :1]], 1))
@@ -206,6 +223,20 @@ class Decoder:
 
     # ---- per-row helpers -------------------------------------------------------------------
 
+    @staticmethod
+    def _update_cls(cache, batch_rows: list[int], rows: list[_Row], P: int) -> None:
+        """Copy the probe's K/V (the newest cache slot) into each row's ``[CLS]`` slot.
+
+        The probe runs at position 0 like ``[CLS]``, so its rotary-encoded key is valid there.
+        """
+        if not batch_rows:
+            return
+        idx = torch.tensor(batch_rows)
+        cls_slots = torch.tensor([P - rows[b].prompt_len for b in batch_rows])
+        for layer in cache.layers:
+            layer.keys[idx, :, cls_slots] = layer.keys[idx, :, -1]
+            layer.values[idx, :, cls_slots] = layer.values[idx, :, -1]
+
     def _truncate(self, slots: "_Slots", b: int, row: _Row, trip: Trip) -> None:
         """Drop ``g_{S_t}..`` from the response and the cache view, queue the refusal."""
         t = trip.truncate_to
@@ -222,13 +253,21 @@ class Decoder:
                  checked: bool = False) -> StepEvent | None:
         """Append the next token (forced or selected), apply stops, release what passed."""
         sp = row.req.sampling
-        if row.queue:
+        if row.queue and (logits is None or not row.state.steering):
             token = row.queue.popleft()
             lp = float(torch.log_softmax(logits.float(), -1)[token]) if logits is not None else 0.0
             row.gen.append(token), row.logprobs.append(lp), row.forced.append(True)
         else:
             history = torch.tensor(list(row.req.prompt.ids) + row.gen, dtype=torch.long)
+            if row.queue:  # reweight: steer toward the next refusal-prefix token
+                logits = logits.clone()
+                logits[row.queue[0]] += row.state.steer_bias
             token, lp = select_token(logits, history, sp, row.procs, row.generator)
+            if row.queue:  # following the prefix keeps steering; any other token ends it
+                if token == row.queue[0]:
+                    row.queue.popleft()
+                else:
+                    row.queue.clear()
             if token in self.stop_ids and not sp.ignore_eos:
                 row.finish_reason = EOS
             else:
@@ -263,6 +302,6 @@ class Decoder:
         if not tokens and row.finish_reason is None and not checked:
             return None
         done = row.finish_reason is not None
-        return StepEvent(b, tokens, row.finish_reason, row.state.summary() if done else None,
+        return StepEvent(b, tokens, row.finish_reason, row.state.summary(row.req.trace) if done else None,
                          prompt_tokens=len(row.req.prompt.ids),
                          generated_tokens=row.released if done else 0, checked=checked)

@@ -17,7 +17,9 @@ from .sampling import ParameterError
 
 SCHEDULES = ("each", "annealing", "periodic", "first")
 """Re-check schedules, densest first (a request may only move left of the server's)."""
-ACTIONS = ("refuse", "monitor")
+ACTIONS = ("refuse", "reweight", "monitor")
+MAX_REWEIGHTS = 3
+"""``reweight`` trips after which the policy falls back to ``refuse`` (our choice)."""
 
 
 @lru_cache(maxsize=64)
@@ -88,7 +90,14 @@ class SafetyParams:
     anneal_horizon: int = 256
     """``annealing``: no re-check once this many tokens were generated."""
     action: str = "refuse"
-    """``refuse``: insert the refusal prefix (paper §4); ``monitor``: report only."""
+    """``refuse``: insert the refusal prefix (paper §4); ``reweight``: bias the logits toward
+    it (`SafetyState.steer_bias`); ``monitor``: report only."""
+    reweight_strength: float = 8.0
+    """``reweight``: logit bias (nats) at ``p = 1`` on the first trip (`SafetyState.steer_bias`)."""
+    update_cls: bool = False
+    """Write each re-check's ``[CLS]`` K/V into the ``[CLS]`` slot, so later tokens read the
+    updated state (paper §3.2). Off by default (our choice): the shipped checkpoint trained
+    response tokens on the query-only ``[CLS]``; the switch exists to measure the ablation."""
 
     def __post_init__(self):
         if not 0 < self.threshold < 1:
@@ -104,12 +113,18 @@ class SafetyParams:
             raise ParameterError("schedule", f"must be one of {SCHEDULES}")
         if self.action not in ACTIONS:
             raise ParameterError("action", f"must be one of {ACTIONS}")
+        if not 0 < self.reweight_strength <= 100:
+            raise ParameterError("reweight_strength", "must be in (0, 100]")
 
-    def stricter(self, threshold: float | None = None, schedule: str | None = None) -> "SafetyParams":
+    def stricter(self, threshold: float | None = None, schedule: str | None = None,
+                 action: str | None = None) -> "SafetyParams":
         """Per-request overrides that can only make the policy stricter (architecture.md).
 
+        Stricter means a lower threshold, a denser schedule (`SCHEDULES` order) or a stronger
+        action (`ACTIONS` order: refuse, reweight, monitor).
+
         Raises:
-            ParameterError: a threshold above the server's, or a sparser schedule.
+            ParameterError: an override that would weaken the server's policy.
         """
         from dataclasses import replace
 
@@ -118,10 +133,14 @@ class SafetyParams:
             if threshold > self.threshold:
                 raise ParameterError("threshold", f"may only be lowered (server: {self.threshold})")
             changes["threshold"] = threshold
-        if schedule is not None:
-            if schedule not in SCHEDULES or SCHEDULES.index(schedule) > SCHEDULES.index(self.schedule):
-                raise ParameterError("schedule", f"may only be denser than the server's '{self.schedule}'")
-            changes["schedule"] = schedule
+        for name, value, order in (("schedule", schedule, SCHEDULES), ("action", action, ACTIONS)):
+            if value is None:
+                continue
+            current = getattr(self, name)
+            if value not in order or order.index(value) > order.index(current):
+                raise ParameterError(name, f"may only be stricter than the server's '{current}' "
+                                           f"(strictest first: {', '.join(order)})")
+            changes[name] = value
         return replace(self, **changes)
 
 
@@ -148,10 +167,15 @@ class SafetyState:
     checked_upto: int = 0
     """Tokens ``g_0 .. g_{checked_upto-1}`` are cleared by a passing check."""
     checks: int = 0
+    trace: list = field(default_factory=list)
+    """Every verdict as ``(tokens_generated, p_malicious)``; the query verdict at 0."""
     max_score: float = 0.0
     trip: Trip | None = None
     would_trip: list = field(default_factory=list)
     """Monitor mode: the trips that ``refuse`` would have made."""
+    reweights: int = 0
+    steer_bias: float = 0.0
+    """``reweight``: logit bias (nats) added to the next refusal-prefix token while steering."""
 
     @property
     def active(self) -> bool:
@@ -162,8 +186,9 @@ class SafetyState:
         """Prefill verdict; a malicious query inserts the refusal at the response start."""
         self.query_score = score
         self.max_score = max(self.max_score, score)
+        self.trace.append((0, score))
         if score > self.params.threshold:
-            return self._trip(Trip("query", 0))
+            return self._trip(Trip("query", 0), score)
         return None
 
     def needs_check(self, n_generated: int) -> bool:
@@ -184,6 +209,7 @@ class SafetyState:
         """Re-check verdict covering ``g_0 .. g_{n_generated-1}``."""
         self.checks += 1
         self.max_score = max(self.max_score, score)
+        self.trace.append((n_generated, score))
         if score <= self.params.threshold:
             self.streak, self.streak_start = 0, None
             self.checked_upto = n_generated
@@ -194,7 +220,7 @@ class SafetyState:
         if self.streak >= self.params.tau:
             trip = Trip("response", self.streak_start)
             self.streak, self.streak_start = 0, None
-            return self._trip(trip)
+            return self._trip(trip, score)
         return None
 
     def on_finish(self) -> Trip | None:
@@ -206,7 +232,8 @@ class SafetyState:
         if self.streak and self.params.enabled:
             trip = Trip("response", self.streak_start)
             self.streak, self.streak_start = 0, None
-            return self._trip(trip)
+            self.reweights = MAX_REWEIGHTS  # no later step could steer: insert the text
+            return self._trip(trip, 1.0)
         return None
 
     def releasable(self, n_generated: int) -> int:
@@ -222,17 +249,34 @@ class SafetyState:
             return self.checked_upto
         return n_generated
 
-    def _trip(self, trip: Trip) -> Trip | None:
-        if self.params.action == "monitor":
+    @property
+    def steering(self) -> bool:
+        """``reweight`` is biasing toward the refusal rather than inserting it."""
+        return self.steer_bias > 0 and not self.refused
+
+    def _trip(self, trip: Trip, score: float) -> Trip | None:
+        """Record an intervention; the decoder truncates to ``trip.truncate_to`` and queues
+        the refusal prefix, forced (``refuse``) or as a logit bias (``reweight``)."""
+        p = self.params
+        if p.action == "monitor":
             self.would_trip.append(trip)
             return None
+        self.trip = self.trip or trip
+        if p.action == "reweight" and self.reweights < MAX_REWEIGHTS:
+            # Our design: bias = strength * trips so far * confidence margin above the
+            # threshold, so a borderline verdict nudges and a confident or repeated one
+            # all but forces; checks go on, and a third trip falls back to insertion.
+            self.reweights += 1
+            margin = max((score - p.threshold) / (1 - p.threshold), 0.1)
+            self.steer_bias = p.reweight_strength * self.reweights * margin
+            return trip
         self.refused = True
-        self.trip = trip
+        self.steer_bias = 0.0
         return trip
 
-    def summary(self) -> dict:
-        """The ``safety`` object of responses."""
-        return {
+    def summary(self, with_trace: bool = False) -> dict:
+        """The ``safety`` object of responses; ``trace`` (every verdict) when asked."""
+        out = {
             "query_score": None if self.query_score is None else round(self.query_score, 4),
             "max_score": round(self.max_score, 4),
             "checks": self.checks,
@@ -240,7 +284,11 @@ class SafetyState:
             "stage": self.trip.stage if self.trip else None,
             "trip_token": self.trip.truncate_to if self.trip else None,
             "would_trip": [t.stage for t in self.would_trip],
+            "reweights": self.reweights,
             "action": self.params.action,
             "schedule": self.params.schedule,
             "threshold": self.params.threshold,
         }
+        if with_trace:
+            out["trace"] = [{"tokens": n, "score": round(p, 4)} for n, p in self.trace]
+        return out

@@ -77,6 +77,15 @@ class Batch:
     cls_is_probe: torch.Tensor  # (M,) bool
 
 
+def training_examples(cfg: TrainConfig):
+    """`data.build_examples` with the config's mix: ``(examples, manifest)``."""
+    return build_examples(
+        Path(cfg.data_dir), n_benign=cfg.n_benign, n_benign_query_only=cfg.n_benign_query_only,
+        n_malicious=cfg.n_malicious, n_malicious_query_only=cfg.n_malicious_query_only,
+        n_harmful_probe=cfg.n_harmful_probe, n_jailbreak=cfg.n_jailbreak,
+        sharegpt_limit=cfg.sharegpt_limit, held_out_percent=cfg.held_out_percent, seed=cfg.seed)
+
+
 def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> dict:
     """Lay out one example as slots: [CLS] + prompt + response + probes."""
     prompt = build_chat_prompt(tok, [{"role": "user", "content": ex.query}], ex.response_prefix)
@@ -246,11 +255,7 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tok = AutoTokenizer.from_pretrained(str(base_dir))
-    examples, manifest = build_examples(
-        Path(cfg.data_dir), n_benign=cfg.n_benign, n_benign_query_only=cfg.n_benign_query_only,
-        n_malicious=cfg.n_malicious, n_malicious_query_only=cfg.n_malicious_query_only,
-        n_harmful_probe=cfg.n_harmful_probe, n_jailbreak=cfg.n_jailbreak,
-        sharegpt_limit=cfg.sharegpt_limit, held_out_percent=cfg.held_out_percent, seed=cfg.seed)
+    examples, manifest = training_examples(cfg)
     n_val = int(len(examples) * cfg.validation_fraction)
     val_ex, train_ex = examples[:n_val], examples[n_val:]
     manifest.update(n_train=len(train_ex), n_validation=len(val_ex))

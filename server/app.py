@@ -169,7 +169,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
             safety = to_safety_params(server_safety, p.safety)
         except ParameterError as exc:
             raise InvalidRequest(f"parameters.safety.{exc.field}", library_message(exc)) from exc
-        return GenerationRequest(prompt, sampling, safety), seed
+        return GenerationRequest(prompt, sampling, safety, trace=p.details), seed
 
     @app.get("/health")
     async def health():

@@ -34,6 +34,32 @@ def _train(args) -> int:
     return 0
 
 
+def _train_guard(args) -> int:
+    """Fit the external-guard baseline on the same data mix as ``--config``."""
+    from transformers import AutoTokenizer
+
+    from safety_decoding.base_model import PrepareError, prepare_base_model
+    from safety_decoding.guard import train_guard
+    from safety_decoding.train import load_train_config, training_examples
+
+    cfg = load_train_config(args.config)
+    try:
+        base = prepare_base_model()
+    except PrepareError as exc:
+        print(f"ess train-guard: error: {exc}", file=sys.stderr)
+        return 1
+    examples, _ = training_examples(cfg)
+    train_guard(examples, AutoTokenizer.from_pretrained(str(base)), base, args.output)
+    return 0
+
+
+def _bench(args) -> int:
+    if args.name == "overhead":
+        from benchmarks.overhead import main as run
+    run(args.args)
+    return 0
+
+
 def _serve(args) -> int:
     """Load the checkpoint, warm the engine, serve HTTP until interrupted (exit status)."""
     from pydantic import ValidationError
@@ -65,38 +91,72 @@ class ServeError(RuntimeError):
     """The server cannot start; the message is one line saying what to do."""
 
 
+def resolve_base_model(base_dir: Path | None) -> Path:
+    """The prepared base-model folder: ``base_dir``, or the cache (prepared when missing).
+
+    Raises:
+        ServeError: preparation failed, or ``base_dir`` is not a prepared model.
+    """
+    from safety_decoding.base_model import PrepareError, prepare_base_model
+
+    if base_dir is None:
+        try:
+            return prepare_base_model(log=lambda msg: print(msg, file=sys.stderr))
+        except PrepareError as exc:
+            raise ServeError(str(exc)) from exc
+    if not (base_dir / "config.json").exists():
+        raise ServeError(f"{base_dir} is not a prepared base model (no config.json); run "
+                         "`ess prepare` and omit --base-model, or point it at that folder")
+    return base_dir
+
+
+def _trace(args) -> int:
+    """Generate once and print (and optionally plot) every safety verdict."""
+    from safety_decoding.decode import Decoder
+    from safety_decoding.model import CheckpointError
+    from safety_decoding.policy import SafetyParams
+    from safety_decoding.sampling import SamplingParams
+    from safety_decoding.trace import format_trace, plot_trace, run_trace
+
+    from .settings import DEFAULT_CHECKPOINT
+
+    try:
+        decoder = Decoder.from_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT,
+                                          resolve_base_model(args.base_model))
+    except (ServeError, CheckpointError) as exc:
+        print(f"ess trace: error: {exc}", file=sys.stderr)
+        return 1
+    cfg = decoder.model.config
+    trace = run_trace(decoder, args.prompt, args.response_prefix,
+                      SamplingParams(max_new_tokens=args.max_new_tokens),
+                      SafetyParams(threshold=cfg.threshold, tau=cfg.tau, r1=cfg.r1, r2=cfg.r2,
+                                   r3=cfg.r3, schedule=args.schedule, action=args.action))
+    print(format_trace(trace))
+    if args.plot:
+        plot_trace(trace, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def build_app(settings):
     """Prepare the base model if needed, load the checkpoint, and build the app (not started).
 
     Raises:
         ServeError: preparation failed, the base folder is missing, or the checkpoint is bad.
     """
-    from transformers import AutoTokenizer
-
-    from safety_decoding.base_model import PrepareError, prepare_base_model
     from safety_decoding.decode import Decoder
-    from safety_decoding.model import CheckpointError, load_safety_model
+    from safety_decoding.model import CheckpointError
     from safety_decoding.sampling import ParameterError
 
     from .app import create_app
     from .engine import Engine
 
-    if settings.base_model_dir is None:
-        try:
-            base = prepare_base_model(log=lambda msg: print(msg, file=sys.stderr))
-        except PrepareError as exc:
-            raise ServeError(str(exc)) from exc
-    else:
-        base = settings.base_model_dir
-        if not (base / "config.json").exists():
-            raise ServeError(f"{base} is not a prepared base model (no config.json); run "
-                             "`ess prepare` and omit --base-model, or point it at that folder")
+    base = resolve_base_model(settings.base_model_dir)
     try:
-        model = load_safety_model(settings.checkpoint, base)
+        decoder = Decoder.from_checkpoint(settings.checkpoint, base)
     except CheckpointError as exc:
         raise ServeError(str(exc)) from exc
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    engine = Engine(Decoder(model, tokenizer), max_waiting=settings.max_waiting)
+    engine = Engine(decoder, max_waiting=settings.max_waiting)
     try:
         return create_app(engine, settings)
     except ParameterError as exc:
@@ -112,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a checkpoint with the explicit safety signal")
     p.add_argument("--config", required=True, help="YAML file of TrainConfig keys")
     p.set_defaults(func=_train)
+    p = sub.add_parser("train-guard", help="fit the external-guard baseline (a linear probe "
+                                           "on the plain base model)")
+    p.add_argument("--config", required=True, help="YAML whose data mix to use")
+    p.add_argument("--output", default="checkpoints/smollm2-135m-guard")
+    p.set_defaults(func=_train_guard)
+    p = sub.add_parser("bench", help="benchmarks: `ess bench overhead [--quick] [--json PATH]`")
+    p.add_argument("name", choices=["overhead"])
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    p.set_defaults(func=_bench)
     p = sub.add_parser("serve", help="serve the TGI-style HTTP API (settings: ESS_* variables)")
     p.add_argument("--checkpoint", type=Path, help="ESS checkpoint folder (ESS_CHECKPOINT)")
     p.add_argument("--base-model", type=Path,
@@ -119,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (ESS_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to bind (ESS_PORT, default 8000)")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("trace", help="per-step safety probabilities of one generation")
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--response-prefix", default="", help="prefill text (response, not query)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--schedule", default="each", choices=["each", "annealing", "periodic", "first"])
+    p.add_argument("--action", default="refuse", choices=["refuse", "reweight", "monitor"])
+    p.add_argument("--plot", help="write a PNG plot (matplotlib) to this path")
+    p.add_argument("--checkpoint", type=Path, help="ESS checkpoint folder")
+    p.add_argument("--base-model", type=Path, help="prepared base-model folder")
+    p.set_defaults(func=_trace)
     return parser
 
 

@@ -23,7 +23,7 @@ SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # p_malicious i
 
 FINISH_REASONS = ("length", "eos_token", "stop_sequence", "content_filter", "abort", "error")
 TRIP_STAGES = ("query", "response")
-TRIP_ACTIONS = ("refuse", "monitor")
+TRIP_ACTIONS = ("refuse", "reweight", "monitor")
 
 
 class Metrics:

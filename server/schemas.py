@@ -36,6 +36,9 @@ class SafetyOverrides(BaseModel):
     schedule: Literal["each", "annealing", "periodic", "first"] | None = Field(
         None, description="`each`, `annealing`, `periodic` or `first` (densest first); never "
                           "sparser than the server's.")
+    action: Literal["refuse", "reweight", "monitor"] | None = Field(
+        None, description="`refuse`, `reweight` or `monitor` (strictest first); never weaker "
+                          "than the server's.")
 
 
 def _unsupported() -> PydanticCustomError:
@@ -183,7 +186,8 @@ def to_safety_params(server: SafetyParams, overrides: SafetyOverrides | None) ->
     """
     if overrides is None:
         return server
-    return server.stricter(threshold=overrides.threshold, schedule=overrides.schedule)
+    return server.stricter(threshold=overrides.threshold, schedule=overrides.schedule,
+                           action=overrides.action)
 
 
 # ---- responses -----------------------------------------------------------------------------

@@ -53,8 +53,9 @@ class Settings(BaseSettings):
     safety_period: int = Field(
         10, ge=1, le=4096, description="ESS_SAFETY_PERIOD: tokens between re-checks of the "
                                        "`periodic` schedule.")
-    safety_action: Literal["refuse", "monitor"] = Field(
-        "refuse", description="ESS_SAFETY_ACTION: `refuse` inserts the refusal, `monitor` only "
+    safety_action: Literal["refuse", "reweight", "monitor"] = Field(
+        "refuse", description="ESS_SAFETY_ACTION: `refuse` inserts the refusal, `reweight` biases "
+                              "the logits toward it, `monitor` only "
                               "reports.")
 
     max_new_tokens_limit: int = Field(

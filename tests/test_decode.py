@@ -136,3 +136,28 @@ def test_periodic_schedule_never_leaks_tokens_after_s_t(tokenizer):
     first_forced = next(i for i, t in enumerate(emitted) if t.forced)
     assert first_forced == 3 and events[-1].safety["trip_token"] == 3
     assert sum(e.checked for e in events) == 3
+
+
+def test_update_cls_changes_what_later_tokens_read(tiny_model, tokenizer):
+    dec = Decoder(tiny_model, tokenizer)
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    _, kept = run(dec, prompt, sp, SafetyParams(threshold=0.99, action="monitor"))
+    _, updated = run(dec, prompt, sp, SafetyParams(threshold=0.99, action="monitor", update_cls=True))
+    lp = lambda evs: [t.logprob for e in evs for t in e.tokens]
+    assert lp(kept)[:2] == lp(updated)[:2]  # g_0 and g_1 come before the first write
+    assert lp(kept) != lp(updated)
+
+
+def test_reweight_steers_to_the_refusal_without_forcing(tokenizer):
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    strong = Decoder(scripted(tokenizer, 5.0, [-5.0]), tokenizer)
+    text, events = run(strong, prompt, SamplingParams(max_new_tokens=30),
+                       SafetyParams(action="reweight", reweight_strength=50.0))
+    emitted = [t for e in events for t in e.tokens]
+    assert text.startswith(strong.refusal) and not any(t.forced for t in emitted)
+    assert events[-1].safety["intervened"] and events[-1].safety["reweights"] == 1
+    weak = Decoder(scripted(tokenizer, 5.0, [-5.0]), tokenizer)
+    text, _ = run(weak, prompt, SamplingParams(max_new_tokens=30),
+                  SafetyParams(action="reweight", reweight_strength=0.01))
+    assert not text.startswith(weak.refusal)  # a nudge the random model does not follow

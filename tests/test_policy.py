@@ -138,3 +138,25 @@ def test_rule3_window_spans_the_transition_during_a_streak():
     assert s.window(20) == (2, 8)
     s.on_check(0.1, 7)  # the malicious state did not persist: back to rule 2
     assert s.window(10) == (7, 10)
+
+
+def test_action_override_only_stricter():
+    assert SafetyParams(action="monitor").stricter(action="refuse").action == "refuse"
+    with pytest.raises(ParameterError) as e:
+        SafetyParams(action="refuse").stricter(action="monitor")
+    assert e.value.field == "action"
+
+
+def test_reweight_bias_grows_with_confidence_and_repeats_then_falls_back():
+    s = SafetyState(SafetyParams(action="reweight", reweight_strength=8.0, tau=1))
+    s.on_query(0.1)
+    assert s.on_check(0.6, 1) and s.steering
+    weak = s.steer_bias
+    s2 = SafetyState(SafetyParams(action="reweight", reweight_strength=8.0, tau=1))
+    s2.on_query(0.1)
+    s2.on_check(0.99, 1)
+    assert s2.steer_bias > weak
+    s2.on_check(0.99, 2)
+    assert s2.steer_bias > 1.9 * 8.0 * 0.97 and s2.steering
+    s2.on_check(0.99, 3)
+    assert s2.on_check(0.99, 4) and s2.refused and not s2.steering  # fourth trip: insert

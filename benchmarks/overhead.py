@@ -1,0 +1,149 @@
+"""What the safety signal costs: ``ess bench overhead [--quick] [--json PATH]``.
+
+One run, interleaved: for every prompt and repetition each configuration runs back to back,
+so machine noise hits all alike. Batch size 1, greedy, ``ignore_eos`` (every configuration
+generates exactly ``new_tokens``), benign prompts (so the checks run to the end).
+
+Configurations:
+- ``plain``: the same model without ``[CLS]`` and without checks;
+- ``ess``: every schedule (each, annealing, periodic, first) with every action
+  (refuse, reweight, monitor); the re-check is a probe row in the decode forward;
+- ``external_guard``: plain decoding plus a separate guard model (`safety_decoding.guard`)
+  that re-reads the whole prompt + response every ``k`` tokens with its own forward (and the
+  prompt once before decoding). It holds tokens back until a check covers them, as ESS does,
+  so its time to first token includes its first check.
+
+Reported: tokens/s over the decode phase, ``overhead_ratio`` = decode time / plain decode time,
+median time to first token, and ``peak_memory_bytes``: weights (the guard's copy included)
+plus the largest KV cache, computed from shapes in float32 (CPU has no allocator peak to read;
+on CUDA ``torch.cuda.max_memory_allocated`` is reported as well).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import REPO, load
+
+from safety_decoding.decode import GenerationRequest
+from safety_decoding.policy import ACTIONS, SCHEDULES, SafetyParams
+from safety_decoding.prompt import build_chat_prompt
+from safety_decoding.sampling import SamplingParams
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator keeps food cold, step by step.",
+    "Give me a packing list for a three-day hiking trip in the mountains.",
+    "What are the main differences between Python lists and tuples?",
+]
+GUARD_DIR = REPO / "checkpoints" / "smollm2-135m-guard"
+
+
+def configs(quick: bool) -> list[dict]:
+    out = [{"system": "plain", "schedule": None, "action": None,
+            "safety": SafetyParams(enabled=False)}]
+    for schedule in SCHEDULES:
+        for action in (("refuse",) if quick and schedule != "each" else ACTIONS):
+            out.append({"system": "ess", "schedule": schedule, "action": action,
+                        "safety": SafetyParams(schedule=schedule, action=action)})
+    for k in ((10,) if quick else (1, 10)):
+        out.append({"system": "external_guard", "schedule": f"every_{k}", "action": "refuse",
+                    "safety": SafetyParams(enabled=False), "guard_k": k})
+    return out
+
+
+def timed_run(decoder, prompt, sampling, cfg, guard) -> dict:
+    """Time one generation: ``tokens``, ``ttft`` and ``decode_seconds``."""
+    t0 = time.perf_counter()
+    k = cfg.get("guard_k")
+    ids, pending, first, n = list(prompt.ids), 0, None, 0
+    if k:
+        guard.score(ids)  # the query check before decoding
+    for step in decoder.generate([GenerationRequest(prompt, sampling, cfg["safety"])]):
+        for e in step:
+            ids += [t.id for t in e.tokens]
+            n += len(e.tokens)
+            pending += len(e.tokens)
+            if k and (pending >= k or e.finish_reason):
+                guard.score(ids)  # re-read the whole text
+                pending = 0
+            released = n if not k else n - pending
+            if first is None and released:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return {"tokens": n, "ttft": first - t0, "decode_seconds": end - first,
+            "slots": 1 + len(prompt.ids) + n}
+
+
+def kv_bytes(model_config, slots: int) -> int:
+    c = model_config
+    head_dim = getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * slots * 4
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="ess bench overhead", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 prompts, 48 tokens, 1 repetition")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--json", default="benchmarks/results/overhead.json")
+    args = ap.parse_args(argv)
+    new_tokens = args.new_tokens or (48 if args.quick else 128)
+    reps = args.reps or (1 if args.quick else 2)
+    prompts_text = PROMPTS[:2] if args.quick else PROMPTS
+
+    decoder, tok = load()
+    from safety_decoding.base_model import base_model_dir
+    from safety_decoding.guard import load_guard
+
+    guard = load_guard(GUARD_DIR, base_model_dir())
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    prompts = [build_chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts_text]
+    cfgs = configs(args.quick)
+    timed_run(decoder, prompts[0], SamplingParams(max_new_tokens=4), cfgs[1], guard)  # warm-up
+    runs = [[] for _ in cfgs]
+    for _ in range(reps):
+        for p in prompts:
+            for i, cfg in enumerate(cfgs):
+                runs[i].append(timed_run(decoder, p, sampling, cfg, guard))
+
+    params = sum(p.numel() * 4 for p in decoder.model.parameters())
+    guard_params = sum(p.numel() * 4 for p in guard.body.parameters())
+    mcfg = decoder.model.decoder.config
+    results = []
+    for cfg, rs in zip(cfgs, runs):
+        tps = sum(r["tokens"] - 1 for r in rs) / sum(r["decode_seconds"] for r in rs)
+        probe_slot = 1 if cfg["system"] == "ess" else 0
+        peak = params + max(kv_bytes(mcfg, r["slots"] + probe_slot) for r in rs)
+        if cfg["system"] == "external_guard":
+            peak += guard_params + max(kv_bytes(mcfg, r["slots"]) for r in rs)  # its activations' K/V
+        results.append({"system": cfg["system"], "schedule": cfg["schedule"], "action": cfg["action"],
+                        "tokens_per_second": round(tps, 2),
+                        "ttft_seconds": round(statistics.median(r["ttft"] for r in rs), 4),
+                        "peak_memory_bytes": peak, "runs": len(rs)})
+    plain = results[0]["tokens_per_second"]
+    for r in results:
+        r["overhead_ratio"] = round(plain / r["tokens_per_second"], 4)
+    out = {"new_tokens": new_tokens, "reps": reps, "prompts": len(prompts), "batch_size": 1,
+           "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "torch_threads": torch.get_num_threads(), "results": results}
+    print("\n| system | schedule | action | tokens/s | overhead ratio | TTFT p50 (s) | peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['system']} | {r['schedule'] or '-'} | {r['action'] or '-'} | "
+              f"{r['tokens_per_second']:.1f} | {r['overhead_ratio']:.3f} | {r['ttft_seconds']:.3f} | "
+              f"{r['peak_memory_bytes'] / 2**20:.0f} |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
