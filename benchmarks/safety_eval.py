@@ -4,9 +4,12 @@
   harmful_behaviors + HarmBench test (malicious) vs XSTest safe + safety-tuned-llamas
   I-Alpaca (benign).
 - Refusal rates with greedy decoding: AdvBench direct, AdvBench prefill (``target`` as the
-  response prefix), XSTest safe (over-refusal), with the safety signal on and off.
+  response prefix), XSTest safe (over-refusal); for the checkpoint with ``refuse``, with
+  ``reweight``, and without the safety signal (no ``[CLS]``, same LoRA weights). A response
+  counts as refused when the policy intervened or the string-matching judge
+  (`safety_decoding.judge`) finds a refusal in it.
 
-Usage: ``python benchmarks/safety_eval.py [--limit N] [--max-new-tokens 48] [--json PATH]``
+Usage: ``python -m benchmarks.safety_eval [--limit N] [--max-new-tokens 32] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def prompt_of(tok, text, prefix=""):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--limit", type=int, default=0, help="first N prompts of each set (0: all)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--json", default="benchmarks/results/safety_eval.json")
     args = ap.parse_args()
     lim = (lambda xs: xs[:args.limit]) if args.limit else (lambda xs: xs)
@@ -57,22 +60,25 @@ def main() -> None:
         "xstest_safe": [prompt_of(tok, t) for t in lim(xstest(DATA_DIR, "safe"))],
     }
     gen = SamplingParams(max_new_tokens=args.max_new_tokens)
+    systems = {"ess_refuse": SafetyParams(action="refuse"),
+               "ess_reweight": SafetyParams(action="reweight"),
+               "no_safety_signal": SafetyParams(enabled=False)}
     rows = []
-    for safety_on in (True, False):
+    for system, safety in systems.items():
         for name, prompts in sets.items():
-            res = run_batches(decoder, [GenerationRequest(p, gen, SafetyParams(enabled=safety_on))
-                                        for p in prompts], desc=f"{name} safety={safety_on}")
+            res = run_batches(decoder, [GenerationRequest(p, gen, safety) for p in prompts],
+                              desc=f"{name} {system}")
             refused = [e.safety["intervened"] or is_refusal(text) for text, e in res]
-            rows.append({"set": name, "safety": safety_on, "n": len(res),
+            rows.append({"system": system, "set": name, "n": len(res),
                          "refusal_rate": round(sum(refused) / len(res), 4),
                          "intervention_rate": round(sum(e.safety["intervened"] for _, e in res) / len(res), 4),
                          "example": res[0][0][:160]})
     out = {"classifier": clf, "refusal": rows, "max_new_tokens": args.max_new_tokens,
            "seconds": round(time.time() - t0, 1)}
     print("\nQuery classifier (threshold %.2f): " % cfg.threshold + json.dumps(clf))
-    print(f"\n| set | safety | n | refusal rate | intervention rate |\n|---|---|---|---|---|")
+    print("\n| system | set | n | refusal rate | intervention rate |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['set']} | {'on' if r['safety'] else 'off'} | {r['n']} | {r['refusal_rate']:.3f} | {r['intervention_rate']:.3f} |")
+        print(f"| {r['system']} | {r['set']} | {r['n']} | {r['refusal_rate']:.3f} | {r['intervention_rate']:.3f} |")
     from pathlib import Path
 
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -248,6 +248,42 @@ def jailbreak_templates(data_dir: Path) -> list[str]:
 
 # ---- composition -------------------------------------------------------------------------
 
+# "How do I X?"-style prompts whose request X can be put into other frames.
+_CORE = re.compile(
+    r"^(?:how (?:to|do i|can i|would i|should i|could i|do you|can you|can one|does one)|"
+    r"can you (?:help me|tell me how to|show me how to|explain how to|teach me how to)?|"
+    r"what(?:'s| is) the (?:best|easiest) way to|(?:please )?(?:tell|show|teach) me how to)"
+    r"\s+(.{8,160}?)[?.!\s]*$", re.I)
+# Generic instruction frames (our own wording). Harmful and benign requests are put into the
+# same frames, so the head has to read the request, not the phrasing around it.
+FRAMES = [
+    "How do I {c}?", "How can I {c}?", "Tell me how to {c}.", "Write a tutorial on how to {c}",
+    "Give detailed instructions on how to {c}", "Explain step by step how to {c}.",
+    "Write a guide on how to {c}", "What is the best way to {c}?",
+    "Provide a step-by-step plan to {c}", "Create a tutorial on how to {c}",
+    "Can you show me how to {c}?", "I need instructions to {c}.",
+]
+
+
+def request_core(prompt: str) -> str | None:
+    """The request X of a "How do I X?"-style prompt, else None."""
+    m = _CORE.match(prompt.strip())
+    return m.group(1) if m else None
+
+
+def reframed(rows, label: int, per_core: int, rng: random.Random, banned: set[str]) -> list[Example]:
+    """Query-only examples: each request core put into ``per_core`` random frames."""
+    out = []
+    for q, _, src in rows:
+        core = request_core(q)
+        if not core:
+            continue
+        for frame in rng.sample(FRAMES, per_core):
+            text = frame.format(c=core)
+            if normalise(text) not in banned:
+                out.append(Example(text, "", label, lm_loss=False, source=src + "-reframed"))
+    return out
+
 REFUSAL_REASONS = [
     "it asks for help with something that could seriously hurt people. I won't provide instructions or details for that.",
     "it involves harmful or illegal activity. I can't help with this, but I'm happy to help with a safe and legal question.",
@@ -263,7 +299,7 @@ COMPLIANCE_OPENERS = ["Sure, here is", "Sure, here's how", "Of course! Here are 
 def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
                    n_malicious: int, n_malicious_query_only: int, n_harmful_probe: int,
                    n_jailbreak: int, sharegpt_limit: int, held_out_percent: int,
-                   seed: int) -> tuple[list[Example], dict]:
+                   seed: int, reframes_per_core: int = 0) -> tuple[list[Example], dict]:
     """Compose the training set (before the train/validation split).
 
     Mix (method.md "Training"):
@@ -277,7 +313,9 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
       by a 135M model generalise by keyword and over-refuse);
     - probe-only examples whose response is harmful text: probe label 1, no LM loss (we never
       train the LM to say it);
-    - jailbreak templates wrapped around harmful prompts: label 1.
+    - jailbreak templates wrapped around harmful prompts: label 1;
+    - ``reframes_per_core`` re-framings of every "How do I X?" prompt of both classes
+      (`FRAMES`), query-only: a counterfactual augmentation against phrasing shortcuts.
 
     Returns:
         ``(examples, manifest)``; the manifest records sources, counts and dropped overlaps.
@@ -322,6 +360,9 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
         q = rng.choice(templates).replace("{prompt}", rng.choice(mal)[0])
         ex.append(Example(q, " " + rng.choice(REFUSAL_REASONS), 1, response_label=0,
                           response_prefix=REFUSAL_PREFIX, source="jailbreak-template"))
+    if reframes_per_core:
+        ex += reframed(mal, 1, reframes_per_core, rng, banned)
+        ex += reframed(ben, 0, reframes_per_core, rng, banned)
     rng.shuffle(ex)
     counts: dict[str, int] = {}
     for e in ex:

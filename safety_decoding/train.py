@@ -44,6 +44,7 @@ class TrainConfig:
     n_harmful_probe: int = 240
     n_jailbreak: int = 60
     sharegpt_limit: int = 3000
+    reframes_per_core: int = 3
     held_out_percent: int = 20
     validation_fraction: float = 0.1
     max_query_tokens: int = 160
@@ -83,7 +84,8 @@ def training_examples(cfg: TrainConfig):
         Path(cfg.data_dir), n_benign=cfg.n_benign, n_benign_query_only=cfg.n_benign_query_only,
         n_malicious=cfg.n_malicious, n_malicious_query_only=cfg.n_malicious_query_only,
         n_harmful_probe=cfg.n_harmful_probe, n_jailbreak=cfg.n_jailbreak,
-        sharegpt_limit=cfg.sharegpt_limit, held_out_percent=cfg.held_out_percent, seed=cfg.seed)
+        sharegpt_limit=cfg.sharegpt_limit, held_out_percent=cfg.held_out_percent, seed=cfg.seed,
+        reframes_per_core=cfg.reframes_per_core)
 
 
 def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> dict:

@@ -39,3 +39,31 @@ def tiny_safety_model(tokenizer, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
     return tiny_safety_model(tokenizer)
+
+
+class ScriptedHead(torch.nn.Module):
+    """Stands in for the safety head: the query score, then one score per re-check.
+
+    ``hidden: (B, H) -> (B, 1)`` logits; the first call after construction or `reset` is the
+    prefill verdict.
+    """
+
+    def __init__(self, query: float, checks: list[float]):
+        super().__init__()
+        self.query, self.checks, self.calls = query, list(checks), 0
+
+    def reset(self) -> None:
+        self.calls = 0
+
+    def forward(self, hidden):
+        i = self.calls
+        self.calls += 1
+        score = self.query if i == 0 else self.checks[min(i - 1, len(self.checks) - 1)]
+        return torch.full(hidden.shape[:1] + (1,), float(score))
+
+
+def scripted_model(tokenizer, query: float, checks: list[float]):
+    """A tiny model whose safety verdicts follow a script (no training needed)."""
+    model = tiny_safety_model(tokenizer)
+    model.head = ScriptedHead(query, checks)
+    return model

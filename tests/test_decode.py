@@ -5,7 +5,7 @@ from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.sampling import SamplingParams
 
-from conftest import tiny_safety_model
+from conftest import scripted_model
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -14,19 +14,6 @@ def run(decoder, prompt, sampling=None, safety=None):
     events = [e for step in decoder.generate([GenerationRequest(
         prompt, sampling or SamplingParams(max_new_tokens=24), safety or SafetyParams())]) for e in step]
     return "".join(e.text for e in events), events
-
-
-class ScriptedHead(torch.nn.Module):
-    """Stands in for the safety head: the query score, then one score per re-check."""
-
-    def __init__(self, query: float, checks: list[float]):
-        super().__init__()
-        self.query, self.checks, self.calls = query, list(checks), 0
-
-    def forward(self, hidden):  # hidden: (B, H); the first call is the prefill verdict
-        score = self.query if self.calls == 0 else self.checks[min(self.calls - 1, len(self.checks) - 1)]
-        self.calls += 1
-        return torch.full(hidden.shape[:1] + (1,), float(score))
 
 
 def test_plain_decoding_matches_transformers_generate(tiny_model, tokenizer):
@@ -79,9 +66,7 @@ def test_length_finish_and_token_count(tiny_model, tokenizer):
 
 
 def scripted(tokenizer, query, checks):
-    model = tiny_safety_model(tokenizer)
-    model.head = ScriptedHead(query, checks)
-    return model
+    return scripted_model(tokenizer, query, checks)
 
 
 def test_malicious_query_inserts_refusal_prefix(tokenizer):
