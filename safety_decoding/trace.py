@@ -45,12 +45,19 @@ def plot_trace(trace: Trace, path: str) -> None:
     s = trace.safety
     pts = s["trace"]
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot([p["tokens"] for p in pts], [p["score"] for p in pts], marker="o", ms=3,
-            label="p_malicious ([CLS] head)")
+    xs, ys = [p["tokens"] for p in pts], [p["score"] for p in pts]
+    ax.plot(xs, ys, marker="o", ms=3, label="p_malicious ([CLS] head)")
+    hot = [(x, y) for x, y in zip(xs, ys) if y > s["threshold"]]
+    if hot:
+        ax.scatter(*zip(*hot), color="red", s=18, zorder=3, label="malicious verdict")
     ax.axhline(s["threshold"], color="grey", ls="--", label=f"threshold {s['threshold']}")
     if s["intervened"]:
         ax.axvline(s["trip_token"], color="red", ls=":",
                    label=f"trip: {s['stage']} at token {s['trip_token']} ({s['action']})")
+    if s["would_trip"]:
+        ax.plot([], [], " ", label=f"monitor: would trip {len(s['would_trip'])}x "
+                                   f"(first at the {s['would_trip'][0]} verdict)")
+    ax.set_xlim(-0.5, max(xs + [len(trace.tokens), 1]) + 0.5)
     ax.set_xlabel("generated tokens (0 = query verdict at prefill)")
     ax.set_ylabel("p_malicious")
     ax.set_ylim(-0.02, 1.02)
@@ -58,7 +65,7 @@ def plot_trace(trace: Trace, path: str) -> None:
     if trace.response_prefix:
         title += f"\nprefill: {trace.response_prefix[:60]!r}"
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="center right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
     fig.text(0.01, 0.01, "response: " + repr(trace.text[:110]), fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
