@@ -75,9 +75,60 @@ def build_chat_prompt(tokenizer, messages: list[dict], response_prefix: str = ""
     return Prompt(tuple(ids + prefix_ids), tuple(mask + [False] * len(prefix_ids)), len(ids))
 
 
+def _user_turn_markers(tokenizer) -> tuple[str, str, str] | None:
+    """``(user_opener, user_closer, assistant_header)`` of the tokenizer's chat template,
+    found by rendering a sentinel user turn after a system turn; None without a template."""
+    sentinel = "\x00ESS-SENTINEL\x00"
+    system = [{"role": "system", "content": "s"}]
+    convo = system + [{"role": "user", "content": sentinel}]
+    try:
+        base = tokenizer.apply_chat_template(system, tokenize=False)
+        turn = tokenizer.apply_chat_template(convo, tokenize=False)
+        prompt = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+    except Exception:  # the tokenizer has no usable chat template
+        return None
+    if not turn.startswith(base) or sentinel not in turn or not prompt.startswith(turn):
+        return None
+    opener, closer = turn[len(base):].split(sentinel)
+    header = prompt[len(turn):]
+    if not (opener.strip() and closer.strip() and header.strip()):
+        return None
+    return opener, closer.rstrip("\n") or closer, header
+
+
 def build_raw_prompt(tokenizer, text: str) -> Prompt:
-    """An already-templated prompt: the whole text is the query span (TGI ``raw`` mode)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    """An already-templated prompt (TGI ``raw`` mode).
+
+    When the text holds the model's own chat-template turns, only the user turns are the
+    query and any text after the last assistant header is response text (a prefill), exactly
+    as for a chat request: otherwise a client could hide a request from ``[CLS]`` (it was
+    trained to read user text only) by templating it itself. Text without template markers
+    is all query.
+
+    Raises:
+        PromptError: the text is empty.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
     if not ids:
         raise PromptError("the prompt is empty")
-    return Prompt(tuple(ids), tuple([True] * len(ids)), len(ids))
+    markers = _user_turn_markers(tokenizer)
+    spans = []
+    if markers:
+        opener, closer, gen_header = markers
+        cursor = 0
+        while (start := text.find(opener, cursor)) >= 0:
+            start += len(opener)
+            end = text.find(closer, start)
+            end = len(text) if end < 0 else end
+            spans.append((start, end))
+            cursor = end
+    if not spans:
+        return Prompt(tuple(ids), tuple([True] * len(ids)), len(ids))
+    mask = _char_spans_to_mask(enc["offset_mapping"], spans)
+    response_start = len(ids)
+    header = text.rfind(markers[2])
+    if header >= 0 and header >= spans[-1][1]:
+        cut = header + len(markers[2])
+        response_start = next((i for i, (b, _) in enumerate(enc["offset_mapping"]) if b >= cut), len(ids))
+    return Prompt(tuple(ids), tuple(mask), response_start)

@@ -77,10 +77,14 @@ def format_trace(trace: Trace) -> str:
     s = trace.safety
     lines = [f"query verdict p={s['query_score']}  threshold={s['threshold']}  "
              f"schedule={s['schedule']}  action={s['action']}"]
+    trip_at = s["trip_token"] if s["intervened"] else None
     for p in s["trace"][1:]:
-        upto = "".join(trace.tokens[:p["tokens"]])[-40:]
+        if trip_at is not None and p["tokens"] > trip_at:  # text the trip cut away
+            upto = "(tokens removed by the trip)"
+        else:
+            upto = "..." + repr("".join(trace.tokens[:p["tokens"]])[-40:])
         flag = "MALICIOUS" if p["score"] > s["threshold"] else ""
-        lines.append(f"  after {p['tokens']:4d} tokens  p={p['score']:.3f} {flag:9s} ...{upto!r}")
+        lines.append(f"  after {p['tokens']:4d} tokens  p={p['score']:.3f} {flag:9s} {upto}")
     if s["intervened"]:
         lines.append(f"tripped: stage={s['stage']} at token {s['trip_token']}")
     lines.append(f"response: {trace.text!r}")

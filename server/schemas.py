@@ -53,10 +53,10 @@ class GenerateParameters(BaseModel):
     max_new_tokens: int | None = Field(
         None, ge=1, le=MAX_NEW_TOKENS_CAP,
         description="Tokens to generate at most; unset: as many as fit, up to the server limit.")
-    temperature: float | None = Field(None, gt=0, description="> 0; != 1 turns sampling on (TGI).")
-    top_p: float | None = Field(None, gt=0, le=1, description="(0, 1]; < 1 turns sampling on.")
+    temperature: float | None = Field(None, gt=0, allow_inf_nan=False, description="> 0; != 1 turns sampling on (TGI).")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="(0, 1]; < 1 turns sampling on.")
     top_k: int | None = Field(None, ge=0, description=">= 0; 0 disables; > 0 turns sampling on.")
-    repetition_penalty: float | None = Field(None, gt=0, description="> 0; 1 disables.")
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False, description="> 0; 1 disables.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="Sampling seed, [0, 2**63).")
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS,
