@@ -70,12 +70,6 @@ def validation_message(errors) -> str:
     return "; ".join(lines) or "body: invalid request"
 
 
-def library_message(exc: ParameterError) -> str:
-    """The text of a `ParameterError` without its ``"<field>: "`` prefix."""
-    text, prefix = str(exc), f"{exc.field}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
-
-
 def _error(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, error_type), status_code=status, headers=headers)
 
@@ -164,11 +158,11 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         try:
             sampling = to_sampling_params(p, max_new, seed)
         except ParameterError as exc:
-            raise InvalidRequest(f"parameters.{exc.field}", library_message(exc)) from exc
+            raise InvalidRequest(f"parameters.{exc.field}", exc.message) from exc
         try:
             safety = to_safety_params(server_safety, p.safety)
         except ParameterError as exc:
-            raise InvalidRequest(f"parameters.safety.{exc.field}", library_message(exc)) from exc
+            raise InvalidRequest(f"parameters.safety.{exc.field}", exc.message) from exc
         return GenerationRequest(prompt, sampling, safety, trace=p.details), seed
 
     @app.get("/health")
