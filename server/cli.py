@@ -21,16 +21,10 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from safety_decoding.base_model import PrepareError, prepare_base_model
     from safety_decoding.train import load_train_config, train
 
     cfg = load_train_config(args.config)
-    try:
-        base = prepare_base_model()
-    except PrepareError as exc:
-        print(f"ess train: error: {exc}", file=sys.stderr)
-        return 1
-    train(cfg, base)
+    train(cfg, resolve_base_model(None))
     return 0
 
 
@@ -38,16 +32,11 @@ def _train_guard(args) -> int:
     """Fit the external-guard baseline on the same data mix as ``--config``."""
     from transformers import AutoTokenizer
 
-    from safety_decoding.base_model import PrepareError, prepare_base_model
     from safety_decoding.guard import train_guard
     from safety_decoding.train import load_train_config, training_examples
 
     cfg = load_train_config(args.config)
-    try:
-        base = prepare_base_model()
-    except PrepareError as exc:
-        print(f"ess train-guard: error: {exc}", file=sys.stderr)
-        return 1
+    base = resolve_base_model(None)
     examples, _ = training_examples(cfg)
     train_guard(examples, AutoTokenizer.from_pretrained(str(base)), base, args.output)
     return 0
@@ -203,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ServeError as exc:  # preparation or loading failed: one line, what to do
+        print(f"ess {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

