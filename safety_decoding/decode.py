@@ -258,7 +258,9 @@ class Decoder:
             lp = float(torch.log_softmax(logits.float(), -1)[token]) if logits is not None else 0.0
             row.gen.append(token), row.logprobs.append(lp), row.forced.append(True)
         else:
-            history = torch.tensor(list(row.req.prompt.ids) + row.gen, dtype=torch.long)
+            # Only the repetition penalty reads the history: skip building it otherwise.
+            history = (torch.tensor(list(row.req.prompt.ids) + row.gen, dtype=torch.long)
+                       if row.procs else None)
             if row.queue:  # reweight: steer toward the next refusal-prefix token
                 logits = logits.clone()
                 logits[row.queue[0]] += row.state.steer_bias

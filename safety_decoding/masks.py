@@ -70,8 +70,3 @@ def strategic_attention_mask(
     allowed = torch.where((row_kind == PAD).unsqueeze(-1), own, allowed | own)
     return allowed.unsqueeze(1)
 
-
-def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean ``(B, 1, q, kv)`` mask -> additive float mask (0 allowed, dtype-min blocked)."""
-    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return out.masked_fill_(~mask, torch.finfo(dtype).min)

@@ -90,12 +90,15 @@ def select_token(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams,
 
     Args:
         logits: ``(V,)`` float next-token logits.
-        history: ``(n,)`` long, prompt + generated ids (for the repetition penalty).
+        history: ``(n,)`` long, prompt + generated ids (for the repetition penalty); may be
+            None when ``procs`` is empty.
 
     Returns:
         ``(token_id, logprob)`` with the log-probability under the processed distribution.
     """
-    scores = procs(history.unsqueeze(0), logits.float().unsqueeze(0))[0]
+    scores = logits.float()
+    if procs:
+        scores = procs(history.unsqueeze(0), scores.unsqueeze(0))[0]
     logprobs = torch.log_softmax(scores, -1)
     if p.do_sample:
         token = int(torch.multinomial(logprobs.exp(), 1, generator=generator))

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .settings import DEFAULT_CHECKPOINT  # noqa: F401  (kept importable from here)
+from .settings import DEFAULT_CHECKPOINT
 
 
 def _prepare(args) -> int:
@@ -106,8 +106,6 @@ def _trace(args) -> int:
     from safety_decoding.policy import SafetyParams
     from safety_decoding.sampling import SamplingParams
     from safety_decoding.trace import format_trace, plot_trace, run_trace
-
-    from .settings import DEFAULT_CHECKPOINT
 
     try:
         decoder = Decoder.from_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT,
