@@ -21,7 +21,8 @@ from safety_decoding.decode import ABORT, EOS, GenerationRequest
 from safety_decoding.prompt import PromptError
 from safety_decoding.sampling import ParameterError
 
-from .engine import (Engine, EngineError, EngineNotRunning, EngineOverloaded, RequestStream,
+from .engine import (Engine, EngineError, EngineNotRunning, EngineOverloaded, EngineTimeout,
+                     RequestStream,
                      reported_finish_reason)
 from .metrics import CONTENT_TYPE_LATEST
 from .schemas import (GenerateRequest, build_prompt, error_body, final_stream_event,
@@ -125,6 +126,10 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     async def _on_engine_error(request: Request, exc: EngineError):
         return _error(424, str(exc), "generation")  # TGI's status for generation errors
 
+    @app.exception_handler(EngineTimeout)
+    async def _on_timeout(request: Request, exc: EngineTimeout):
+        return _error(504, str(exc), "timeout")
+
     async def prepare(body: GenerateRequest) -> tuple[GenerationRequest, int | None]:
         """Validate against this server's limits and build the library request.
 
@@ -183,7 +188,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         return {"model_id": settings.model_name, "max_input_tokens": settings.max_input_tokens,
                 "max_new_tokens": settings.max_new_tokens_limit,
                 "max_total_tokens": engine.model_max_length - 1,
-                "max_waiting": engine.max_waiting,
+                "max_waiting": engine.max_waiting, "max_num_seqs": engine.max_num_seqs,
+                "max_batched_tokens": engine.max_batched_tokens,
                 "safety": {"threshold": s.threshold, "tau": s.tau, "r1": s.r1, "r2": s.r2,
                            "schedule": s.schedule, "action": s.action}}
 
@@ -275,6 +281,7 @@ async def _sse_frames(stream: RequestStream, seed: int | None, prefix: str, eos_
                 index, token, prefix + "".join(texts), reported_finish_reason(ev),
                 ev.generated_tokens, ev.prompt_tokens, seed, ev.safety), sep="\n")
     except EngineError as exc:
-        yield JSONServerSentEvent(error_body(str(exc), "generation"), sep="\n")
+        kind = "timeout" if isinstance(exc, EngineTimeout) else "generation"
+        yield JSONServerSentEvent(error_body(str(exc), kind), sep="\n")
     finally:
         await stream.aclose()

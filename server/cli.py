@@ -72,7 +72,10 @@ def _serve(args) -> int:
         return 1
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    # uvicorn stops accepting on SIGTERM and lets open requests finish (drain) before the
+    # lifespan shutdown aborts what is left.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=settings.shutdown_timeout_seconds)
     return 0
 
 
@@ -143,7 +146,9 @@ def build_app(settings):
         decoder = Decoder.from_checkpoint(settings.checkpoint, base)
     except CheckpointError as exc:
         raise ServeError(str(exc)) from exc
-    engine = Engine(decoder, max_waiting=settings.max_waiting)
+    engine = Engine(decoder, max_num_seqs=settings.max_num_seqs,
+                    max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting,
+                    request_timeout=settings.request_timeout_seconds)
     try:
         return create_app(engine, settings)
     except ParameterError as exc:

@@ -1,8 +1,9 @@
 """The engine: one daemon thread owns the `Decoder`; async callers get per-request event streams.
 
-v1 runs one request at a time, FIFO, from a bounded queue. The thread already hands a *list*
-of requests to ``Decoder.generate`` and routes events by ``StepEvent.index``, so continuous
-batching changes `_next_batch` and the bookkeeping, not the interface.
+Continuous batching: the thread keeps one `DecodeBatch`. At every step boundary it admits
+waiting requests FIFO (up to ``max_num_seqs`` running and ``max_batched_tokens`` prompt tokens
+per prefill), runs their prefill, then one decode step for every running request; finished
+requests leave the batch at once. Events are routed by ``StepEvent.index``.
 
 Hand-off: the thread puts events into each request's ``asyncio.Queue`` with
 ``loop.call_soon_threadsafe``; nothing async ever touches the model. Leaving a stream (client
@@ -44,6 +45,12 @@ class EngineNotRunning(EngineError):
     """The engine is not started, or is shutting down (HTTP 503)."""
 
 
+class EngineTimeout(EngineError):
+    """The request ran past the engine's ``request_timeout`` (HTTP 504)."""
+
+TIMEOUT = "timeout"
+
+
 def reported_finish_reason(event: StepEvent) -> str:
     """The finish reason clients and metrics see.
 
@@ -74,6 +81,9 @@ class _Job:
     last_token: float | None = None
     released: bool = False
     """Its engine slot was given back (set under the engine lock)."""
+    deadline: float = float("inf")
+    """``perf_counter()`` past which the request is stopped (`EngineTimeout`)."""
+    timed_out: bool = False
 
     def deliver(self, item: StepEvent | BaseException) -> None:
         """Called on the engine thread: hand one item to the consumer's loop."""
@@ -139,26 +149,38 @@ class RequestStream:
 
 
 class Engine:
-    """Owns a `Decoder` on one daemon thread and serves requests FIFO from a bounded queue.
+    """Owns a `Decoder` on one daemon thread; continuous batching over a bounded FIFO queue.
 
     Args:
         decoder: the library decoder (model + tokenizer); used only on the engine thread.
-        max_waiting: requests that may wait behind the running one; more raise
+        max_num_seqs: requests decoded together (vLLM's name); more wait.
+        max_batched_tokens: prompt tokens one prefill may take (vLLM's
+            ``max_num_batched_tokens``); a longer prompt still runs, alone.
+        max_waiting: requests that may wait behind the running ones; more raise
             `EngineOverloaded`.
+        request_timeout: seconds from submit after which a request is stopped at the next
+            step boundary and fails with `EngineTimeout`; None: no limit.
         metrics: where to record; a fresh `Metrics` (own registry) when None.
+
+    Raises:
+        ValueError: a limit out of range.
 
     Use: ``await engine.start()`` (warm-up included), ``engine.submit(request)`` from the
     event loop, ``await engine.stop()``. An engine is not restartable after ``stop``.
     """
 
-    max_running = 1
-    """Requests decoded together (v1: one; continuous batching raises it)."""
-
-    def __init__(self, decoder: Decoder, *, max_waiting: int = 64, metrics: Metrics | None = None):
-        if max_waiting < 0:
-            raise ValueError("max_waiting must be >= 0")
+    def __init__(self, decoder: Decoder, *, max_num_seqs: int = 8, max_batched_tokens: int = 4096,
+                 max_waiting: int = 64, request_timeout: float | None = None,
+                 metrics: Metrics | None = None):
+        if max_waiting < 0 or max_num_seqs < 1 or max_batched_tokens < 1:
+            raise ValueError("need max_waiting >= 0, max_num_seqs >= 1, max_batched_tokens >= 1")
+        if request_timeout is not None and request_timeout <= 0:
+            raise ValueError("request_timeout must be > 0 seconds")
         self._decoder = decoder
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
         self.max_waiting = max_waiting
+        self.request_timeout = request_timeout
         self.metrics = metrics if metrics is not None else Metrics()
         self._cv = threading.Condition()  # an RLock inside: helpers may re-enter it
         self._waiting: deque[_Job] = deque()
@@ -247,12 +269,14 @@ class Engine:
 
     def _submit(self, request: GenerationRequest, record: bool, bounded: bool) -> RequestStream:
         job = _Job(request, asyncio.get_running_loop(), time.perf_counter(), record)
+        if self.request_timeout is not None and bounded:
+            job.deadline = job.submitted + self.request_timeout
         outer = request.cancelled
         job.request = replace(request, cancelled=lambda: job.cancelled or outer())
         with self._cv:
             if self._stopping or self._thread is None:
                 raise EngineNotRunning("the engine is not running")
-            if bounded and self._inflight >= self.max_running + self.max_waiting:
+            if bounded and self._inflight >= self.max_num_seqs + self.max_waiting:
                 raise EngineOverloaded(
                     f"{self._inflight} requests in flight; the queue holds {self.max_waiting}")
             self._inflight += 1
@@ -274,17 +298,104 @@ class Engine:
     # ---- engine thread -----------------------------------------------------------------------
 
     def _serve(self) -> None:
+        batch = self._decoder.new_batch()
+        jobs: dict[int, _Job] = {}  # StepEvent.index -> job
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            new = self._admit(len(batch))
+            if new is None:
                 return
+            if new:
+                try:
+                    ids, events = batch.add([j.request for j in new])
+                except Exception as exc:  # the batch is untouched: only these requests fail
+                    self._fail(new, exc)
+                else:
+                    jobs.update(zip(ids, new))
+                    self._deliver(events, jobs, time.perf_counter())
+            if not len(batch):
+                continue
+            t0 = time.perf_counter()
             try:
-                self._run(batch)
-            except BaseException:  # never let one request take the thread down
-                log.exception("engine step failed")
-            finally:
-                for job in batch:
-                    self._release(job)
+                events = batch.step()
+            except Exception as exc:  # the cache may be inconsistent: fail the whole batch
+                self._fail(list(jobs.values()), exc)
+                jobs.clear()
+                batch = self._decoder.new_batch()
+                continue
+            now = time.perf_counter()
+            if any(j.record for j in jobs.values()):
+                self.metrics.observe_steps([now - t0], [any(ev.checked for ev in events)])
+            self._deliver(events, jobs, now)
+            self._expire(jobs.values(), now)
+
+    def _admit(self, running: int) -> list[_Job] | None:
+        """Waiting jobs to prefill now (FIFO, within the limits); blocks while idle.
+
+        Returns None when stopping with nothing left running (the thread ends).
+        """
+        with self._cv:
+            while not self._waiting and not running and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return [] if running else None
+            self._expire(self._waiting, time.perf_counter())
+            for job in [j for j in self._waiting if j.cancelled]:
+                self._waiting.remove(job)
+                self._release(job)
+                if job.timed_out:
+                    self._count_timeout(job)
+                    job.deliver(self._timeout_error())
+                else:
+                    self._count_dropped(job)
+            admitted, tokens = [], 0
+            while self._waiting and running + len(admitted) < self.max_num_seqs:
+                job = self._waiting[0]
+                n = len(job.request.prompt.ids)
+                if admitted and tokens + n > self.max_batched_tokens:
+                    break
+                self._waiting.popleft()
+                admitted.append(job)
+                tokens += n
+            self._running.extend(admitted)
+            self.metrics.waiting.set(self._count_recorded(self._waiting))
+            self.metrics.running.set(self._count_recorded(self._running))
+            return admitted
+
+    def _expire(self, jobs, now: float) -> None:
+        """Mark jobs past their deadline: the decode loop aborts them at the next step."""
+        for job in list(jobs):
+            if now >= job.deadline and not job.timed_out:
+                job.timed_out = job.cancelled = True
+
+    def _deliver(self, events: list[StepEvent], jobs: dict[int, _Job], now: float) -> None:
+        for ev in events:
+            job = jobs[ev.index]
+            if ev.tokens:
+                if job.first_token is None:
+                    job.first_token = now
+                job.last_token = now
+            if ev.finish_reason is None:
+                job.deliver(ev)
+                continue
+            del jobs[ev.index]
+            self._release(job)
+            if job.timed_out:
+                self._count_timeout(job)
+                job.deliver(self._timeout_error())
+            else:
+                self._count_finished(job, ev, now)
+                job.deliver(ev)
+
+    def _timeout_error(self) -> EngineTimeout:
+        return EngineTimeout(f"the request ran past the {self.request_timeout:g} s request timeout")
+
+    def _fail(self, jobs: list[_Job], exc: Exception) -> None:
+        log.exception("decode loop failed", exc_info=exc)
+        for job in jobs:
+            if job.record:
+                self.metrics.requests.labels(ERROR).inc()
+            self._release(job)
+            job.deliver(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
 
     def _release(self, job: _Job) -> None:
         """Give the job's slot back, before its last item is delivered: a client that sends
@@ -298,72 +409,15 @@ class Engine:
                 self._running.remove(job)
             self.metrics.running.set(self._count_recorded(self._running))
 
-    def _next_batch(self) -> list[_Job] | None:
-        """Block until a request waits; None when stopping. Cancelled ones are dropped."""
-        with self._cv:
-            while True:
-                while not self._waiting and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    return None
-                job = self._waiting.popleft()
-                self.metrics.waiting.set(self._count_recorded(self._waiting))
-                if job.cancelled:
-                    self._release(job)
-                    self._count_dropped(job)
-                    continue
-                self._running = [job]
-                self.metrics.running.set(self._count_recorded(self._running))
-                return [job]
-
-    def _run(self, jobs: list[_Job]) -> None:
-        """Drive the decode loop for ``jobs``, timing each step, and deliver the events."""
-        steps: list[float] = []  # decode-step seconds; the prefill step is not one of them
-        checked: list[bool] = []  # whether each decode step ran a [CLS] probe
-        gen = self._decoder.generate([j.request for j in jobs])
-        done = [False] * len(jobs)
-        try:
-            prefill = True
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    events = next(gen)
-                except StopIteration:
-                    break
-                now = time.perf_counter()
-                if not prefill:
-                    steps.append(now - t0)
-                    checked.append(any(ev.checked for ev in events))
-                prefill = False
-                for ev in events:
-                    job = jobs[ev.index]
-                    if ev.tokens:
-                        if job.first_token is None:
-                            job.first_token = now
-                        job.last_token = now
-                    if ev.finish_reason is not None:
-                        done[ev.index] = True
-                        self._count_finished(job, ev, now)
-                        self._release(job)
-                    job.deliver(ev)
-        except Exception as exc:
-            log.exception("decode loop failed")
-            for i, job in enumerate(jobs):
-                if not done[i]:
-                    if job.record:
-                        self.metrics.requests.labels(ERROR).inc()
-                    self._release(job)
-                    job.deliver(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
-        finally:
-            gen.close()
-        if any(j.record for j in jobs):
-            self.metrics.observe_steps(steps, checked)
-
     # ---- metrics helpers ---------------------------------------------------------------------
 
     @staticmethod
     def _count_recorded(jobs) -> int:
         return sum(1 for j in jobs if j.record)
+
+    def _count_timeout(self, job: _Job) -> None:
+        if job.record:
+            self.metrics.requests.labels(TIMEOUT).inc()
 
     def _count_dropped(self, job: _Job) -> None:
         if job.record:

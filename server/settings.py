@@ -63,9 +63,22 @@ class Settings(BaseSettings):
                                          "request may ask for (tokens).")
     max_input_tokens: int = Field(
         4096, ge=1, description="ESS_MAX_INPUT_TOKENS: longest prompt after templating (tokens).")
+    max_num_seqs: int = Field(
+        8, ge=1, le=256, description="ESS_MAX_NUM_SEQS: requests decoded together in the running "
+                                     "batch (continuous batching); more wait in the queue.")
+    max_batched_tokens: int = Field(
+        4096, ge=1, description="ESS_MAX_BATCHED_TOKENS: prompt tokens one prefill may take; "
+                                "requests past it join at a later step (a longer prompt runs alone).")
     max_waiting: int = Field(
-        64, ge=0, description="ESS_MAX_WAITING: requests queued behind the running one; more "
+        64, ge=0, description="ESS_MAX_WAITING: requests queued behind the running batch; more "
                               "get HTTP 429.")
+    request_timeout_seconds: float | None = Field(
+        None, gt=0, description="ESS_REQUEST_TIMEOUT_SECONDS: a request still waiting or running "
+                                "this long after it arrived is stopped (HTTP 504, or an error event "
+                                "on a stream); unset: no limit.")
+    shutdown_timeout_seconds: float = Field(
+        30.0, ge=0, description="ESS_SHUTDOWN_TIMEOUT_SECONDS: on SIGTERM/SIGINT, how long running "
+                                "requests may drain before they are aborted.")
     retry_after_seconds: int = Field(
         1, ge=0, description="ESS_RETRY_AFTER_SECONDS: Retry-After header value on HTTP 429.")
     sse_ping_seconds: float = Field(

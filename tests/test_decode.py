@@ -146,3 +146,38 @@ def test_reweight_steers_to_the_refusal_without_forcing(tokenizer):
     text, _ = run(weak, prompt, SamplingParams(max_new_tokens=30),
                   SafetyParams(action="reweight", reweight_strength=0.01))
     assert not text.startswith(weak.refusal)  # a nudge the random model does not follow
+
+
+def test_rows_joining_and_leaving_a_running_batch_match_single_rows(tiny_model, tokenizer):
+    """Continuous batching: requests join at step boundaries (different prompt lengths, so the
+    cache is left-padded on either side), finish at different steps and leave (the batch is
+    trimmed), and each keeps its own safety state: outputs and verdicts equal solo runs."""
+    dec = Decoder(tiny_model, tokenizer)
+    texts = ["What is the capital of France?", "Hi", "Name three colours, please, and explain why "
+             "each of them is a primary colour in painting but not in light.", "Count to five."]
+    schedules = ["each", "annealing", "periodic", "each"]
+    reqs = [GenerationRequest(build_chat_prompt(tokenizer, [{"role": "user", "content": t}]),
+                              SamplingParams(max_new_tokens=n),
+                              SafetyParams(schedule=s, period=3, update_cls=True, action=a), trace=True)
+            for t, n, s, a in zip(texts, (20, 6, 14, 24), schedules, ("monitor", "refuse", "monitor", "monitor"))]
+    solo = []
+    for r in reqs:
+        events = [e for step in dec.generate([r]) for e in step]
+        solo.append(("".join(e.text for e in events), events[-1].finish_reason, events[-1].safety))
+    batch, out, ids = dec.new_batch(), {}, {}
+    joins = {0: [0], 2: [1, 2], 5: [3]}  # step -> requests that join before it
+    step = 0
+    while step <= max(joins) or batch:
+        for i in joins.get(step, []):
+            [rid], events = batch.add([reqs[i]])
+            ids[rid] = i
+            for e in events:
+                out[i] = out.get(i, "") + e.text
+        for e in batch.step():
+            out[ids[e.index]] = out.get(ids[e.index], "") + e.text
+            if e.finish_reason:
+                assert (out[ids[e.index]], e.finish_reason, e.safety) == solo[ids[e.index]]
+        step += 1
+    assert [out[i] for i in range(4)] == [s[0] for s in solo]
+    assert solo[0][2]["checks"] >= 10 and solo[2][2]["checks"] >= 3  # monitor: the probes kept running
+    assert len(batch) == 0 and batch.num_slots == 0

@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 import time
 
-from safety_decoding.decode import Decoder
+from safety_decoding.decode import DecodeBatch, Decoder
+
+
+class HookedBatch(DecodeBatch):
+    """A real `DecodeBatch` that calls ``decoder.after_step(batch)`` after each decode step."""
+
+    def step(self):
+        events = super().step()
+        self.decoder.after_step(self)
+        return events
 
 
 class SlowDecoder(Decoder):
@@ -16,12 +25,38 @@ class SlowDecoder(Decoder):
         super().__init__(model, tokenizer)
         self.delay = delay
         self.ran: list[tuple[int, ...]] = []
+        self.adds: list[int] = []
+        """Requests per prefill (`DecodeBatch.add` call)."""
 
-    def generate(self, requests):
-        self.ran.extend(r.prompt.ids for r in requests)
-        for events in super().generate(requests):
-            time.sleep(self.delay)
-            yield events
+    def new_batch(self):
+        return RecordingBatch(self)
+
+    def after_step(self, batch):
+        time.sleep(self.delay)
+
+
+class RecordingBatch(HookedBatch):
+    def add(self, requests):
+        self.decoder.ran.extend(r.prompt.ids for r in requests)
+        self.decoder.adds.append(len(requests))
+        return super().add(requests)
+
+
+class FailingDecoder(Decoder):
+    """Raises in the decode step after ``at_step`` steps of any request whose prompt says
+    "boom" (a device failure on demand)."""
+
+    def __init__(self, model, tokenizer, at_step: int = 1):
+        super().__init__(model, tokenizer)
+        self.at_step = at_step
+
+    def new_batch(self):
+        return HookedBatch(self)
+
+    def after_step(self, batch):
+        for row in batch.rows:
+            if len(row.gen) > self.at_step and "boom" in self.tok.decode(list(row.req.prompt.ids)):
+                raise RuntimeError("device fell over")
 
 
 def sse_data(body: str) -> list[dict]:

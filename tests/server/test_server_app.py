@@ -11,7 +11,7 @@ from server.app import create_app
 from server.engine import Engine
 from server.settings import Settings
 
-from _server_helpers import SlowDecoder, metric_value, sse_data
+from _server_helpers import FailingDecoder, SlowDecoder, metric_value, sse_data
 
 SETTINGS = Settings(max_input_tokens=200, max_new_tokens_limit=64, max_waiting=4)
 METRIC_NAMES = (
@@ -180,7 +180,7 @@ def test_metrics_exposes_every_documented_name(client):
 
 
 def test_queue_full_is_429_with_retry_after(tiny_model, tokenizer):
-    engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), max_waiting=0)
+    engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), max_num_seqs=1, max_waiting=0)
     app = create_app(engine, Settings(max_new_tokens_limit=64, max_waiting=0,
                                       retry_after_seconds=2))
     with TestClient(app) as c:
@@ -203,14 +203,8 @@ def test_queue_full_is_429_with_retry_after(tiny_model, tokenizer):
         assert metric_value(text, "ess_requests_total", 'finish_reason="abort"') == 1
 
 
-class _FailingDecoder(Decoder):
-    """Fails after the first step of any request whose prompt says "boom"."""
-
-    def generate(self, requests):
-        for step, events in enumerate(super().generate(requests)):
-            if step == 2 and "boom" in self.tok.decode(list(requests[0].prompt.ids)):
-                raise RuntimeError("device fell over")
-            yield events
+def _FailingDecoder(model, tokenizer):
+    return FailingDecoder(model, tokenizer, at_step=2)
 
 
 def test_generation_errors_are_reported_and_do_not_break_other_requests(tiny_model, tokenizer):
@@ -225,3 +219,14 @@ def test_generation_errors_are_reported_and_do_not_break_other_requests(tiny_mod
         assert _generate(c, max_new_tokens=2).status_code == 200
         text = c.get("/metrics").text
         assert metric_value(text, "ess_requests_total", 'finish_reason="error"') == 2
+
+
+def test_request_timeout_is_504_and_a_stream_error_event(tiny_model, tokenizer):
+    engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), request_timeout=0.3)
+    with TestClient(create_app(engine, SETTINGS)) as c:
+        r = _generate(c, max_new_tokens=60)
+        assert r.status_code == 504 and r.json()["error_type"] == "timeout"
+        assert "0.3 s request timeout" in r.json()["error"]
+        events = _stream(c, max_new_tokens=60)
+        assert events[-1]["error_type"] == "timeout" and all("token" in e for e in events[:-1])
+        assert _generate(c, max_new_tokens=2).status_code == 200

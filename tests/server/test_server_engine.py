@@ -10,10 +10,10 @@ from safety_decoding.decode import ABORT, Decoder, GenerationRequest
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_raw_prompt
 from safety_decoding.sampling import SamplingParams
-from server.engine import (Engine, EngineError, EngineNotRunning, EngineOverloaded,
+from server.engine import (Engine, EngineError, EngineNotRunning, EngineOverloaded, EngineTimeout,
                            reported_finish_reason)
 
-from _server_helpers import SlowDecoder, metric_value
+from _server_helpers import FailingDecoder, SlowDecoder, metric_value
 
 
 def _request(tokenizer, text="Hello there", n=3, **safety):
@@ -79,7 +79,7 @@ def test_overhead_ratio_once_both_kinds_of_step_ran(tiny_model, tokenizer):
 
 def test_full_queue_raises_overloaded_and_frees_up(tiny_model, tokenizer):
     async def main():
-        engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), max_waiting=1)
+        engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), max_num_seqs=1, max_waiting=1)
         await engine.start()
         first = engine.submit(_request(tokenizer, n=5))
         second = engine.submit(_request(tokenizer, n=2))
@@ -97,7 +97,7 @@ def test_full_queue_raises_overloaded_and_frees_up(tiny_model, tokenizer):
 def test_queued_request_cancelled_is_dropped_without_running(tiny_model, tokenizer):
     async def main():
         decoder = SlowDecoder(tiny_model, tokenizer, delay=0.02)
-        engine = Engine(decoder, max_waiting=4)
+        engine = Engine(decoder, max_num_seqs=1, max_waiting=4)
         await engine.start()
         running = engine.submit(_request(tokenizer, "first", n=5))
         first = await running.__anext__()  # it runs now
@@ -138,14 +138,8 @@ def test_leaving_a_running_stream_aborts_it_at_the_next_step(tiny_model, tokeniz
     assert metric_value(_metrics(engine), "ess_generation_tokens_total") < 500
 
 
-class _FailingDecoder(Decoder):
-    """Fails in the middle of any request whose prompt says "boom"."""
-
-    def generate(self, requests):
-        for step, events in enumerate(super().generate(requests)):
-            if step == 1 and "boom" in self.tok.decode(list(requests[0].prompt.ids)):
-                raise RuntimeError("device fell over")
-            yield events
+def _FailingDecoder(model, tokenizer):
+    return FailingDecoder(model, tokenizer, at_step=1)
 
 
 def test_decode_failure_reaches_the_consumer_and_the_engine_survives(tiny_model, tokenizer):
@@ -166,7 +160,7 @@ def test_decode_failure_reaches_the_consumer_and_the_engine_survives(tiny_model,
 
 def test_stop_fails_queued_requests_and_refuses_new_ones(tiny_model, tokenizer):
     async def main():
-        engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), max_waiting=4)
+        engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), max_num_seqs=1, max_waiting=4)
         await engine.start()
         running = engine.submit(_request(tokenizer, n=500))
         first = await running.__anext__()  # it runs now
@@ -189,3 +183,73 @@ def test_submit_before_start_is_refused(tiny_model, tokenizer):
             engine.submit(_request(tokenizer))
 
     asyncio.run(main())
+
+
+def test_requests_join_the_running_batch_and_match_solo_runs(tiny_model, tokenizer):
+    """Continuous batching: a request submitted while another decodes starts before that one
+    ends, and both produce what they produce alone (greedy)."""
+    async def main():
+        decoder = SlowDecoder(tiny_model, tokenizer, delay=0.01)
+        engine = Engine(decoder, max_num_seqs=4)
+        await engine.start()
+        solo = [await _drain(engine.submit(_request(tokenizer, t, n=n)))
+                for t, n in (("first one", 40), ("second, longer prompt here", 10))]
+        log: list[tuple[str, object]] = []
+
+        async def consume(name, stream):
+            async for ev in stream:
+                log.append((name, ev))
+
+        long = asyncio.create_task(consume("a", engine.submit(_request(tokenizer, "first one", n=40))))
+        await _wait_for(lambda: len(log) >= 3)
+        await consume("b", engine.submit(_request(tokenizer, "second, longer prompt here", n=10)))
+        await long
+        await engine.stop()
+        return solo, log, decoder
+
+    solo, log, decoder = asyncio.run(main())
+    names = [n for n, _ in log]
+    assert names.index("b") < len(names) - 1 - names[::-1].index("a")  # b ran while a was running
+    assert names[-1] == "a"  # and b, shorter, left first
+    for name, events in (("a", solo[0]), ("b", solo[1])):
+        got = [ev for n, ev in log if n == name]
+        assert "".join(ev.text for ev in got) == "".join(ev.text for ev in events)
+        assert got[-1].finish_reason == events[-1].finish_reason
+
+
+def test_prefill_token_budget_splits_admission(tiny_model, tokenizer):
+    async def main():
+        decoder = SlowDecoder(tiny_model, tokenizer, delay=0.01)
+        n = len(build_raw_prompt(tokenizer, "Hello there").ids)
+        engine = Engine(decoder, max_num_seqs=8, max_batched_tokens=2 * n)
+        await engine.start()
+        decoder.adds = []
+        streams = [engine.submit(_request(tokenizer, n=4)) for _ in range(5)]
+        for s in streams:
+            await _drain(s)
+        await engine.stop()
+        return decoder.adds
+
+    adds = asyncio.run(main())
+    assert sum(adds) == 5 and max(adds) == 2
+
+
+def test_request_timeout_stops_running_and_waiting_requests(tiny_model, tokenizer):
+    async def main():
+        engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), max_num_seqs=1,
+                        request_timeout=0.3)
+        await engine.start()
+        running = engine.submit(_request(tokenizer, n=500))
+        waiting = engine.submit(_request(tokenizer, n=500))
+        with pytest.raises(EngineTimeout, match="0.3 s"):
+            await _drain(running)
+        with pytest.raises(EngineTimeout):
+            await _drain(waiting)
+        events = await _drain(engine.submit(_request(tokenizer, n=2)))
+        await engine.stop()
+        return engine, events
+
+    engine, events = asyncio.run(main())
+    assert events[-1].finish_reason is not None
+    assert metric_value(_metrics(engine), "ess_requests_total", 'finish_reason="timeout"') == 2
+    assert metric_value(_metrics(engine), "ess_num_requests_running") == 0
