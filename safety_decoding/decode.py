@@ -3,8 +3,8 @@
 
 Written batch-first (``B`` rows, left-padded prefill) so batching does not fork the code path:
 `DecodeBatch` is the running batch that requests join and leave at step boundaries (continuous
-batching) and `Decoder.generate` drives one for a fixed list. Neither does I/O. The KV cache is a transformers
-``DynamicCache``; the probe's slot is dropped after each step (method.md decision 1), and a
+batching) and `Decoder.generate` drives one for a fixed list. Neither does I/O. The KV cache
+is a `kv_cache.SlotCache` (written in place); the probe's slot is dropped after each step (method.md decision 1), and a
 truncation back to S_t marks the dropped slots ``PAD`` instead of rewriting the cache, so rows
 of one batch never need the same length.
 """
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from transformers import DynamicCache
 
+from .attention import use_ess_attention
+from .kv_cache import SlotCache
 from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
 from .model import SafetyModel
 from .policy import SafetyParams, SafetyState, Trip
@@ -114,7 +115,7 @@ class _Row:
     finish_reason: str | None = None
 
 
-def _pad_cache_left(cache: DynamicCache, width: int) -> None:
+def _pad_cache_left(cache: SlotCache, width: int) -> None:
     """Prepend ``width`` zero slots to every layer (they are ``PAD``: never attended)."""
     if width:
         for layer in cache.layers:
@@ -138,7 +139,7 @@ class DecodeBatch:
     def __init__(self, decoder: "Decoder"):
         self.decoder = decoder
         self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
+        self.cache: SlotCache | None = None
         self.slots: _Slots | None = None
         self._next_id = 0
 
@@ -186,7 +187,7 @@ class DecodeBatch:
             reads[b, o + 1 + p.reads_cls_from:] = on
             pos[b, o:] = torch.arange(row.prompt_len)
         slots = _Slots(kind, in_query, torch.full((B, P), -1, dtype=torch.long))
-        cache = DynamicCache(config=model.decoder.config)
+        cache = SlotCache(model.decoder.config)
         mask = strategic_attention_mask(kind, in_query, torch.arange(P).expand(B, P), reads)
         hidden, _ = model.hidden_states(ids, kind, pos, mask, cache)
         logits = model.lm_logits(hidden[:, -1])
@@ -203,7 +204,7 @@ class DecodeBatch:
         self._leave()
         return [r.id for r in rows], [e for e in events if e]
 
-    def _join(self, rows: list[_Row], cache: DynamicCache, slots: _Slots) -> None:
+    def _join(self, rows: list[_Row], cache: SlotCache, slots: _Slots) -> None:
         """Append prefilled ``rows`` (their own ``cache``/``slots``) to the batch."""
         if self.cache is None:
             self.rows, self.cache, self.slots = rows, cache, slots
@@ -297,7 +298,7 @@ class DecodeBatch:
         return [e for e in events if e]
 
 
-def _update_cls(cache: DynamicCache, batch_rows: list[int], rows: list[_Row]) -> None:
+def _update_cls(cache: SlotCache, batch_rows: list[int], rows: list[_Row]) -> None:
     """Copy the probe's K/V (the newest cache slot) into each row's ``[CLS]`` slot.
 
     The probe runs at position 0 like ``[CLS]``, so its rotary-encoded key is valid there.
@@ -317,6 +318,7 @@ class Decoder:
     def __init__(self, model: SafetyModel, tokenizer):
         self.model = model
         self.tok = tokenizer
+        use_ess_attention(model._causal_lm())  # probe steps: no K/V head copies (attention.py)
         self.refusal = model.config.refusal_prefix
         # EOS plus the document end token (SmolLM2's <|endoftext|> doubles as its unk token).
         ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}

@@ -45,6 +45,8 @@ def _train_guard(args) -> int:
 def _bench(args) -> int:
     if args.name == "overhead":
         from benchmarks.overhead import main as run
+    elif args.name == "serving":
+        from benchmarks.serving import main as run
     run(args.args)
     return 0
 
@@ -170,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="checkpoints/smollm2-135m-guard")
     p.set_defaults(func=_train_guard)
     p = sub.add_parser("bench", help="benchmarks: `ess bench overhead [--quick] [--json PATH]`")
-    p.add_argument("name", choices=["overhead"])
+    p.add_argument("name", choices=["overhead", "serving"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=_bench)
     p = sub.add_parser("serve", help="serve the TGI-style HTTP API (settings: ESS_* variables)")

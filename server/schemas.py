@@ -62,6 +62,8 @@ class GenerateParameters(BaseModel):
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS,
                                    description="Stop strings (never returned), at most 8.")
     details: bool = Field(False, description="Return `details` (tokens, finish reason, seed).")
+    ignore_eos: bool = Field(False, description="Ours (vLLM's extension): keep generating past "
+                                                "end-of-sequence, up to max_new_tokens (load tests).")
     return_full_text: bool = Field(False, description="Prepend `inputs` to generated_text.")
     response_prefix: str = Field(
         "", description="Ours: text after the assistant header, treated as response text "
@@ -175,6 +177,7 @@ def to_sampling_params(p: GenerateParameters, max_new_tokens: int,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         seed=seed if seed is not None else (p.seed if p.seed is not None else 0),
         stop=tuple(p.stop),
+        ignore_eos=p.ignore_eos,
     )
 
 

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     model_name: str = Field("smollm2-135m-ess",
                             description="ESS_MODEL_NAME: model name reported in responses.")
 
+    safety_enabled: bool = Field(
+        True, description="ESS_SAFETY_ENABLED: false serves the model without `[CLS]` and without "
+                          "re-checks (a baseline for measurements; never in production).")
     safety_threshold: float | None = Field(
         None, gt=0, lt=1, description="ESS_SAFETY_THRESHOLD: malicious when p > threshold; "
                                       "unset: the checkpoint's. Clients may only lower it.")
@@ -106,6 +109,7 @@ def server_safety_params(settings: Settings, checkpoint_config):
         return default if value is None else value
 
     return SafetyParams(
+        enabled=settings.safety_enabled,
         threshold=pick(settings.safety_threshold, checkpoint_config.threshold),
         tau=pick(settings.safety_tau, checkpoint_config.tau),
         r1=pick(settings.safety_r1, checkpoint_config.r1),

