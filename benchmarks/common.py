@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -34,3 +35,17 @@ def run_batches(decoder, requests, batch_size: int = 16, desc: str = ""):
                 if e.finish_reason:
                     out[idx[e.index]] = (texts[e.index], e)
     return out
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table (benchmarks print one and write JSON)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write ``obj`` as indented JSON, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")

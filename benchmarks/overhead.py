@@ -23,14 +23,12 @@ on CUDA ``torch.cuda.max_memory_allocated`` is reported as well).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, load
+from benchmarks.common import REPO, load, markdown_table, write_json
 
 from safety_decoding.decode import GenerationRequest
 from safety_decoding.policy import ACTIONS, SCHEDULES, SafetyParams
@@ -134,14 +132,13 @@ def main(argv=None) -> dict:
     out = {"new_tokens": new_tokens, "reps": reps, "prompts": len(prompts), "batch_size": 1,
            "device": "cuda" if torch.cuda.is_available() else "cpu",
            "torch_threads": torch.get_num_threads(), "results": results}
-    print("\n| system | schedule | action | tokens/s | overhead ratio | TTFT p50 (s) | peak memory (MB) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['system']} | {r['schedule'] or '-'} | {r['action'] or '-'} | "
-              f"{r['tokens_per_second']:.1f} | {r['overhead_ratio']:.3f} | {r['ttft_seconds']:.3f} | "
-              f"{r['peak_memory_bytes'] / 2**20:.0f} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print()
+    print(markdown_table(
+        ["system", "schedule", "action", "tokens/s", "overhead ratio", "TTFT p50 (s)", "peak memory (MB)"],
+        [[r["system"], r["schedule"] or "-", r["action"] or "-", f"{r['tokens_per_second']:.1f}",
+          f"{r['overhead_ratio']:.3f}", f"{r['ttft_seconds']:.3f}", f"{r['peak_memory_bytes'] / 2**20:.0f}"]
+         for r in results]))
+    write_json(args.json, out)
     return out
 
 

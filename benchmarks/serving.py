@@ -35,9 +35,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-from benchmarks.common import CHECKPOINT, REPO
+from benchmarks.common import CHECKPOINT, REPO, markdown_table, write_json
 
 
 def workload(tok, n: int, max_prompt: int, max_output: int, seed: int) -> list[tuple[str, int]]:
@@ -70,6 +69,15 @@ def summarize(records: list[dict], wall: float) -> dict:
             "ttft_p99_seconds": round(percentile(ttft, 99), 4),
             "tpot_p50_seconds": round(statistics.median(tpot), 4) if tpot else None,
             "tpot_p99_seconds": round(percentile(tpot, 99), 4) if tpot else None}
+
+
+def add_scaling(results: list[dict]) -> None:
+    """Set ``scaling_vs_concurrency_1``: output tokens/s over the same system's at concurrency 1."""
+    base = {(r["system"], r["schedule"], r["safety"]): r["output_tokens_per_second"]
+            for r in results if r["concurrency"] == 1}
+    for r in results:
+        one = base.get((r["system"], r["schedule"], r["safety"]))
+        r["scaling_vs_concurrency_1"] = round(r["output_tokens_per_second"] / one, 2) if one else None
 
 
 async def closed_loop(send, requests: list[tuple[str, int]], concurrency: int) -> tuple[list[dict], float]:
@@ -264,20 +272,20 @@ def main(argv=None) -> dict:
         for point in asyncio.run(run_hf(lm, tok, requests_for, conc)):
             results.append({"system": "hf_generate", "schedule": None, "safety": False, **point})
 
+    add_scaling(results)
     import torch
 
     out = {"max_output_tokens": max_output, "max_prompt_tokens": max_prompt, "seed": args.seed,
            "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
            "results": results}
-    print("\n| system | safety | concurrency | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 s | TPOT p99 s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        label = (r["schedule"] or "on") if r["safety"] else "off"
-        print(f"| {r['system']} | {label} | {r['concurrency']} | {r['output_tokens_per_second']:.1f} | "
-              f"{r['ttft_p50_seconds']:.3f} | {r['ttft_p99_seconds']:.3f} | {r['tpot_p50_seconds']} | "
-              f"{r['tpot_p99_seconds']} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print()
+    print(markdown_table(
+        ["system", "safety", "concurrency", "output tok/s", "x conc. 1", "TTFT p50 s", "TTFT p99 s",
+         "TPOT p50 s", "TPOT p99 s"],
+        [[r["system"], (r["schedule"] or "on") if r["safety"] else "off", r["concurrency"],
+          f"{r['output_tokens_per_second']:.1f}", r["scaling_vs_concurrency_1"], f"{r['ttft_p50_seconds']:.3f}",
+          f"{r['ttft_p99_seconds']:.3f}", r["tpot_p50_seconds"], r["tpot_p99_seconds"]] for r in results]))
+    write_json(args.json, out)
     return out
 
 
