@@ -1,5 +1,5 @@
-"""The FastAPI app: TGI routes, health, metrics; the error shapes and handlers live in
-`server.errors`.
+"""The FastAPI app: TGI routes, health, metrics; the OpenAI routes (`server.openai_api`) are
+mounted here and the error shapes and handlers live in `server.errors`.
 
 `create_app` takes an injected `Engine`, so routes are testable with any engine; the lifespan
 starts (and warms) it and stops it on shutdown. Handlers never touch the model: they build
@@ -26,6 +26,7 @@ from .errors import InvalidRequest, install_error_handlers, tgi_error_body
 from .errors import field_path, validation_message  # noqa: F401  (re-exported for tests)
 from .handling import collect_unless_disconnected, context_length
 from .metrics import CONTENT_TYPE_LATEST
+from .openai_api import openai_router
 from .schemas import (GenerateRequest, build_prompt, final_stream_event, generate_response,
                       resolve_seed, sampling_enabled, special_token_json, stream_event,
                       to_safety_params, to_sampling_params, token_json)
@@ -60,6 +61,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     app.state.safety = server_safety
 
     install_error_handlers(app, settings.retry_after_seconds)
+    app.include_router(openai_router(engine, settings, server_safety))
 
     async def prepare(body: GenerateRequest) -> tuple[GenerationRequest, int | None]:
         """Validate against this server's limits and build the library request.
