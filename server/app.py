@@ -154,6 +154,16 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         frames = _sse_frames(stream, seed, prefix, engine.tokenizer.eos_token_id)
         return EventSourceResponse(frames, sep="\n", ping=settings.sse_ping_seconds)
 
+    @app.post("/")
+    async def compat_generate(body: GenerateRequest, request: Request):
+        """TGI's ``POST /`` (``compat_generate``): ``/generate_stream`` when ``stream`` is true,
+        else ``/generate``'s body in a one-element list. huggingface_hub's ``InferenceClient``
+        posts here when given the server's URL."""
+        if body.stream:
+            return await generate_stream(body)
+        result = await generate(body, request)
+        return result if isinstance(result, Response) else [result]
+
     return app
 
 

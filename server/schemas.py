@@ -137,14 +137,15 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    """Body of ``POST /generate`` and ``POST /generate_stream``."""
+    """Body of ``POST /generate``, ``POST /generate_stream`` and ``POST /``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     inputs: Text = Field(min_length=1, description="One user message (or a templated prompt "
                                                    "with parameters.raw).")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    stream: bool = Field(False, description="Sent by some TGI clients; the route decides.")
+    stream: bool = Field(False, description="`POST /` streams when true (TGI's compat route); "
+                                            "the other routes ignore it.")
 
 
 # ---- request -> library objects ------------------------------------------------------------

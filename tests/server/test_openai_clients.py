@@ -1,5 +1,5 @@
-"""A real client over real HTTP (uvicorn on localhost, the tiny random model): the `openai`
-package against /v1.
+"""Real clients over real HTTP (uvicorn on localhost, the tiny random model): the `openai`
+package against /v1, huggingface_hub's InferenceClient against the TGI routes.
 
 The server runs the `monitor` safety action so the random head never replaces the model's
 text with the refusal: these tests are about the protocol, not the policy.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from huggingface_hub import InferenceClient
 from openai import OpenAI
 
 from safety_decoding.decode import Decoder
@@ -159,3 +160,39 @@ def test_openai_client_reads_the_usage_chunk(client):
 def test_max_completion_tokens_bounds_the_chat(client):
     r = _chat(client, max_completion_tokens=2, max_tokens=9, temperature=0)
     assert r.usage.completion_tokens == 2 and r.choices[0].finish_reason == "length"
+
+
+# ---- huggingface_hub against the TGI routes -------------------------------------------------
+
+
+def test_huggingface_hub_text_generation_matches_generate(url):
+    # Given a server URL, InferenceClient posts {"inputs", "parameters", "stream"} to the URL
+    # itself: TGI's compat route `POST /`, which serves both the stream and the whole text.
+    hf = InferenceClient(base_url=url, timeout=60)
+    kw = dict(max_new_tokens=12, temperature=0.7, seed=5)
+    text = hf.text_generation("Tell me a story.", **kw)
+    direct = httpx.post(f"{url}/generate", timeout=60, json={
+        "inputs": "Tell me a story.", "parameters": kw}).json()["generated_text"]
+    assert text == direct and len(text) > 5
+    details = hf.text_generation("Tell me a story.", details=True, **kw)
+    assert details.generated_text == text
+    assert details.details.finish_reason == "length" and details.details.generated_tokens == 12
+    assert details.details.seed == 5
+    streamed = list(hf.text_generation("Tell me a story.", stream=True, **kw))
+    assert "".join(streamed) == text
+    events = list(hf.text_generation("Tell me a story.", stream=True, details=True, **kw))
+    assert events[-1].generated_text == text
+    assert events[-1].details.finish_reason == "length"
+
+
+def test_tgi_compat_route_switches_on_stream(url):
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 3}}
+    whole = httpx.post(f"{url}/", json=body, timeout=60)
+    assert whole.status_code == 200
+    (one,) = whole.json()  # TGI wraps the /generate body in a list here
+    assert one["generated_text"] == httpx.post(f"{url}/generate", json=body,
+                                               timeout=60).json()["generated_text"]
+    with httpx.stream("POST", f"{url}/", json={**body, "stream": True}, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_data(r.read().decode())
+    assert events[-1]["generated_text"] == one["generated_text"]
