@@ -1,5 +1,5 @@
-"""The FastAPI app: TGI routes, health, metrics; the OpenAI routes (`server.openai_api`) are
-mounted here and the error shapes and handlers live in `server.errors`.
+"""The FastAPI app: TGI routes, health, metrics; the OpenAI routes (`server.openai_api`), the
+error shapes (`server.errors`) and API keys / CORS (`server.auth`) are mounted here.
 
 `create_app` takes an injected `Engine`, so routes are testable with any engine; the lifespan
 starts (and warms) it and stops it on shutdown. Handlers never touch the model: they build
@@ -21,6 +21,7 @@ from safety_decoding.decode import ABORT, EOS, GenerationRequest
 from safety_decoding.prompt import PromptError
 from safety_decoding.sampling import ParameterError
 
+from .auth import install_auth_and_cors
 from .engine import Engine, EngineError, EngineNotRunning, RequestStream, reported_finish_reason
 from .errors import InvalidRequest, install_error_handlers, tgi_error_body
 from .errors import field_path, validation_message  # noqa: F401  (re-exported for tests)
@@ -61,6 +62,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     app.state.safety = server_safety
 
     install_error_handlers(app, settings.retry_after_seconds)
+    install_auth_and_cors(app, settings)
     app.include_router(openai_router(engine, settings, server_safety))
 
     async def prepare(body: GenerateRequest) -> tuple[GenerationRequest, int | None]:
