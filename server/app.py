@@ -181,8 +181,9 @@ async def _sse_frames(stream: RequestStream, seed: int | None, prefix: str, eos_
         async for ev in stream:
             final = ev.finish_reason is not None
             if final and ev.finish_reason == ABORT:
-                yield JSONServerSentEvent(tgi_error_body("the request was aborted: the server is "
-                                                     "shutting down", "generation"), sep="\n")
+                yield JSONServerSentEvent(tgi_error_body("the request was aborted: the server "
+                                                         "is shutting down", "generation"),
+                                          sep="\n")
                 return
             attach_to_last = final and ev.finish_reason != EOS and bool(ev.tokens)
             for i, t in enumerate(ev.tokens):

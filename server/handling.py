@@ -10,8 +10,8 @@ from .engine import EngineError, RequestStream
 
 
 def context_length(model_max_length: int) -> int:
-    """Tokens one request may use, prompt + completion: the model's positions minus the one
-    ``[CLS]`` holds (the decoder puts it at slot 0). ``model_max_length`` is `Engine.model_max_length`."""
+    """Tokens one request may use, prompt + completion: the model's positions
+    (`Engine.model_max_length`) minus the one ``[CLS]`` holds (the decoder puts it at slot 0)."""
     return model_max_length - 1
 
 

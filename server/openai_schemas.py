@@ -96,7 +96,7 @@ class _OpenAIRequest(BaseModel):
 
     model: str | None = Field(
         None, description="Accepted and ignored: this server serves one model and reports its "
-                          "name (TGI's rule; huggingface_hub sends placeholders such as 'tgi').")
+                          "name (TGI's rule; huggingface_hub sends 'dummy' to a server URL).")
     max_tokens: int | None = Field(
         None, ge=1, description="Tokens to generate at most; unset: as many as fit, up to the "
                                 "server's limit (ESS_MAX_NEW_TOKENS_LIMIT).")

@@ -63,9 +63,11 @@ class RecordingDecoder(Decoder):
 
 
 @contextmanager
-def serve(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free localhost port (lifespan included); yields its URL."""
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+def serve(app, lifespan: str = "on") -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free localhost port; yields its URL. ``lifespan="off"``
+    leaves the engine unstarted."""
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                        lifespan=lifespan))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     try:

@@ -313,3 +313,14 @@ def test_leaving_a_stream_or_a_pending_response_aborts_the_request(url, path, bo
         httpx.post(url + path, json={**body, "max_tokens": 64},
                    timeout=httpx.Timeout(5, read=0.2))
     _wait_for_aborts(url, before + 2)
+
+
+def test_an_engine_that_is_not_running_is_503_in_openai_shape(tiny_model, tokenizer):
+    app = create_app(Engine(SlowDecoder(tiny_model, tokenizer)), Settings())
+    with serve(app, lifespan="off") as base:  # the engine never starts
+        err = _openai_error(httpx.post(f"{base}/v1/chat/completions", json=CHAT, timeout=30),
+                            503)
+        assert err["type"] == "server_error"
+        tgi = _tgi_error(httpx.post(f"{base}/generate", json={"inputs": "Hi"}, timeout=30), 503)
+        assert tgi["error_type"] == "unavailable"
+        assert httpx.get(f"{base}/health", timeout=30).status_code == 503
