@@ -1,4 +1,5 @@
-"""The FastAPI app: TGI routes, health, metrics, and the error mapping.
+"""The FastAPI app: TGI routes, health, metrics; the OpenAI routes (`server.openai_api`), the
+error shapes (`server.errors`) and API keys / CORS (`server.auth`) are mounted here.
 
 `create_app` takes an injected `Engine`, so routes are testable with any engine; the lifespan
 starts (and warms) it and stops it on shutdown. Handlers never touch the model: they build
@@ -12,7 +13,6 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from sse_starlette.event import JSONServerSentEvent
@@ -21,58 +21,19 @@ from safety_decoding.decode import ABORT, EOS, GenerationRequest
 from safety_decoding.prompt import PromptError
 from safety_decoding.sampling import ParameterError
 
-from .engine import (Engine, EngineError, EngineNotRunning, EngineOverloaded, EngineTimeout,
-                     RequestStream,
-                     reported_finish_reason)
+from .auth import install_auth_and_cors
+from .engine import Engine, EngineError, EngineNotRunning, RequestStream, reported_finish_reason
+from .errors import InvalidRequest, engine_error_kind, install_error_handlers, tgi_error_body
+from .errors import field_path, validation_message  # noqa: F401  (re-exported for tests)
+from .handling import collect_unless_disconnected, context_length
 from .metrics import CONTENT_TYPE_LATEST
-from .schemas import (GenerateRequest, build_prompt, error_body, final_stream_event,
-                      generate_response, resolve_seed, sampling_enabled, special_token_json,
-                      stream_event, to_safety_params, to_sampling_params, token_json)
+from .openai_api import openai_router
+from .schemas import (GenerateRequest, build_prompt, final_stream_event, generate_response,
+                      resolve_seed, sampling_enabled, special_token_json, stream_event,
+                      to_safety_params, to_sampling_params, token_json)
 from .settings import Settings, server_safety_params
 
 log = logging.getLogger("ess.app")
-
-# TGI answers validation errors with 422; we use 400 for every bad request (schema, library
-# ParameterError/PromptError, prompt length) so clients see one status. One place to change.
-VALIDATION_STATUS = 400
-
-
-class InvalidRequest(Exception):
-    """A request field is at fault; ``field`` is its dotted path (``parameters.top_p``)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-# ---- error mapping (pure) ------------------------------------------------------------------
-
-
-def field_path(loc) -> str:
-    """Pydantic ``loc`` -> ``parameters.stop[2]`` (the leading ``body`` dropped)."""
-    parts = list(loc)
-    if parts and parts[0] == "body":
-        parts = parts[1:]
-    path = ""
-    for p in parts:
-        path += f"[{p}]" if isinstance(p, int) else (f".{p}" if path else str(p))
-    return path or "body"
-
-
-def validation_message(errors) -> str:
-    """One line naming every offending field: ``parameters.top_p: Input should be ...``."""
-    lines = []
-    for e in errors:
-        if e.get("type") == "json_invalid":
-            detail = (e.get("ctx") or {}).get("error")
-            lines.append(f"body: invalid JSON{f' ({detail})' if detail else ''}")
-        else:
-            lines.append(f"{field_path(e.get('loc', ()))}: {e.get('msg', 'invalid')}")
-    return "; ".join(lines) or "body: invalid request"
-
-
-def _error(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, error_type), status_code=status, headers=headers)
 
 
 # ---- the app -------------------------------------------------------------------------------
@@ -100,35 +61,9 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.safety = server_safety
 
-    @app.exception_handler(RequestValidationError)
-    async def _on_validation(request: Request, exc: RequestValidationError):
-        return _error(VALIDATION_STATUS, validation_message(exc.errors()), "validation")
-
-    @app.exception_handler(InvalidRequest)
-    async def _on_invalid(request: Request, exc: InvalidRequest):
-        return _error(VALIDATION_STATUS, str(exc), "validation")
-
-    @app.exception_handler(EngineOverloaded)
-    async def _on_overloaded(request: Request, exc: EngineOverloaded):
-        return _error(429, "Model is overloaded", "overloaded",
-                      {"Retry-After": str(settings.retry_after_seconds)})
-
-    @app.exception_handler(EngineNotRunning)
-    async def _on_not_running(request: Request, exc: EngineNotRunning):
-        return _error(503, str(exc), "unavailable")
-
-    @app.exception_handler(Exception)
-    async def _on_unexpected(request: Request, exc: Exception):
-        log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return _error(500, f"internal error: {type(exc).__name__}", "internal")
-
-    @app.exception_handler(EngineError)
-    async def _on_engine_error(request: Request, exc: EngineError):
-        return _error(424, str(exc), "generation")  # TGI's status for generation errors
-
-    @app.exception_handler(EngineTimeout)
-    async def _on_timeout(request: Request, exc: EngineTimeout):
-        return _error(504, str(exc), "timeout")
+    install_error_handlers(app, settings.retry_after_seconds)
+    install_auth_and_cors(app, settings)
+    app.include_router(openai_router(engine, settings, server_safety))
 
     async def prepare(body: GenerateRequest) -> tuple[GenerationRequest, int | None]:
         """Validate against this server's limits and build the library request.
@@ -152,7 +87,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         if n > settings.max_input_tokens:
             raise InvalidRequest("inputs", f"the prompt is {n} tokens after templating, more "
                                            f"than the limit of {settings.max_input_tokens}")
-        room = engine.model_max_length - 1 - n  # position 0 is [CLS]
+        room = context_length(engine.model_max_length) - n
         max_new = p.max_new_tokens if p.max_new_tokens is not None else min(limit, room)
         if max_new > room or room < 1:
             raise InvalidRequest(
@@ -187,7 +122,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         s = server_safety
         return {"model_id": settings.model_name, "max_input_tokens": settings.max_input_tokens,
                 "max_new_tokens": settings.max_new_tokens_limit,
-                "max_total_tokens": engine.model_max_length - 1,
+                "max_total_tokens": context_length(engine.model_max_length),
                 "max_waiting": engine.max_waiting, "max_num_seqs": engine.max_num_seqs,
                 "max_batched_tokens": engine.max_batched_tokens,
                 "safety": {"threshold": s.threshold, "tau": s.tau, "r1": s.r1, "r2": s.r2,
@@ -198,7 +133,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         """TGI ``/generate``: the whole response at once."""
         req, seed = await prepare(body)
         stream = engine.submit(req)
-        events = await _collect_unless_disconnected(stream, request)
+        events = await collect_unless_disconnected(stream, request)
         if events is None:  # the client left; the engine aborted the request
             return Response(status_code=499)
         final = events[-1]
@@ -222,30 +157,17 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         frames = _sse_frames(stream, seed, prefix, engine.tokenizer.eos_token_id)
         return EventSourceResponse(frames, sep="\n", ping=settings.sse_ping_seconds)
 
+    @app.post("/")
+    async def compat_generate(body: GenerateRequest, request: Request):
+        """TGI's ``POST /`` (``compat_generate``): ``/generate_stream`` when ``stream`` is true,
+        else ``/generate``'s body in a one-element list. huggingface_hub's ``InferenceClient``
+        posts here when given the server's URL."""
+        if body.stream:
+            return await generate_stream(body)
+        result = await generate(body, request)
+        return result if isinstance(result, Response) else [result]
+
     return app
-
-
-async def _collect_unless_disconnected(stream: RequestStream, request: Request):
-    """All events of ``stream``; None if the client disconnected first (request aborted)."""
-    events, error = [], None
-    async with stream, anyio.create_task_group() as tg:
-        async def watch():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
-        try:
-            async for ev in stream:
-                events.append(ev)
-        except EngineError as exc:  # raised outside the task group: no ExceptionGroup wrapping
-            error = exc
-        tg.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    if not events or events[-1].finish_reason is None:
-        return None
-    return events
 
 
 async def _sse_frames(stream: RequestStream, seed: int | None, prefix: str, eos_id: int | None):
@@ -260,8 +182,9 @@ async def _sse_frames(stream: RequestStream, seed: int | None, prefix: str, eos_
         async for ev in stream:
             final = ev.finish_reason is not None
             if final and ev.finish_reason == ABORT:
-                yield JSONServerSentEvent(error_body("the request was aborted: the server is "
-                                                     "shutting down", "generation"), sep="\n")
+                yield JSONServerSentEvent(tgi_error_body("the request was aborted: the server "
+                                                         "is shutting down", "generation"),
+                                          sep="\n")
                 return
             attach_to_last = final and ev.finish_reason != EOS and bool(ev.tokens)
             for i, t in enumerate(ev.tokens):
@@ -281,7 +204,6 @@ async def _sse_frames(stream: RequestStream, seed: int | None, prefix: str, eos_
                 index, token, prefix + "".join(texts), reported_finish_reason(ev),
                 ev.generated_tokens, ev.prompt_tokens, seed, ev.safety), sep="\n")
     except EngineError as exc:
-        kind = "timeout" if isinstance(exc, EngineTimeout) else "generation"
-        yield JSONServerSentEvent(error_body(str(exc), kind), sep="\n")
+        yield JSONServerSentEvent(tgi_error_body(str(exc), engine_error_kind(exc)), sep="\n")
     finally:
         await stream.aclose()

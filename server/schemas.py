@@ -3,6 +3,10 @@ library's parameter objects, and the response / stream-event shapes.
 
 Pydantic lives here only; the library gets frozen dataclasses (`SamplingParams`, `SafetyParams`,
 `Prompt`). Field names follow huggingface/text-generation-inference (``router/src/lib.rs``).
+
+Request models validate in pydantic's strict mode (our choice): ``"10"`` is not an integer and
+``"true"`` not a boolean, as in JSON itself; a float field still takes an integer (``1`` for
+``1.0``), as pydantic's strict mode allows.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import math
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints,
+                      field_validator)
 from pydantic_core import PydanticCustomError
 
 from safety_decoding.decode import TokenOutput
@@ -23,13 +28,33 @@ MAX_NEW_TOKENS_CAP = 4096  # the library's bound; the server's own limit is chec
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63  # exclusive; torch.Generator.manual_seed takes a signed 64-bit seed
 
-StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+def valid_unicode(text: str) -> str:
+    """Reject lone surrogates: JSON escapes can carry them (``"\\udcff"``) but UTF-8 cannot,
+    and the tokenizer would fail on them later (a 500 instead of a 400 naming the field).
+
+    Raises:
+        PydanticCustomError: ``invalid_unicode`` with the character offset.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError("invalid_unicode",
+                                  "contains a lone surrogate at character {offset}; text must "
+                                  "be valid Unicode", {"offset": exc.start}) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+"""A request string that can be encoded as UTF-8."""
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS),
+                       AfterValidator(valid_unicode)]
 
 
 class SafetyOverrides(BaseModel):
     """Per-request safety settings (our extension); only stricter than the server's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     threshold: float | None = Field(None, gt=0, lt=1,
                                     description="Lower than the server's threshold, in (0, 1).")
@@ -48,7 +73,7 @@ def _unsupported() -> PydanticCustomError:
 class GenerateParameters(BaseModel):
     """TGI ``parameters`` plus our ``response_prefix``, ``raw`` and ``safety``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_new_tokens: int | None = Field(
         None, ge=1, le=MAX_NEW_TOKENS_CAP,
@@ -65,7 +90,7 @@ class GenerateParameters(BaseModel):
     ignore_eos: bool = Field(False, description="Ours (vLLM's extension): keep generating past "
                                                 "end-of-sequence, up to max_new_tokens (load tests).")
     return_full_text: bool = Field(False, description="Prepend `inputs` to generated_text.")
-    response_prefix: str = Field(
+    response_prefix: Text = Field(
         "", description="Ours: text after the assistant header, treated as response text "
                         "(how prefill attacks are run). Not with `raw`.")
     raw: bool = Field(False, description="Ours: `inputs` is already templated; all of it is "
@@ -114,14 +139,15 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    """Body of ``POST /generate`` and ``POST /generate_stream``."""
+    """Body of ``POST /generate``, ``POST /generate_stream`` and ``POST /``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    inputs: str = Field(min_length=1, description="One user message (or a templated prompt "
-                                                  "with parameters.raw).")
+    inputs: Text = Field(min_length=1, description="One user message (or a templated prompt "
+                                                   "with parameters.raw).")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    stream: bool = Field(False, description="Sent by some TGI clients; the route decides.")
+    stream: bool = Field(False, description="`POST /` streams when true (TGI's compat route); "
+                                            "the other routes ignore it.")
 
 
 # ---- request -> library objects ------------------------------------------------------------
@@ -246,8 +272,3 @@ def final_stream_event(index: int, token: dict, text: str, finish_reason: str,
                     "seed": seed, "input_length": prompt_tokens, "safety": safety},
         "safety": safety,
     }
-
-
-def error_body(message: str, error_type: str) -> dict:
-    """TGI's error shape (``ErrorResponse``)."""
-    return {"error": message, "error_type": error_type}

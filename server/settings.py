@@ -7,10 +7,10 @@ Every field below is read from the environment variable named in its description
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-ess"
 
@@ -87,6 +87,27 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(
         15.0, ge=0, description="ESS_SSE_PING_SECONDS: keep-alive comment interval on streams "
                                 "(0 disables).")
+
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), repr=False,
+        description="ESS_API_KEYS: comma-separated API keys; when set, every route except "
+                    "/health (and /metrics, see ESS_METRICS_REQUIRE_AUTH) needs "
+                    "`Authorization: Bearer <key>` with one of them (else HTTP 401). Unset or "
+                    "empty: no authentication. Never printed (repr=False).")
+    metrics_require_auth: bool = Field(
+        False, description="ESS_METRICS_REQUIRE_AUTH: `true` puts /metrics behind the API keys "
+                           "too; default false, so a Prometheus scraper needs no key.")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="ESS_CORS_ORIGINS: comma-separated origins allowed to call the API from "
+                        "a browser (`*` for any); unset or empty: no CORS headers at all.")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        """``"a, b,,c"`` (the environment's form) -> ``("a", "b", "c")``; lists pass through."""
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     def resolved_base_model_dir(self) -> Path:
         """The base-model folder to load: the setting, or the cache default."""

@@ -1,9 +1,16 @@
-"""Test helpers for the server tests: a slowed-down decoder and SSE parsing."""
+"""Test helpers for the server tests: decoders that slow down or record, a model that writes
+a scripted text, a real uvicorn server on localhost, and SSE parsing."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import uvicorn
 
 from safety_decoding.decode import DecodeBatch, Decoder
 
@@ -76,3 +83,76 @@ def metric_value(text: str, name: str, labels: str = "") -> float | None:
         if line.startswith(key + " "):
             return float(line.split()[-1])
     return None
+
+
+class RecordingDecoder(Decoder):
+    """A real `Decoder` that keeps every `GenerationRequest` it ran (prompts, parameters)."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        self.requests = []
+
+    def generate(self, requests):
+        self.requests.extend(requests)
+        yield from super().generate(requests)
+
+
+@contextmanager
+def serve(app, lifespan: str = "on") -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free localhost port; yields its URL. ``lifespan="off"``
+    leaves the engine unstarted."""
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                        lifespan=lifespan))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(1000):
+            if srv.started:
+                break
+            time.sleep(0.01)
+        assert srv.started, "uvicorn did not start"
+        port = srv.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def scripted_text_model(tokenizer, prompt_tokens: int, script: list[int], seed: int = 0):
+    """A tiny model whose language head writes ``script`` (then EOS) after a prompt of
+    ``prompt_tokens`` tokens, whatever the sampling: the logits are one-hot by position.
+
+    Position-keyed (not call-counted), so it needs no reset between requests. The first
+    generated token is predicted at position ``prompt_tokens`` ([CLS] holds position 0); a
+    decode step's rows are the token (its position) and maybe a probe at position 0, so the
+    largest position of a row is the one whose next token is asked for.
+    """
+    from conftest import tiny_safety_model
+
+    model = tiny_safety_model(tokenizer, seed)
+    inner_hidden = model.hidden_states
+    vocab = len(tokenizer)
+    last_pos = {}
+
+    def hidden_states(ids, kinds, position_ids, *args, **kwargs):
+        last_pos["rows"] = position_ids.max(dim=1).values
+        return inner_hidden(ids, kinds, position_ids, *args, **kwargs)
+
+    def lm_logits(hidden):
+        rows = last_pos["rows"]
+        logits = torch.full((hidden.shape[0], vocab), -30.0)
+        for b, pos in enumerate(rows.tolist()):
+            i = pos - prompt_tokens
+            token = script[i] if 0 <= i < len(script) else tokenizer.eos_token_id
+            logits[b, token] = 30.0
+        return logits
+
+    model.hidden_states = hidden_states
+    model.lm_logits = lm_logits
+    return model
+
+
+def sse_payloads(body: str) -> list[str]:
+    """The raw ``data:`` payloads of an SSE body, ``[DONE]`` included (comments skipped)."""
+    return [line[len("data: "):] for frame in body.split("\n\n") for line in frame.splitlines()
+            if line.startswith("data: ")]

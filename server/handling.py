@@ -1,0 +1,42 @@
+"""What the TGI and the OpenAI routes share: the token budget rule and collecting a whole
+response while watching for the client leaving."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import Request
+
+from .engine import EngineError, RequestStream
+
+
+def context_length(model_max_length: int) -> int:
+    """Tokens one request may use, prompt + completion: the model's positions
+    (`Engine.model_max_length`) minus the one ``[CLS]`` holds (the decoder puts it at slot 0)."""
+    return model_max_length - 1
+
+
+async def collect_unless_disconnected(stream: RequestStream, request: Request):
+    """All events of ``stream``; None if the client disconnected first (request aborted).
+
+    Raises:
+        EngineError: the engine failed the request.
+    """
+    events, error = [], None
+    async with stream, anyio.create_task_group() as tg:
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            async for ev in stream:
+                events.append(ev)
+        except EngineError as exc:  # raised outside the task group: no ExceptionGroup wrapping
+            error = exc
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if not events or events[-1].finish_reason is None:
+        return None
+    return events
