@@ -232,8 +232,7 @@ class SafetyState:
         if self.streak and self.params.enabled:
             trip = Trip("response", self.streak_start)
             self.streak, self.streak_start = 0, None
-            self.reweights = MAX_REWEIGHTS  # no later step could steer: insert the text
-            return self._trip(trip, 1.0)
+            return self._trip(trip, 1.0, insert=True)  # no later step could steer: insert
         return None
 
     def releasable(self, n_generated: int) -> int:
@@ -241,8 +240,11 @@ class SafetyState:
 
         Tokens wait for a passing check that covers them; a malicious streak holds everything
         from S_t on. When no check will run any more (``first``, a refusal already inserted,
-        or past the annealing horizon) nothing is held.
+        or past the annealing horizon) nothing is held, nor in ``monitor`` mode, which never
+        changes the output.
         """
+        if self.params.action == "monitor":
+            return n_generated
         if self.streak:
             return self.streak_start
         if self.active and has_future_check(self.params, n_generated):
@@ -254,15 +256,16 @@ class SafetyState:
         """``reweight`` is biasing toward the refusal rather than inserting it."""
         return self.steer_bias > 0 and not self.refused
 
-    def _trip(self, trip: Trip, score: float) -> Trip | None:
+    def _trip(self, trip: Trip, score: float, insert: bool = False) -> Trip | None:
         """Record an intervention; the decoder truncates to ``trip.truncate_to`` and queues
-        the refusal prefix, forced (``refuse``) or as a logit bias (``reweight``)."""
+        the refusal prefix, forced (``refuse``, or ``insert``) or as a logit bias
+        (``reweight``)."""
         p = self.params
         if p.action == "monitor":
             self.would_trip.append(trip)
             return None
         self.trip = self.trip or trip
-        if p.action == "reweight" and self.reweights < MAX_REWEIGHTS:
+        if p.action == "reweight" and self.reweights < MAX_REWEIGHTS and not insert:
             # Our design: bias = strength * trips so far * confidence margin above the
             # threshold, so a borderline verdict nudges and a confident or repeated one
             # all but forces; checks go on, and a third trip falls back to insertion.

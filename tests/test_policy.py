@@ -57,6 +57,17 @@ def test_monitor_reports_would_trip_but_never_intervenes():
     assert s.summary()["would_trip"] == ["query"] and not s.summary()["intervened"]
 
 
+def test_monitor_holds_nothing_back_and_counts_no_reweights():
+    """Shadow mode never changes the output, so a malicious streak delays no token."""
+    s = SafetyState(SafetyParams(action="monitor", tau=3))
+    s.on_query(0.1)
+    for n in range(1, 4):
+        s.on_check(0.9, n)
+        assert s.releasable(n) == n
+    assert s.on_finish() is None
+    assert s.summary()["reweights"] == 0 and "response" in s.summary()["would_trip"]
+
+
 def test_first_schedule_never_rechecks():
     s = SafetyState(SafetyParams(schedule="first"))
     s.on_query(0.1)

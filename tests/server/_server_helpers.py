@@ -32,6 +32,7 @@ class SlowDecoder(Decoder):
         super().__init__(model, tokenizer)
         self.delay = delay
         self.ran: list[tuple[int, ...]] = []
+        self.requests = []
         self.adds: list[int] = []
         """Requests per prefill (`DecodeBatch.add` call)."""
 
@@ -39,28 +40,28 @@ class SlowDecoder(Decoder):
         return RecordingBatch(self)
 
     def after_step(self, batch):
-        time.sleep(self.delay)
+        if self.delay:
+            time.sleep(self.delay)
 
 
 class RecordingBatch(HookedBatch):
     def add(self, requests):
         self.decoder.ran.extend(r.prompt.ids for r in requests)
+        self.decoder.requests.extend(requests)
         self.decoder.adds.append(len(requests))
         return super().add(requests)
 
 
-class FailingDecoder(Decoder):
+class FailingDecoder(SlowDecoder):
     """Raises in the decode step after ``at_step`` steps of any request whose prompt says
-    "boom" (a device failure on demand)."""
+    "boom" (a device failure on demand); sleeps ``delay`` seconds a step like `SlowDecoder`."""
 
-    def __init__(self, model, tokenizer, at_step: int = 1):
-        super().__init__(model, tokenizer)
+    def __init__(self, model, tokenizer, at_step: int = 1, delay: float = 0.0):
+        super().__init__(model, tokenizer, delay)
         self.at_step = at_step
 
-    def new_batch(self):
-        return HookedBatch(self)
-
     def after_step(self, batch):
+        super().after_step(batch)
         for row in batch.rows:
             if len(row.gen) > self.at_step and "boom" in self.tok.decode(list(row.req.prompt.ids)):
                 raise RuntimeError("device fell over")
@@ -85,16 +86,11 @@ def metric_value(text: str, name: str, labels: str = "") -> float | None:
     return None
 
 
-class RecordingDecoder(Decoder):
+class RecordingDecoder(SlowDecoder):
     """A real `Decoder` that keeps every `GenerationRequest` it ran (prompts, parameters)."""
 
     def __init__(self, model, tokenizer):
-        super().__init__(model, tokenizer)
-        self.requests = []
-
-    def generate(self, requests):
-        self.requests.extend(requests)
-        yield from super().generate(requests)
+        super().__init__(model, tokenizer, delay=0.0)
 
 
 @contextmanager

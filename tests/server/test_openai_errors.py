@@ -15,25 +15,16 @@ from server.app import create_app
 from server.engine import Engine
 from server.settings import Settings
 
-from _server_helpers import SlowDecoder, metric_value, serve, sse_data, sse_payloads
+from _server_helpers import FailingDecoder, SlowDecoder, metric_value, serve, sse_data, sse_payloads
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 COMPLETION = {"model": "m", "prompt": "Hi", "max_tokens": 2}
 
 
-class _SlowFailingDecoder(SlowDecoder):
-    """Slow (a long request on demand); fails two steps into any prompt that says "boom"."""
-
-    def generate(self, requests):
-        for step, events in enumerate(super().generate(requests)):
-            if step == 2 and "boom" in self.tok.decode(list(requests[0].prompt.ids)):
-                raise RuntimeError("device fell over")
-            yield events
-
-
 @pytest.fixture(scope="module")
 def url(tiny_model, tokenizer):
-    engine = Engine(_SlowFailingDecoder(tiny_model, tokenizer, delay=0.01), max_waiting=0)
+    engine = Engine(FailingDecoder(tiny_model, tokenizer, at_step=2, delay=0.01), max_num_seqs=1,
+                    max_waiting=0)
     settings = Settings(max_new_tokens_limit=64, max_waiting=0, retry_after_seconds=3,
                         safety_action="monitor", sse_ping_seconds=0)
     with serve(create_app(engine, settings)) as base:
