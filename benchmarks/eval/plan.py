@@ -55,18 +55,23 @@ class Plan:
                        n_utility=cap(self.n_utility))
 
 
-QUICK = Plan(n_goals=8, n_jbb=8,
+QUICK = Plan(n_goals=6, n_jbb=6,
              attacks=("direct", "prefill_sure", "prefill_10", "pyrit", "gcg_transfer", "jbb_pair", "decoding"),
              decoding_grid=(DECODING_GRID[2], DECODING_GRID[4]),
-             benign={"xstest_safe": 16, "i_alpaca": 8, "physical_safe": 8},
-             n_utility=8, utility_tokens=64, max_new_tokens=32)
-"""``--quick``: 7 attacks on 8 requests each, 32 benign prompts, 8 reference answers, 32 new
-tokens (the judge's phrases sit in the first sentence); under 10 minutes on 2 CPU cores."""
+             benign={"xstest_safe": 12, "i_alpaca": 6, "physical_safe": 6},
+             n_utility=6, utility_tokens=64, max_new_tokens=32)
+"""``--quick``: 7 attacks on 6 requests each (decoding: 2 settings), 24 benign prompts, 6
+reference answers, 32 new tokens (the judge's phrases sit in the first sentence). A smoke test
+of every stage, not a measurement: at n = 6 a 95 % interval spans about 60 points. About 80
+generations per system; under 10 minutes on 2 idle CPU cores."""
 
-FULL = Plan(n_goals=20, n_jbb=20, attacks=tuple(ATTACKS), decoding_grid=DECODING_GRID,
+FULL = Plan(n_goals=16, n_jbb=16, attacks=tuple(ATTACKS), decoding_grid=DECODING_GRID,
             benign={"xstest_safe": 0, "i_alpaca": 0, "physical_safe": 50},
             n_utility=100, utility_tokens=128, max_new_tokens=64)
-"""The full run (about 2 hours on 2 CPU cores; see the README of benchmarks/eval)."""
+"""The full run: 16 attacks on 16 requests (decoding: up to 7 settings per goal), all 250 XSTest
+safe prompts, I-Alpaca (50) and 50 physical-safety prompts, 100 reference answers; about 650
+generations per system, 12 generating systems. Sized for 2 hours on 2 idle CPU cores from the
+quick run's measured seconds per generation (`results.json` ``run``)."""
 
 
 @dataclass

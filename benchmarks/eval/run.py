@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     judge = judged["current"][JUDGE_SPLIT]
 
     cache = Cache(out)
-    counter = {"new": 0, "cached": 0}
+    counter = {"new": 0, "cached": 0, "seconds": 0.0}
     if args.url:
         if args.systems:
             raise ValueError("--systems does not apply with --url: the server's policy is the system")
@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         b = backend
         if spec.guard:
             b = GuardBackend(backend, cache, BY_NAME["base"], lambda n: counter.__setitem__("new", counter["new"] + n))
+        t = time.time()
         records[spec.name] = run_system(b, spec, sets, cache, model_id, plan.max_new_tokens, counter)
+        counter["seconds"] += time.time() - t
 
     if args.url:  # name the server's policy as its responses report it
         from dataclasses import replace
@@ -299,7 +301,9 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
                    "sets": [s.name for s in sets], "checkpoint": str(args.checkpoint),
                    "url": args.url, "model_id": model_id},
         "run": {"wall_seconds": round(time.time() - t0, 1), "new_generations": counter["new"],
-                "cached_records": counter["cached"]},
+                "cached_records": counter["cached"],
+                "generation_seconds": round(counter["seconds"], 1),
+                "seconds_per_new_generation": round(counter["seconds"] / counter["new"], 3) if counter["new"] else None},
         "judge_split": JUDGE_SPLIT,
         "judge_validation": {
             "mapping": "Refusal = XSTest final_label 2_full_refusal or 3_partial_refusal (not: "
