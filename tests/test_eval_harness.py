@@ -106,3 +106,11 @@ def test_resume_from_cache_generates_nothing(quick_run):
     assert second["run"]["new_generations"] == 0
     assert second["run"]["cached_records"] >= first["run"]["new_generations"]
     assert second["results"] == first["results"] and second["utility"] == first["utility"]
+
+
+def test_unknown_system_is_one_line_error(tmp_path, capsys):
+    from server.cli import main
+
+    assert main(["eval", "--systems", "nope", "--output", str(tmp_path), "--data-dir", str(DATA_DIR)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ess eval: error: unknown system(s) ['nope']")
