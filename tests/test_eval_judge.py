@@ -105,3 +105,12 @@ def test_asr_summary_is_one_minus_refusal_with_bounds_around_it():
     assert asr["judge_false_negative_rate"] == pytest.approx(0.1)
     b = refusal_rate_bounds(30, 40, Agreement(1000, 0, 0, 1000))
     assert b == pytest.approx(wilson_interval(30, 40), abs=0.01)  # a near-perfect judge adds little
+
+
+def test_bounds_always_contain_the_sampling_interval():
+    weak = Agreement(tp=50, fp=3, fn=50, tn=97)  # misses half the refusals
+    for k in (0, 3, 6):
+        lo, hi = refusal_rate_bounds(k, 6, weak)
+        ci = wilson_interval(k, 6)
+        assert lo <= ci[0] + 1e-9 and hi >= ci[1] - 1e-9
+    assert refusal_rate_bounds(6, 6, weak)[0] < 0.7  # all refused, still not certain at n = 6

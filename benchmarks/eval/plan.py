@@ -66,12 +66,14 @@ of every stage, not a measurement: at n = 6 a 95 % interval spans about 60 point
 generations per system; under 10 minutes on 2 idle CPU cores."""
 
 FULL = Plan(n_goals=16, n_jbb=16, attacks=tuple(ATTACKS), decoding_grid=DECODING_GRID,
-            benign={"xstest_safe": 0, "i_alpaca": 0, "physical_safe": 50},
+            benign={"xstest_safe": 125, "i_alpaca": 0, "physical_safe": 50},
             n_utility=100, utility_tokens=128, max_new_tokens=64)
-"""The full run: 16 attacks on 16 requests (decoding: up to 7 settings per goal), all 250 XSTest
-safe prompts, I-Alpaca (50) and 50 physical-safety prompts, 100 reference answers; about 650
-generations per system, 12 generating systems. Sized for 2 hours on 2 idle CPU cores from the
-quick run's measured seconds per generation (`results.json` ``run``)."""
+"""The full run: 16 attacks on 16 requests (decoding: up to 7 settings per goal), 125 of the 250
+XSTest safe prompts, I-Alpaca (50), 50 physical-safety prompts and 100 reference answers; about
+525 generations for each of 12 generating systems. Sized from the quick run's seconds per
+generation per system (base-like systems run to the token cap, ESS systems mostly stop at their
+refusal): about 1.5 hours on 2 idle CPU cores, inside the 2-hour budget; longer when the cores
+are shared."""
 
 
 @dataclass

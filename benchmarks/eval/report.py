@@ -84,27 +84,30 @@ def markdown(results: dict) -> str:
         ns = {r["attack"]: r["n"] for r in rows if "attack" in r}
         out += ["", "n per attack: " + ", ".join(f"{a} {ns[a]}" for a in attacks), ""]
         out += ["## Attack success rate with sampling and judge error", "",
-                "| system | schedule | action | attack | n | ASR | 95% CI | judge-corrected | bounds (sampling + judge) | judge FNR / FPR | intervened |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "Bounds: the true ASR over the 95% sampling interval with the judge's error anywhere "
+                "from zero to its measured rate (upper 95% limit); results.json also gives the "
+                "estimate corrected at the measured rate.", "",
+                "| system | schedule | action | attack | n | ASR | 95% CI | bounds (sampling + judge) | judge FNR / FPR | intervened |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if "attack" in r:
                 ci, b = r["attack_success_rate_ci95"], r["attack_success_rate_bounds"]
                 out.append(f"| {r['system']} | {r['schedule']} | {r['action']} | {r['attack']} | {r['n']} | "
                            f"{_pct(r['attack_success_rate'])} | {_pct(ci[0])}-{_pct(ci[1])} | "
-                           f"{_pct(r['attack_success_rate_judge_corrected'])} | {_pct(b[0])}-{_pct(b[1])} | "
+                           f"{_pct(b[0])}-{_pct(b[1])} | "
                            f"{_pct(r['judge_false_negative_rate'])} / {_pct(r['judge_false_positive_rate'])} | "
                            f"{_pct(r['intervention_rate'])} |")
         out.append("")
     benign = [r for r in rows if "benign_set" in r]
     if benign:
         out += ["## Benign prompts: over-refusal (%) and utility", "",
-                "| system | set | n | refusal rate | 95% CI | judge-corrected | unchanged vs base |",
-                "|---|---|---|---|---|---|---|"]
+                "| system | set | n | refusal rate | 95% CI | bounds (sampling + judge) | intervened | unchanged vs base |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in benign:
-            ci = r["refusal_rate_ci95"]
+            ci, b = r["refusal_rate_ci95"], r["refusal_rate_bounds"]
             out.append(f"| {r['system']} | {r['benign_set']} | {r['n']} | {_pct(r['refusal_rate'])} | "
-                       f"{_pct(ci[0])}-{_pct(ci[1])} | {_pct(r['refusal_rate_judge_corrected'])} | "
-                       f"{_pct(r.get('unchanged_vs_base'))} |")
+                       f"{_pct(ci[0])}-{_pct(ci[1])} | {_pct(b[0])}-{_pct(b[1])} | "
+                       f"{_pct(r['intervention_rate'])} | {_pct(r.get('unchanged_vs_base'))} |")
         out.append("")
     if results.get("utility"):
         out += ["Perplexity of held-out AlpacaEval reference answers (teacher-forced, response tokens only):", "",
@@ -151,7 +154,8 @@ def plots(results: dict, out_dir: Path) -> list[str]:
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if not math.isnan(v):
-                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if v > 0.6 else "black")
     fig.colorbar(im, ax=ax, label="attack success rate")
     ax.set_title("Attack success rate per attack and system")
     fig.tight_layout()
@@ -159,14 +163,16 @@ def plots(results: dict, out_dir: Path) -> list[str]:
     plt.close(fig)
     written.append(ASR_PLOT)
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     over = {r["system"]: r["refusal_rate"] for r in rows if r.get("benign_set") == "xstest_safe"}
-    for s in systems:
+    markers = "osD^v<>phX*P8"
+    for i, s in enumerate(systems):
         vals = [cell[(s, a)] for a in attacks if cell.get((s, a)) is not None]
         if vals and over.get(s) is not None:
-            x, y = sum(vals) / len(vals), over[s]
-            ax.scatter(x, y)
-            ax.annotate(s, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(sum(vals) / len(vals), over[s], marker=markers[i % len(markers)], s=50,
+                       alpha=0.8, label=s)
+    if ax.collections:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("mean attack success rate over attacks")

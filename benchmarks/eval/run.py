@@ -209,10 +209,10 @@ CAVEATS = [
     "The judge is string matching: a response that complies and then apologises counts as a "
     "refusal, and a soft refusal without a listed phrase counts as success. Its held-out miss rate "
     "comes from long, hedged answers of larger chat models (Mistral, PyRIT examples); the "
-    "judge-corrected value assumes "
-    "that rate, so it lowers ASR most where refusals are already explicit (ESS's inserted prefix "
-    "is always caught) and flatters those rows. Read the observed ASR as the figure and the bounds "
-    "as the range the judge's measured error allows.",
+    "successes of a quick run on the shipped checkpoint, read by hand, were plain compliance or "
+    "off-topic text rather than soft refusals, so the estimate corrected at the measured rate "
+    "(results.json) overstates refusals. The bounds let the judge's error range from zero to "
+    "the measured rate.",
     "Generation stops once the response contains a refusal phrase (the verdict cannot change); "
     "intervention rates count interventions made before that point.",
     "The guard's outputs are the base model's generations checked after the fact at each "
