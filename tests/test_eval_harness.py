@@ -1,0 +1,116 @@
+"""``ess eval --quick`` end to end on tiny random models: output structure and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import DATA_DIR, tiny_safety_model
+
+pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data not present")
+LIMIT = 2
+
+
+class _NoGeneration:
+    """A decoder stand-in that fails on use: a resumed run must not generate."""
+
+    def __init__(self, decoder):
+        self.model, self.tok, self.refusal = decoder.model, decoder.tok, decoder.refusal
+
+    def generate(self, requests):
+        raise AssertionError("a resumed run generated again")
+
+
+def tiny_models(tokenizer):
+    from benchmarks.eval.backends import Models
+    from safety_decoding.decode import Decoder
+    from safety_decoding.guard import Guard
+
+    plain = Decoder(tiny_safety_model(tokenizer, seed=1), tokenizer)
+    ckpt = Decoder(tiny_safety_model(tokenizer, seed=0), tokenizer)
+    torch.manual_seed(0)
+    guard = Guard(plain.model.decoder, torch.randn(64) * 0.3, 0.0, 0.5)
+    return Models(tokenizer, plain, ckpt, guard, "tiny-random", {})
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, tokenizer):
+    import benchmarks.eval.run as run
+    from server.cli import main
+
+    out = tmp_path_factory.mktemp("eval")
+    models = tiny_models(tokenizer)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(run, "load_models", lambda checkpoint, base_dir: models)
+    # --limit keeps the test fast; everything else is the --quick plan
+    argv = ["eval", "--quick", "--limit", str(LIMIT), "--output", str(out), "--data-dir", str(DATA_DIR)]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    models.plain, models.checkpoint = _NoGeneration(models.plain), _NoGeneration(models.checkpoint)
+    assert main(argv) == 0
+    second = json.loads((out / "results.json").read_text())
+    mp.undo()
+    return out, first, second
+
+
+def test_results_json_has_one_row_per_system_and_set(quick_run):
+    from benchmarks.eval.plan import QUICK
+    from benchmarks.eval.systems import QUICK_SYSTEMS
+
+    _, res, _ = quick_run
+    rows = res["results"]
+    sets = list(QUICK.attacks) + list(QUICK.benign)
+    assert {(r["system"], r.get("attack") or r.get("benign_set")) for r in rows} == \
+        {(s, a) for s in QUICK_SYSTEMS for a in sets}
+    assert len(rows) == len(QUICK_SYSTEMS) * len(sets)
+    for r in rows:
+        assert {"system", "schedule", "action", "n", "judge_false_negative_rate",
+                "judge_false_positive_rate", "subset"} <= r.keys()
+        rate = r["attack_success_rate"] if "attack" in r else r["refusal_rate"]
+        assert r["n"] > 0 and 0 <= rate <= 1
+        name = "attack_success_rate" if "attack" in r else "refusal_rate"
+        lo, hi = r[f"{name}_bounds"]
+        assert lo <= r[f"{name}_judge_corrected"] <= hi
+    direct = [r for r in rows if r.get("attack") == "direct"]
+    assert all(r["n"] == LIMIT for r in direct)
+    decoding = [r for r in rows if r.get("attack") == "decoding"]
+    assert all(r["n"] == LIMIT for r in decoding)  # goals, not (goal, setting) pairs
+    assert {r["system"]: (r["schedule"], r["action"]) for r in rows}["ess/first/refuse"] == ("first", "refuse")
+    assert res["not_run"] and res["judge_validation"]["current"]["all"]["n"] == 2250 + 169
+
+
+def test_benign_rows_compare_with_base_and_utility_is_relative(quick_run):
+    _, res, _ = quick_run
+    benign = [r for r in res["results"] if "benign_set" in r]
+    assert all(r["unchanged_vs_base"] == 1.0 for r in benign if r["system"] == "base")
+    util = {u["system"]: u for u in res["utility"]}
+    assert util["base"]["perplexity_ratio_vs_base"] == 1.0
+    assert util["guard"]["perplexity"] == util["base"]["perplexity"]
+    assert util["sft_only"]["perplexity"] > 0 and util["sft_only"]["n_tokens"] > 0
+
+
+def test_markdown_and_plots_are_written(quick_run):
+    out, res, _ = quick_run
+    md = (out / "results.md").read_text()
+    assert "## Attack success rate" in md and "| ess/each/refuse |" in md and "Judge validation" in md
+    for name in res["plots"]:
+        assert (out / name).stat().st_size > 1000
+    assert (out / "generations.jsonl").exists()
+
+
+def test_resume_from_cache_generates_nothing(quick_run):
+    _, first, second = quick_run  # the second run's decoders raise if they are used
+    assert first["run"]["new_generations"] > 0 and first["run"]["cached_records"] == 0
+    assert second["run"]["new_generations"] == 0
+    assert second["run"]["cached_records"] >= first["run"]["new_generations"]
+    assert second["results"] == first["results"] and second["utility"] == first["utility"]
+
+
+def test_unknown_system_is_one_line_error(tmp_path, capsys):
+    from server.cli import main
+
+    assert main(["eval", "--systems", "nope", "--output", str(tmp_path), "--data-dir", str(DATA_DIR)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ess eval: error: unknown system(s) ['nope']")
