@@ -10,6 +10,7 @@ import httpx
 import pytest
 import uvicorn
 
+from safety_decoding.prompt import build_chat_prompt
 from server.app import create_app
 from server.engine import Engine
 from server.settings import Settings
@@ -17,11 +18,8 @@ from server.settings import Settings
 from _server_helpers import SlowDecoder, metric_value, sse_data
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tokenizer):
-    decoder = SlowDecoder(tiny_model, tokenizer, delay=0.02)
-    app = create_app(Engine(decoder, max_waiting=4), Settings(max_new_tokens_limit=1024))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+def _start(app, **config) -> tuple[uvicorn.Server, threading.Thread, str]:
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     for _ in range(500):
@@ -30,7 +28,20 @@ def server(tiny_model, tokenizer):
         time.sleep(0.01)
     assert srv.started, "uvicorn did not start"
     port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
+    return srv, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_model, tokenizer):
+    return SlowDecoder(tiny_model, tokenizer, delay=0.02)
+
+
+@pytest.fixture(scope="module")
+def server(decoder):
+    """One request runs at a time (max_num_seqs=1), so a second one waits in the queue."""
+    app = create_app(Engine(decoder, max_num_seqs=1, max_waiting=4), Settings(max_new_tokens_limit=1024))
+    srv, thread, url = _start(app)
+    yield url
     srv.should_exit = True
     thread.join(10)
 
@@ -78,3 +89,36 @@ def test_client_leaving_generate_aborts_the_request(server):
         httpx.post(f"{server}/generate", timeout=httpx.Timeout(5, read=0.3),
                    json={"inputs": "Hi", "parameters": {"max_new_tokens": 1000}})
     _wait_for_aborts(server, before + 1)
+
+
+def test_client_leaving_while_queued_drops_the_request_unrun(server, decoder, tokenizer):
+    before = _aborts(server)
+    with httpx.stream("POST", f"{server}/generate_stream", timeout=30, json={
+            "inputs": "Hi", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}) as busy:
+        lines = busy.iter_lines()  # keep a reference: dropping it closes the connection
+        assert next(lines).startswith("data: ")  # running: the next one queues
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server}/generate", timeout=httpx.Timeout(5, read=0.3),
+                       json={"inputs": "queued one", "parameters": {"max_new_tokens": 5}})
+        _wait_for_aborts(server, before + 1)  # dropped while the first still runs
+    _wait_for_aborts(server, before + 2)
+    queued = build_chat_prompt(tokenizer, [{"role": "user", "content": "queued one"}]).ids
+    assert tuple(queued) not in {tuple(ids) for ids in decoder.ran}
+
+
+def test_shutdown_drains_running_streams(tiny_model, tokenizer):
+    """SIGTERM (uvicorn's should_exit) lets a running stream finish; the engine stops after."""
+    app = create_app(Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02)),
+                     Settings(max_new_tokens_limit=64))
+    srv, thread, url = _start(app, timeout_graceful_shutdown=30)
+    with httpx.stream("POST", f"{url}/generate_stream", timeout=30, json={
+            "inputs": "Hi", "parameters": {"max_new_tokens": 40, "ignore_eos": True}}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        srv.should_exit = True
+        body = [line for line in lines if line.startswith("data: ")]
+    details = sse_data("\n\n".join(body))[-1]["details"]
+    assert details["finish_reason"] != "abort" and details["generated_tokens"] == 40
+    thread.join(30)
+    assert not thread.is_alive()
+    assert not app.state.engine.ready
