@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 from sse_starlette.event import JSONServerSentEvent
 
 from safety_decoding.decode import ABORT, EOS, GenerationRequest
@@ -25,7 +24,7 @@ from .auth import install_auth_and_cors
 from .engine import Engine, EngineError, EngineNotRunning, RequestStream, reported_finish_reason
 from .errors import InvalidRequest, engine_error_kind, install_error_handlers, tgi_error_body
 from .errors import field_path, validation_message  # noqa: F401  (re-exported for tests)
-from .handling import collect_unless_disconnected, context_length
+from .handling import collect_unless_disconnected, context_length, sse_response
 from .metrics import CONTENT_TYPE_LATEST
 from .openai_api import openai_router
 from .schemas import (GenerateRequest, build_prompt, final_stream_event, generate_response,
@@ -155,7 +154,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         prefix = (body.inputs + body.parameters.response_prefix
                   if body.parameters.return_full_text else "")
         frames = _sse_frames(stream, seed, prefix, engine.tokenizer.eos_token_id)
-        return EventSourceResponse(frames, sep="\n", ping=settings.sse_ping_seconds)
+        return sse_response(frames, settings)
 
     @app.post("/")
     async def compat_generate(body: GenerateRequest, request: Request):

@@ -370,7 +370,7 @@ class Engine:
     def _deliver(self, events: list[StepEvent], jobs: dict[int, _Job], now: float) -> None:
         for ev in events:
             job = jobs[ev.index]
-            if ev.tokens:
+            if any(t.text for t in ev.tokens):  # visible text: TTFT/TPOT count what clients see
                 if job.first_token is None:
                     job.first_token = now
                 job.last_token = now

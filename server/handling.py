@@ -1,10 +1,11 @@
-"""What the TGI and the OpenAI routes share: the token budget rule and collecting a whole
-response while watching for the client leaving."""
+"""What the TGI and the OpenAI routes share: the token budget rule, the SSE response, and
+collecting a whole response while watching for the client leaving."""
 
 from __future__ import annotations
 
 import anyio
 from fastapi import Request
+from sse_starlette import EventSourceResponse
 
 from .engine import EngineError, RequestStream
 
@@ -13,6 +14,18 @@ def context_length(model_max_length: int) -> int:
     """Tokens one request may use, prompt + completion: the model's positions
     (`Engine.model_max_length`) minus the one ``[CLS]`` holds (the decoder puts it at slot 0)."""
     return model_max_length - 1
+
+
+def sse_response(frames, settings) -> EventSourceResponse:
+    """An SSE response of ``frames`` (``\n`` separators, keep-alive pings every
+    ``ESS_SSE_PING_SECONDS``).
+
+    On SIGTERM sse-starlette would close every stream within half a second. A running stream
+    instead gets ``ESS_SHUTDOWN_TIMEOUT_SECONDS`` to finish (the grace period), the same bound
+    uvicorn gives every connection, so streams drain like the other responses do.
+    """
+    return EventSourceResponse(frames, sep="\n", ping=settings.sse_ping_seconds,
+                               shutdown_grace_period=settings.shutdown_timeout_seconds)
 
 
 async def collect_unless_disconnected(stream: RequestStream, request: Request):

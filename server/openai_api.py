@@ -14,7 +14,6 @@ import time
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse
 from sse_starlette.event import JSONServerSentEvent, ServerSentEvent
 
 from safety_decoding.decode import ABORT, GenerationRequest
@@ -24,9 +23,9 @@ from safety_decoding.sampling import ParameterError
 
 from .engine import Engine, EngineError, EngineNotRunning, RequestStream
 from .errors import InvalidRequest, engine_error_kind, openai_error_body
-from .handling import collect_unless_disconnected, context_length
-from .openai_schemas import (ChatCompletionRequest, Completion, CompletionRequest, build_chat,
-                             build_completion, completion_budget, model_card,
+from .handling import collect_unless_disconnected, context_length, sse_response
+from .openai_schemas import (CONTEXT_LENGTH_EXCEEDED, ChatCompletionRequest, Completion,
+                             CompletionRequest, build_chat, build_completion, completion_budget, model_card,
                              new_completion_id, openai_field, openai_finish_reason,
                              to_sampling_params, usage_json)
 from .schemas import to_safety_params
@@ -66,7 +65,8 @@ def openai_router(engine: Engine, settings: Settings, server_safety: SafetyParam
         n = len(prompt.ids)
         if n > settings.max_input_tokens:
             raise InvalidRequest(noun, f"the prompt is {n} tokens after templating, more than "
-                                       f"this server's limit of {settings.max_input_tokens}")
+                                       f"this server's limit of {settings.max_input_tokens}",
+                                 code=CONTEXT_LENGTH_EXCEEDED)  # clients trim and retry on it
         max_new = completion_budget(n, max_tokens, limit, context_length(engine.model_max_length),
                                     noun)
         try:
@@ -86,8 +86,7 @@ def openai_router(engine: Engine, settings: Settings, server_safety: SafetyParam
                            body.include_usage)
         stream = engine.submit(req)  # 429 / 503 before any byte is sent
         if body.stream:
-            return EventSourceResponse(openai_frames(stream, shape), sep="\n",
-                                       ping=settings.sse_ping_seconds)
+            return sse_response(openai_frames(stream, shape), settings)
         events = await collect_unless_disconnected(stream, request)
         if events is None:  # the client left; the engine aborted the request
             return Response(status_code=499)

@@ -72,8 +72,8 @@ class ChatMessage(BaseModel):
         for j, part in enumerate(v):
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise PydanticCustomError("unsupported", "part {j} has type {kind!r}; only text "
-                                          "parts are supported", {"j": j, "kind": kind})
+                raise PydanticCustomError("unsupported", "part {j} has type {kind}; only text "
+                                          "parts are supported", {"j": j, "kind": repr(kind)})
             if not isinstance(part.get("text"), str):
                 raise PydanticCustomError("string_type", "part {j} needs a string `text`",
                                           {"j": j})
@@ -122,6 +122,8 @@ class _OpenAIRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1, description="vLLM: -1 or 0 disable top-k.")
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False,
                                              description="vLLM: > 0; 1 disables.")
+    ignore_eos: bool = Field(False, description="vLLM: keep generating past end-of-sequence "
+                                                "up to max_tokens (load tests).")
     safety: SafetyOverrides | None = Field(
         None, description="Ours: per-request safety policy, only stricter than the server's "
                           "(same object as /generate's parameters.safety).")
@@ -354,6 +356,7 @@ def to_sampling_params(body: _OpenAIRequest, max_new_tokens: int) -> SamplingPar
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         seed=body.seed,
         stop=tuple(body.stop or ()),
+        ignore_eos=body.ignore_eos,
     )
 
 
