@@ -24,7 +24,7 @@ def _train(args) -> int:
     from safety_decoding.train import load_train_config, train
 
     cfg = load_train_config(args.config)
-    train(cfg, resolve_base_model(None))
+    train(cfg, resolve_base_model(args.base_model))
     return 0
 
 
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare)
     p = sub.add_parser("train", help="fine-tune a checkpoint with the explicit safety signal")
     p.add_argument("--config", required=True, help="YAML file of TrainConfig keys")
+    p.add_argument("--base-model", type=Path,
+                   help="Hugging Face folder of a Llama-style causal LM to train on (default: "
+                        "the prepared SmolLM2 cache); its weights hash is recorded there")
     p.set_defaults(func=_train)
     p = sub.add_parser("train-guard", help="fit the external-guard baseline (a linear probe "
                                            "on the plain base model)")
