@@ -231,3 +231,20 @@ def exec_form(steps: list[tuple[str, str]], keyword: str) -> list[str]:
     if keyword == "HEALTHCHECK":
         rest = rest[rest.index("CMD ") + len("CMD "):]
     return json.loads(rest)
+
+
+# ---- Ray Serve -----------------------------------------------------------------------------
+
+
+def tiny_slow_decoder(delay: float = 0.02):
+    """A `SlowDecoder` on the tiny random model (``delay`` seconds a step), built where it is
+    called: a Ray replica imports this module by name (PYTHONPATH: the repository and
+    tests/), so the factory pickles by reference."""
+    from transformers import AutoTokenizer
+
+    from conftest import ASSETS, tiny_safety_model
+
+    from _server_helpers import SlowDecoder
+
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / "smollm2-tokenizer"))
+    return SlowDecoder(tiny_safety_model(tok), tok, delay=delay)
