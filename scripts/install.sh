@@ -8,4 +8,4 @@ fi
 . .venv/bin/activate
 # The pinned CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+python -m pip install --quiet --disable-pip-version-check -e '.[test,ray]'

@@ -24,7 +24,7 @@ def _train(args) -> int:
     from safety_decoding.train import load_train_config, train
 
     cfg = load_train_config(args.config)
-    train(cfg, resolve_base_model(None))
+    train(cfg, resolve_base_model(args.base_model))
     return 0
 
 
@@ -81,6 +81,16 @@ def _serve(args) -> int:
         field = ".".join(str(p) for p in first["loc"])
         print(f"ess serve: error: {field}: {first['msg']}", file=sys.stderr)
         return 1
+    if args.ray:
+        from .ray_serve import RayOptions, run_ray
+
+        try:
+            return run_ray(settings, RayOptions(
+                replicas=args.replicas, max_replicas=args.max_replicas,
+                replica_cpus=args.replica_cpus, address=args.ray_address))
+        except (ServeError, ValueError) as exc:
+            print(f"ess serve: error: {exc}", file=sys.stderr)
+            return 1
     try:
         app = build_app(settings)
     except ServeError as exc:
@@ -144,8 +154,9 @@ def _trace(args) -> int:
     return 0
 
 
-def build_app(settings):
-    """Prepare the base model if needed, load the checkpoint, and build the app (not started).
+def build_app(settings, decoder=None):
+    """Build the app (not started) around ``decoder``; when None, prepare the base model if
+    needed and load the checkpoint of ``settings``.
 
     Raises:
         ServeError: preparation failed, the base folder is missing, or the checkpoint is bad.
@@ -157,11 +168,12 @@ def build_app(settings):
     from .app import create_app
     from .engine import Engine
 
-    base = resolve_base_model(settings.base_model_dir)
-    try:
-        decoder = Decoder.from_checkpoint(settings.checkpoint, base)
-    except CheckpointError as exc:
-        raise ServeError(str(exc)) from exc
+    if decoder is None:
+        base = resolve_base_model(settings.base_model_dir)
+        try:
+            decoder = Decoder.from_checkpoint(settings.checkpoint, base)
+        except CheckpointError as exc:
+            raise ServeError(str(exc)) from exc
     engine = Engine(decoder, max_num_seqs=settings.max_num_seqs,
                     max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting,
                     request_timeout=settings.request_timeout_seconds)
@@ -179,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare)
     p = sub.add_parser("train", help="fine-tune a checkpoint with the explicit safety signal")
     p.add_argument("--config", required=True, help="YAML file of TrainConfig keys")
+    p.add_argument("--base-model", type=Path,
+                   help="Hugging Face folder of a Llama-style causal LM to train on (default: "
+                        "the prepared SmolLM2 cache); its weights hash is recorded there")
     p.set_defaults(func=_train)
     p = sub.add_parser("train-guard", help="fit the external-guard baseline (a linear probe "
                                            "on the plain base model)")
@@ -201,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepared base-model folder (ESS_BASE_MODEL_DIR; default: the cache)")
     p.add_argument("--host", help="address to bind (ESS_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to bind (ESS_PORT, default 8000)")
+    g = p.add_argument_group("scale-out with Ray Serve (pip install 'ess-serve[ray]')")
+    g.add_argument("--ray", action="store_true",
+                   help="serve replicas behind Ray Serve's HTTP proxy (server/ray_serve.py); "
+                        "past ESS_MAX_WAITING queued requests it answers 503")
+    g.add_argument("--replicas", type=int, default=1,
+                   help="replicas (the autoscaling minimum with --max-replicas)")
+    g.add_argument("--max-replicas", type=int,
+                   help="autoscale between --replicas and this on ongoing requests per replica")
+    g.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves a replica")
+    g.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
     p.set_defaults(func=_serve)
     p = sub.add_parser("trace", help="per-step safety probabilities of one generation")
     p.add_argument("prompt", help="the user message")

@@ -56,3 +56,17 @@ def test_cli_commands_end_in_one_error_line(empty_cache, monkeypatch, capsys, tm
         assert main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"ess {argv[0]}: error: could not download")
+
+
+def test_own_base_model_gets_its_weights_hash_recorded(tmp_path):
+    """`ess train --base-model DIR` on a folder `ess prepare` did not make: the hash is written
+    once and read back after (what `load_safety_model` checks)."""
+    import torch
+
+    from safety_decoding.base_model import recorded_weights_sha256, weights_sha256
+
+    state = {"w": torch.arange(4, dtype=torch.float32)}
+    digest = recorded_weights_sha256(tmp_path, state)
+    assert digest == weights_sha256(state)
+    assert (tmp_path / "WEIGHTS_SHA256").read_text().strip() == digest
+    assert recorded_weights_sha256(tmp_path, {"w": torch.zeros(4)}) == digest  # kept, not redone

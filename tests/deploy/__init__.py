@@ -1,0 +1,1 @@
+"""Deployment tests (docker/, Kubernetes manifests, a real Prometheus); helpers in _deploy."""
