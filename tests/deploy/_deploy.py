@@ -147,6 +147,20 @@ class Prometheus:
         assert body["data"]["resultType"] == "vector", body
         return body["data"]["result"]
 
+    def query_range(self, expr: str, seconds: float, step: float = 1.0) -> list[dict]:
+        """The range vector of ``expr`` over the last ``seconds``
+        (``[{"metric": {...}, "values": [[t, "v"], ...]}]``).
+
+        Raises:
+            AssertionError: Prometheus rejected the query.
+        """
+        end = time.time()
+        r = httpx.get(self.url + "/api/v1/query_range", timeout=10,
+                      params={"query": expr, "start": end - seconds, "end": end, "step": step})
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+        return body["data"]["result"]
+
     def values(self, expr: str) -> list[float]:
         return [float(s["value"][1]) for s in self.query(expr)]
 

@@ -94,3 +94,54 @@ def test_every_dashboard_query_returns_numbers(scraped):
     prom, _, _ = scraped
     for title, expr in dashboard_queries("5m"):
         assert prom.wait_for(expr, finite, timeout=30), title
+
+
+def plot_dashboard(prom, path, seconds: float = 60.0) -> int:
+    """Render every dashboard panel's PromQL over the last ``seconds`` as one PNG (the
+    dashboard's series as Prometheus returns them, for where Grafana cannot run); returns the
+    number of series drawn."""
+    import math
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[str, list[str]] = {}
+    for title, expr in dashboard_queries("30s"):
+        panels.setdefault(title, []).append(expr)
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 2.6 * rows), squeeze=False)
+    drawn = 0
+    for ax, (title, exprs) in zip(axes.flat, panels.items()):
+        for expr in exprs:
+            for series in prom.query_range(expr, seconds):
+                t0 = series["values"][0][0]
+                xs = [float(t) - t0 for t, _ in series["values"]]
+                ys = [float(v) for _, v in series["values"]]
+                label = ",".join(f"{k}={v}" for k, v in sorted(series["metric"].items())
+                                 if k not in ("job", "instance")) or None
+                ax.plot(xs, ys, label=label)
+                drawn += 1
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("ESS Serve dashboard queries (Prometheus query_range, tiny model, seconds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return drawn
+
+
+def test_dashboard_queries_render(scraped, tmp_path):
+    """Every panel's PromQL as a range query, drawn: set ESS_DASHBOARD_PNG to keep the image
+    (docs/dashboard_promql.png was made so)."""
+    import os
+
+    prom, _, _ = scraped
+    path = os.environ.get("ESS_DASHBOARD_PNG") or tmp_path / "dashboard.png"
+    assert plot_dashboard(prom, path) >= len({t for t, _ in dashboard_queries()})
+    assert os.path.getsize(path) > 10_000
