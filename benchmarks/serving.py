@@ -33,8 +33,8 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks.common import CHECKPOINT, REPO, markdown_table, write_json
 
@@ -172,12 +172,11 @@ async def run_http(url: str, requests_for, concurrencies) -> list[dict]:
 
 # ---- baseline: transformers generate(), one request at a time --------------------------------
 
-def hf_sender(model, tok):
-    """Requests go to one worker thread that runs ``model.generate`` for each in turn."""
+def hf_sender(worker, model, tok):
+    """Requests go to ``worker`` (a one-thread executor, the one that loaded ``model``), which
+    runs ``model.generate`` for each in turn."""
     import torch
     from transformers.generation.streamers import BaseStreamer
-
-    lock = threading.Lock()
 
     class FirstToken(BaseStreamer):
         def __init__(self):
@@ -195,21 +194,21 @@ def hf_sender(model, tok):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
         streamer = FirstToken()
-        with lock, torch.inference_mode():
+        with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                  streamer=streamer, pad_token_id=tok.eos_token_id)
         return streamer.first, out.shape[1] - ids.shape[1]
 
     async def send(prompt: str, n: int) -> dict:
         t0 = time.perf_counter()
-        first, tokens = await asyncio.to_thread(generate, prompt, n)
+        first, tokens = await asyncio.get_running_loop().run_in_executor(worker, generate, prompt, n)
         end = time.perf_counter()
         return {"ttft": (first or end) - t0, "latency": end - t0, "tokens": tokens}
     return send
 
 
-async def run_hf(model, tok, requests_for, concurrencies) -> list[dict]:
-    send = hf_sender(model, tok)
+async def run_hf(worker, model, tok, requests_for, concurrencies) -> list[dict]:
+    send = hf_sender(worker, model, tok)
     await send("Hello", 2)
     out = []
     for c in concurrencies:
@@ -268,9 +267,12 @@ def main(argv=None) -> dict:
         from safety_decoding.model import load_safety_model
 
         print("hf_generate baseline ...", file=sys.stderr)
-        lm = load_safety_model(CHECKPOINT, base).lm
-        for point in asyncio.run(run_hf(lm, tok, requests_for, conc)):
-            results.append({"system": "hf_generate", "schedule": None, "safety": False, **point})
+        # Load and generate on one thread, as the server's engine does (see
+        # server.engine.load_off_thread: a second OpenMP team slows decoding ~1.8x).
+        with ThreadPoolExecutor(1) as worker:
+            lm = worker.submit(lambda: load_safety_model(CHECKPOINT, base).lm).result()
+            for point in asyncio.run(run_hf(worker, lm, tok, requests_for, conc)):
+                results.append({"system": "hf_generate", "schedule": None, "safety": False, **point})
 
     add_scaling(results)
     import torch

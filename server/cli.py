@@ -166,14 +166,17 @@ def build_app(settings, decoder=None):
     from safety_decoding.sampling import ParameterError
 
     from .app import create_app
-    from .engine import Engine
+    from .engine import Engine, load_off_thread
 
-    if decoder is None:
+    def load() -> Decoder:
         base = resolve_base_model(settings.base_model_dir)
         try:
-            decoder = Decoder.from_checkpoint(settings.checkpoint, base)
+            return Decoder.from_checkpoint(settings.checkpoint, base)
         except CheckpointError as exc:
             raise ServeError(str(exc)) from exc
+
+    if decoder is None:
+        decoder = load_off_thread(load)
     engine = Engine(decoder, max_num_seqs=settings.max_num_seqs,
                     max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting,
                     request_timeout=settings.request_timeout_seconds)

@@ -253,3 +253,18 @@ def test_request_timeout_stops_running_and_waiting_requests(tiny_model, tokenize
     assert events[-1].finish_reason is not None
     assert metric_value(_metrics(engine), "ess_requests_total", 'finish_reason="timeout"') == 2
     assert metric_value(_metrics(engine), "ess_num_requests_running") == 0
+
+
+def test_load_off_thread_runs_elsewhere_and_reraises():
+    import threading
+
+    from server.engine import load_off_thread
+
+    name = load_off_thread(lambda: threading.current_thread().name)
+    assert name.startswith("ess-load") and name != threading.current_thread().name
+
+    def fail():
+        raise ValueError("bad checkpoint")
+
+    with pytest.raises(ValueError, match="bad checkpoint"):
+        load_off_thread(fail)
