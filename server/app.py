@@ -24,7 +24,8 @@ from .auth import install_auth_and_cors
 from .engine import Engine, EngineError, EngineNotRunning, RequestStream, reported_finish_reason
 from .errors import InvalidRequest, engine_error_kind, install_error_handlers, tgi_error_body
 from .errors import field_path, validation_message  # noqa: F401  (re-exported for tests)
-from .handling import collect_unless_disconnected, context_length, sse_response
+from .handling import (collect_unless_disconnected, context_length, longest_token_chars,
+                       sse_response, too_many_chars)
 from .metrics import CONTENT_TYPE_LATEST
 from .openai_api import openai_router
 from .schemas import (GenerateRequest, build_prompt, final_stream_event, generate_response,
@@ -46,6 +47,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     """
     settings = settings if settings is not None else Settings()
     server_safety = server_safety_params(settings, engine.safety_config)
+    token_chars = longest_token_chars(engine.tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -77,6 +79,10 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         if p.raw and p.response_prefix:
             raise InvalidRequest("parameters.response_prefix",
                                  "cannot be combined with raw (a raw prompt is all query)")
+        reason = too_many_chars(len(body.inputs) + len(p.response_prefix), settings.max_input_tokens,
+                                token_chars)
+        if reason:
+            raise InvalidRequest("inputs", reason)
         try:
             # Tokenizing a long input takes milliseconds: keep it off the event loop.
             prompt = await anyio.to_thread.run_sync(build_prompt, engine.tokenizer, body)

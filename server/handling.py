@@ -16,6 +16,25 @@ def context_length(model_max_length: int) -> int:
     return model_max_length - 1
 
 
+def longest_token_chars(tokenizer) -> int:
+    """Characters in the longest vocabulary entry (81 for SmolLM2); about 50 ms, call once."""
+    return max(len(tokenizer.convert_tokens_to_string([t])) for t in tokenizer.get_vocab())
+
+
+def too_many_chars(chars: int, max_input_tokens: int, token_chars: int) -> str | None:
+    """Why a prompt of ``chars`` characters cannot fit ``max_input_tokens`` tokens, or None.
+
+    Our choice: a bound checked before tokenizing, so a multi-megabyte body is refused at
+    once instead of tokenized for seconds while other streams wait (no token is longer than
+    ``token_chars``, so the prompt would be over the token limit anyway).
+    """
+    limit = max_input_tokens * token_chars
+    if chars > limit:
+        return (f"the prompt is {chars} characters; more than {limit} cannot fit this server's "
+                f"limit of {max_input_tokens} tokens")
+    return None
+
+
 def sse_response(frames, settings) -> EventSourceResponse:
     """An SSE response of ``frames`` (``\n`` separators, keep-alive pings every
     ``ESS_SSE_PING_SECONDS``).

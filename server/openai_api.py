@@ -23,7 +23,8 @@ from safety_decoding.sampling import ParameterError
 
 from .engine import Engine, EngineError, EngineNotRunning, RequestStream
 from .errors import InvalidRequest, engine_error_kind, openai_error_body
-from .handling import collect_unless_disconnected, context_length, sse_response
+from .handling import (collect_unless_disconnected, context_length, longest_token_chars,
+                       sse_response, too_many_chars)
 from .openai_schemas import (CONTEXT_LENGTH_EXCEEDED, ChatCompletionRequest, Completion,
                              CompletionRequest, build_chat, build_completion, completion_budget, model_card,
                              new_completion_id, openai_field, openai_finish_reason,
@@ -38,6 +39,7 @@ def openai_router(engine: Engine, settings: Settings, server_safety: SafetyParam
     """The ``/v1`` routes for ``engine``, validated against ``settings``' limits and made no
     weaker than ``server_safety``."""
     router = APIRouter(prefix="/v1")
+    token_chars = longest_token_chars(engine.tokenizer)
     created = int(time.time())
 
     async def prepare(body: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
@@ -56,6 +58,10 @@ def openai_router(engine: Engine, settings: Settings, server_safety: SafetyParam
         if body.stream_options is not None and not body.stream:
             # vLLM's rule: stream_options without stream is a mistake worth reporting.
             raise InvalidRequest("stream_options", "only allowed when stream is true")
+        chars = sum(len(m.content) for m in body.messages) if chat else len(body.prompt)
+        reason = too_many_chars(chars, settings.max_input_tokens, token_chars)
+        if reason:
+            raise InvalidRequest(noun, reason, code=CONTEXT_LENGTH_EXCEEDED)
         try:
             # Tokenizing a long input takes milliseconds: keep it off the event loop.
             prompt = await anyio.to_thread.run_sync(build_chat if chat else build_completion,

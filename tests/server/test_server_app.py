@@ -230,3 +230,20 @@ def test_request_timeout_is_504_and_a_stream_error_event(tiny_model, tokenizer):
         events = _stream(c, max_new_tokens=60)
         assert events[-1]["error_type"] == "timeout" and all("token" in e for e in events[:-1])
         assert _generate(c, max_new_tokens=2).status_code == 200
+
+
+def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(tiny_model, tokenizer):
+    from server.handling import longest_token_chars, too_many_chars
+
+    chars = longest_token_chars(tokenizer)
+    assert 10 < chars < 200
+    assert too_many_chars(10 * chars, 10, chars) is None
+    app = create_app(Engine(Decoder(tiny_model, tokenizer)), Settings(max_input_tokens=60))
+    with TestClient(app) as c:
+        r = _generate(c, inputs="x" * (60 * chars + 1), max_new_tokens=2)
+        assert r.status_code == 400 and r.json()["error"].startswith("inputs: the prompt is")
+        assert "characters" in r.json()["error"]
+        r = c.post("/v1/completions", json={"model": "m", "prompt": "y" * (60 * chars + 1)})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert r.json()["error"]["param"] == "prompt"
+        assert _generate(c, inputs="Hi", max_new_tokens=2).status_code == 200
