@@ -110,7 +110,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
             raise InvalidRequest(f"parameters.safety.{exc.field}", exc.message) from exc
         return GenerationRequest(prompt, sampling, safety, trace=p.details), seed
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers probe with it
     async def health():
         """200 once the model is loaded and a warm-up step ran, else 503."""
         if engine.ready:

@@ -21,7 +21,8 @@ STEP_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
                 2.5, 10.0)
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # p_malicious in [0, 1]
 
-FINISH_REASONS = ("length", "eos_token", "stop_sequence", "content_filter", "abort", "error")
+FINISH_REASONS = ("length", "eos_token", "stop_sequence", "content_filter", "abort", "error",
+                  "timeout")
 TRIP_STAGES = ("query", "response")
 TRIP_ACTIONS = ("refuse", "reweight", "monitor")
 

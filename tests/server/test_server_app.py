@@ -48,6 +48,10 @@ def test_health_is_503_until_the_engine_is_warm(tiny_model, tokenizer):
     with TestClient(app) as c:
         r = c.get("/health")
         assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        assert c.head("/health").status_code == 200  # load balancers probe with HEAD
+        # every finish reason is exported from the start, timeout included
+        assert metric_value(c.get("/metrics").text, "ess_requests_total",
+                            'finish_reason="timeout"') == 0
     assert plain.get("/health").status_code == 503  # stopped again on shutdown
 
 
