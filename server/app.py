@@ -64,7 +64,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app, settings.retry_after_seconds)
     install_auth_and_cors(app, settings)
-    app.include_router(openai_router(engine, settings, server_safety))
+    app.include_router(openai_router(engine, settings, server_safety, token_chars))
 
     async def prepare(body: GenerateRequest) -> tuple[GenerationRequest, int | None]:
         """Validate against this server's limits and build the library request.

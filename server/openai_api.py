@@ -23,8 +23,7 @@ from safety_decoding.sampling import ParameterError
 
 from .engine import Engine, EngineError, EngineNotRunning, RequestStream
 from .errors import InvalidRequest, engine_error_kind, openai_error_body
-from .handling import (collect_unless_disconnected, context_length, longest_token_chars,
-                       sse_response, too_many_chars)
+from .handling import collect_unless_disconnected, context_length, sse_response, too_many_chars
 from .openai_schemas import (CONTEXT_LENGTH_EXCEEDED, ChatCompletionRequest, Completion,
                              CompletionRequest, build_chat, build_completion, completion_budget, model_card,
                              new_completion_id, openai_field, openai_finish_reason,
@@ -35,11 +34,11 @@ from .settings import Settings
 ABORTED = "the request was aborted: the server is shutting down"
 
 
-def openai_router(engine: Engine, settings: Settings, server_safety: SafetyParams) -> APIRouter:
+def openai_router(engine: Engine, settings: Settings, server_safety: SafetyParams,
+                  token_chars: int) -> APIRouter:
     """The ``/v1`` routes for ``engine``, validated against ``settings``' limits and made no
-    weaker than ``server_safety``."""
+    weaker than ``server_safety``; ``token_chars`` is `handling.longest_token_chars`."""
     router = APIRouter(prefix="/v1")
-    token_chars = longest_token_chars(engine.tokenizer)
     created = int(time.time())
 
     async def prepare(body: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import torch
 import uvicorn
 
@@ -93,25 +94,48 @@ class RecordingDecoder(SlowDecoder):
         super().__init__(model, tokenizer, delay=0.0)
 
 
+def start_server(app, **config) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """Start uvicorn for ``app`` on a free localhost port in a thread (``config``: more
+    `uvicorn.Config` options); returns the server, its thread and its URL."""
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                        **config))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(1000):
+        if srv.started:
+            break
+        time.sleep(0.01)
+    assert srv.started, "uvicorn did not start"
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    return srv, thread, f"http://127.0.0.1:{port}"
+
+
 @contextmanager
 def serve(app, lifespan: str = "on") -> Iterator[str]:
     """Run ``app`` with uvicorn on a free localhost port; yields its URL. ``lifespan="off"``
     leaves the engine unstarted."""
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                        lifespan=lifespan))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
+    srv, thread, url = start_server(app, lifespan=lifespan)
     try:
-        for _ in range(1000):
-            if srv.started:
-                break
-            time.sleep(0.01)
-        assert srv.started, "uvicorn did not start"
-        port = srv.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         srv.should_exit = True
         thread.join(10)
+
+
+def aborts(url: str) -> float:
+    """``ess_requests_total{finish_reason="abort"}`` of the server at ``url``."""
+    return metric_value(httpx.get(f"{url}/metrics", timeout=30).text, "ess_requests_total",
+                        'finish_reason="abort"')
+
+
+def wait_for_aborts(url: str, n: float, timeout: float = 10.0) -> None:
+    """Poll until the server has counted ``n`` aborts (AssertionError after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if aborts(url) == n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"abort count stayed at {aborts(url)}, expected {n}")
 
 
 def scripted_text_model(tokenizer, prompt_tokens: int, script: list[int], seed: int = 0):

@@ -15,7 +15,8 @@ from server.app import create_app
 from server.engine import Engine
 from server.settings import Settings
 
-from _server_helpers import FailingDecoder, SlowDecoder, metric_value, serve, sse_data, sse_payloads
+from _server_helpers import (FailingDecoder, SlowDecoder, aborts, metric_value, serve, sse_data,
+                             sse_payloads, wait_for_aborts)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 COMPLETION = {"model": "m", "prompt": "Hi", "max_tokens": 2}
@@ -266,18 +267,6 @@ def test_a_generation_error_is_500_or_an_error_chunk_before_done(url):
 # ---- clients that leave ------------------------------------------------------------------------
 
 
-def _aborts(url) -> float:
-    return metric_value(httpx.get(f"{url}/metrics", timeout=30).text, "ess_requests_total",
-                        'finish_reason="abort"')
-
-
-def _wait_for_aborts(url, n, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _aborts(url) == n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"abort count stayed at {_aborts(url)}, expected {n}")
 
 
 def _wait_until_running(url, timeout=10.0):
@@ -293,17 +282,17 @@ def _wait_until_running(url, timeout=10.0):
 @pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT),
                                         ("/v1/completions", COMPLETION)])
 def test_leaving_a_stream_or_a_pending_response_aborts_the_request(url, path, body):
-    before = _aborts(url)
+    before = aborts(url)
     with httpx.stream("POST", url + path, timeout=30,
                       json={**body, "max_tokens": 64, "stream": True}) as r:
         assert r.status_code == 200
         # Not a first chunk: text the safety policy holds back may not have been sent yet.
         _wait_until_running(url)
-    _wait_for_aborts(url, before + 1)
+    wait_for_aborts(url, before + 1)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + path, json={**body, "max_tokens": 64},
                    timeout=httpx.Timeout(5, read=0.2))
-    _wait_for_aborts(url, before + 2)
+    wait_for_aborts(url, before + 2)
 
 
 def test_an_engine_that_is_not_running_is_503_in_openai_shape(tiny_model, tokenizer):

@@ -3,32 +3,16 @@ gets its request aborted in the engine and counted as finish_reason="abort"."""
 
 from __future__ import annotations
 
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
 from safety_decoding.prompt import build_chat_prompt
 from server.app import create_app
 from server.engine import Engine
 from server.settings import Settings
 
-from _server_helpers import SlowDecoder, metric_value, sse_data
-
-
-def _start(app, **config) -> tuple[uvicorn.Server, threading.Thread, str]:
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if srv.started:
-            break
-        time.sleep(0.01)
-    assert srv.started, "uvicorn did not start"
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    return srv, thread, f"http://127.0.0.1:{port}"
+from _server_helpers import SlowDecoder, aborts, serve, sse_data, start_server, wait_for_aborts
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +24,10 @@ def decoder(tiny_model, tokenizer):
 def server(decoder):
     """One request runs at a time (max_num_seqs=1), so a second one waits in the queue."""
     app = create_app(Engine(decoder, max_num_seqs=1, max_waiting=4), Settings(max_new_tokens_limit=1024))
-    srv, thread, url = _start(app)
-    yield url
-    srv.should_exit = True
-    thread.join(10)
+    with serve(app) as url:
+        yield url
 
 
-def _aborts(url) -> float:
-    return metric_value(httpx.get(f"{url}/metrics").text, "ess_requests_total",
-                        'finish_reason="abort"')
-
-
-def _wait_for_aborts(url, n, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _aborts(url) == n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"abort count stayed at {_aborts(url)}, expected {n}")
 
 
 def test_stream_over_http_is_sse_frames(server):
@@ -70,13 +40,13 @@ def test_stream_over_http_is_sse_frames(server):
 
 
 def test_client_leaving_a_stream_aborts_the_request(server):
-    before = _aborts(server)
+    before = aborts(server)
     with httpx.stream("POST", f"{server}/generate_stream", timeout=30,
                       json={"inputs": "Hi", "parameters": {"max_new_tokens": 1000}}) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
     # Closing an unfinished response closes the connection: the server sees a disconnect.
-    _wait_for_aborts(server, before + 1)
+    wait_for_aborts(server, before + 1)
     assert httpx.get(f"{server}/metrics").text  # still serving
     r = httpx.post(f"{server}/generate", timeout=30,
                    json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
@@ -84,15 +54,15 @@ def test_client_leaving_a_stream_aborts_the_request(server):
 
 
 def test_client_leaving_generate_aborts_the_request(server):
-    before = _aborts(server)
+    before = aborts(server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server}/generate", timeout=httpx.Timeout(5, read=0.3),
                    json={"inputs": "Hi", "parameters": {"max_new_tokens": 1000}})
-    _wait_for_aborts(server, before + 1)
+    wait_for_aborts(server, before + 1)
 
 
 def test_client_leaving_while_queued_drops_the_request_unrun(server, decoder, tokenizer):
-    before = _aborts(server)
+    before = aborts(server)
     with httpx.stream("POST", f"{server}/generate_stream", timeout=30, json={
             "inputs": "Hi", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}) as busy:
         lines = busy.iter_lines()  # keep a reference: dropping it closes the connection
@@ -100,8 +70,8 @@ def test_client_leaving_while_queued_drops_the_request_unrun(server, decoder, to
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{server}/generate", timeout=httpx.Timeout(5, read=0.3),
                        json={"inputs": "queued one", "parameters": {"max_new_tokens": 5}})
-        _wait_for_aborts(server, before + 1)  # dropped while the first still runs
-    _wait_for_aborts(server, before + 2)
+        wait_for_aborts(server, before + 1)  # dropped while the first still runs
+    wait_for_aborts(server, before + 2)
     queued = build_chat_prompt(tokenizer, [{"role": "user", "content": "queued one"}]).ids
     assert tuple(queued) not in {tuple(ids) for ids in decoder.ran}
 
@@ -110,7 +80,7 @@ def test_shutdown_drains_running_streams(tiny_model, tokenizer):
     """SIGTERM (uvicorn's should_exit) lets a running stream finish; the engine stops after."""
     app = create_app(Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02)),
                      Settings(max_new_tokens_limit=64))
-    srv, thread, url = _start(app, timeout_graceful_shutdown=30)
+    srv, thread, url = start_server(app, timeout_graceful_shutdown=30)
     with httpx.stream("POST", f"{url}/generate_stream", timeout=30, json={
             "inputs": "Hi", "parameters": {"max_new_tokens": 40, "ignore_eos": True}}) as r:
         lines = r.iter_lines()
