@@ -11,12 +11,14 @@ DATA_DIR = REPO.parent / "shared" / "data"
 CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-ess"
 
 
-def load(checkpoint: Path = CHECKPOINT):
-    """``(decoder, tokenizer)`` for the checkpoint on the prepared base model."""
+def load(checkpoint: Path = CHECKPOINT, dtype: str = "auto"):
+    """``(decoder, tokenizer)`` for the checkpoint on the prepared base model, on the CPU in
+    ``dtype`` (``auto``: what ``ess serve`` picks here, `safety_decoding.device`)."""
     from safety_decoding.base_model import prepare_base_model
     from safety_decoding.decode import Decoder
 
-    decoder = Decoder.from_checkpoint(checkpoint, prepare_base_model(log=lambda m: print(m, file=sys.stderr)))
+    decoder = Decoder.from_checkpoint(checkpoint, prepare_base_model(log=lambda m: print(m, file=sys.stderr)),
+                                      dtype=dtype)
     return decoder, decoder.tok
 
 

@@ -16,7 +16,7 @@ Configurations:
 Reported: tokens/s end to end (prefill, every check and the hold-back included: a schedule
 that releases tokens late is not credited for it), ``overhead_ratio`` = time / plain time,
 median time to first released token, and ``peak_memory_bytes``: weights (the guard's copy included)
-plus the largest KV cache, computed from shapes in float32 (CPU has no allocator peak to read;
+plus the largest KV cache, computed from shapes in the run's dtype (CPU has no allocator peak to read;
 on CUDA ``torch.cuda.max_memory_allocated`` is reported as well).
 """
 
@@ -79,10 +79,10 @@ def timed_run(decoder, prompt, sampling, cfg, guard) -> dict:
     return {"tokens": n, "ttft": first - t0, "seconds": end - t0, "slots": 1 + len(prompt.ids) + n}
 
 
-def kv_bytes(model_config, slots: int) -> int:
+def kv_bytes(model_config, slots: int, element_bytes: int = 4) -> int:
     c = model_config
     head_dim = getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * slots * 4
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * slots * element_bytes
 
 
 def main(argv=None) -> dict:
@@ -91,17 +91,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="2 prompts, 48 tokens, 1 repetition")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="precision of the model and the guard, as ESS_DTYPE (default auto)")
     ap.add_argument("--json", default="benchmarks/results/overhead.json")
     args = ap.parse_args(argv)
     new_tokens = args.new_tokens or (48 if args.quick else 128)
     reps = args.reps or (1 if args.quick else 2)
     prompts_text = PROMPTS[:2] if args.quick else PROMPTS
 
-    decoder, tok = load()
+    decoder, tok = load(dtype=args.dtype)
     from safety_decoding.base_model import base_model_dir
-    from safety_decoding.guard import load_guard
+    from safety_decoding.guard import load_base_body, load_guard
 
-    guard = load_guard(GUARD_DIR, base_model_dir())
+    dtype = next(decoder.model.parameters()).dtype
+    guard = load_guard(GUARD_DIR, base_model_dir(), body=load_base_body(base_model_dir(), dtype))
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     prompts = [build_chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts_text]
     cfgs = configs(args.quick)
@@ -112,16 +115,17 @@ def main(argv=None) -> dict:
             for i, cfg in enumerate(cfgs):
                 runs[i].append(timed_run(decoder, p, sampling, cfg, guard))
 
-    params = sum(p.numel() * 4 for p in decoder.model.parameters())
-    guard_params = sum(p.numel() * 4 for p in guard.body.parameters())
+    params = sum(p.numel() * p.element_size() for p in decoder.model.parameters())
+    guard_params = sum(p.numel() * p.element_size() for p in guard.body.parameters())
+    element = torch.finfo(dtype).bits // 8
     mcfg = decoder.model.decoder.config
     results = []
     for cfg, rs in zip(cfgs, runs):
         tps = sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
         probe_slot = 1 if cfg["system"] == "ess" else 0
-        peak = params + max(kv_bytes(mcfg, r["slots"] + probe_slot) for r in rs)
+        peak = params + max(kv_bytes(mcfg, r["slots"] + probe_slot, element) for r in rs)
         if cfg["system"] == "external_guard":
-            peak += guard_params + max(kv_bytes(mcfg, r["slots"]) for r in rs)  # its activations' K/V
+            peak += guard_params + max(kv_bytes(mcfg, r["slots"], element) for r in rs)  # its activations' K/V
         results.append({"system": cfg["system"], "schedule": cfg["schedule"], "action": cfg["action"],
                         "tokens_per_second": round(tps, 2),
                         "ttft_seconds": round(statistics.median(r["ttft"] for r in rs), 4),
@@ -130,7 +134,7 @@ def main(argv=None) -> dict:
     for r in results:
         r["overhead_ratio"] = round(plain / r["tokens_per_second"], 4)
     out = {"new_tokens": new_tokens, "reps": reps, "prompts": len(prompts), "batch_size": 1,
-           "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "device": "cpu", "dtype": str(dtype).removeprefix("torch."),
            "torch_threads": torch.get_num_threads(), "results": results}
     print()
     print(markdown_table(

@@ -17,6 +17,9 @@ Systems:
   ``model.generate()`` (greedy, KV cache), one request at a time behind a FIFO queue, in this
   process, without HTTP (which favours it).
 
+Precision: ``--dtype`` (default ``auto``, the server's default: bfloat16 on CPUs with AMX or
+AVX512-BF16, float32 elsewhere) for the servers and the baseline alike; the JSON records it.
+
 Reported per (system, schedule, safety, concurrency): output tokens/s over the point's wall
 time, time to first token and time per output token (p50, p99, seconds; TPOT = (latency -
 TTFT) / (tokens - 1)), in a table and in JSON (``results``).
@@ -228,6 +231,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-prompt", type=int, default=None, help="tokens (default 512, quick 256)")
     ap.add_argument("--min-requests", type=int, default=None, help="per point (default 8, quick 4)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="ESS_DTYPE of the servers, and the baseline's dtype (default auto)")
     ap.add_argument("--no-baseline", action="store_true", help="skip hf_generate")
     ap.add_argument("--json", default="benchmarks/results/serving.json")
     args = ap.parse_args(argv)
@@ -236,9 +241,13 @@ def main(argv=None) -> dict:
     min_requests = args.min_requests or (4 if args.quick else 8)
     conc = sorted(set(args.concurrency))
 
+    import torch
     from transformers import AutoTokenizer
 
     from safety_decoding.base_model import prepare_base_model
+    from safety_decoding.device import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, resolve_device("auto"))
 
     base = prepare_base_model(log=lambda m: print(m, file=sys.stderr))
     tok = AutoTokenizer.from_pretrained(str(base))
@@ -252,7 +261,7 @@ def main(argv=None) -> dict:
     for system, schedule, safety in systems:
         env = {"ESS_MAX_NUM_SEQS": str(max(conc)), "ESS_MAX_WAITING": str(4 * max(conc)),
                "ESS_MAX_NEW_TOKENS_LIMIT": str(max(max_output, 4)),
-               "ESS_SAFETY_ENABLED": "true" if safety else "false"}
+               "ESS_SAFETY_ENABLED": "true" if safety else "false", "ESS_DTYPE": args.dtype}
         if schedule:
             env["ESS_SAFETY_SCHEDULE"] = schedule
         print(f"ess serve (safety {'on, ' + schedule if safety else 'off'}) ...", file=sys.stderr)
@@ -269,15 +278,13 @@ def main(argv=None) -> dict:
         print("hf_generate baseline ...", file=sys.stderr)
         # Load and generate on one thread, as the server's engine does (see
         # server.engine.load_off_thread: a second OpenMP team slows decoding ~1.8x).
-        with ThreadPoolExecutor(1) as worker:
-            lm = worker.submit(lambda: load_safety_model(CHECKPOINT, base).lm).result()
+        with ThreadPoolExecutor(1) as worker:  # the same dtype as the servers
+            lm = worker.submit(lambda: load_safety_model(CHECKPOINT, base, dtype=dtype).lm).result()
             for point in asyncio.run(run_hf(worker, lm, tok, requests_for, conc)):
                 results.append({"system": "hf_generate", "schedule": None, "safety": False, **point})
 
     add_scaling(results)
-    import torch
-
-    out = {"max_output_tokens": max_output, "max_prompt_tokens": max_prompt, "seed": args.seed,
+    out = {"dtype": str(dtype).removeprefix("torch."), "max_output_tokens": max_output, "max_prompt_tokens": max_prompt, "seed": args.seed,
            "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
            "results": results}
     print()

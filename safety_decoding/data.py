@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from . import augment
 from .model import REFUSAL_PREFIX
 
 EVAL_ONLY = [
@@ -366,6 +367,25 @@ def reframed(rows, label: int, per_core: int, rng: random.Random, banned: set[st
                 out.append(Example(text, "", label, lm_loss=False, source=src + "-reframed"))
     return out
 
+def _augmented(mal, ben, templates, rng, *, n_everyday, lookalikes_per_item, n_roleplay,
+               n_noisy, n_jailbreak_query_only) -> list[Example]:
+    """Query-only examples from `augment` (see `build_examples`)."""
+    def query_only(texts, label, source):
+        return [Example(t, "", label, lm_loss=False, source=source) for t in texts]
+
+    lookalikes = augment.lookalike_prompts(rng, lookalikes_per_item) if lookalikes_per_item else []
+    mal_cores = [c for c in (request_core(q) for q, _, _ in mal) if c]
+    ben_cores = [c for c in (request_core(q) for q, _, _ in ben) if c] + augment.LOOKALIKE_CORES
+    return (query_only(augment.everyday_prompts(n_everyday, rng), 0, "everyday")
+            + query_only(lookalikes, 0, "lookalike")
+            + query_only(augment.roleplay(rng.sample(mal_cores, min(n_roleplay, len(mal_cores))), rng), 1, "roleplay")
+            + query_only(augment.roleplay(rng.sample(ben_cores, min(n_roleplay, len(ben_cores))), rng), 0, "roleplay")
+            + query_only(augment.noisy_suffix([q for q, _, _ in rng.sample(mal, n_noisy)], rng), 1, "noisy-suffix")
+            + query_only(augment.noisy_suffix([q for q, _, _ in rng.sample(ben, n_noisy)], rng), 0, "noisy-suffix")
+            + query_only([rng.choice(templates).replace("{prompt}", rng.choice(mal)[0])
+                          for _ in range(n_jailbreak_query_only)], 1, "jailbreak-template-query-only"))
+
+
 REFUSAL_REASONS = [
     "it asks for help with something that could seriously hurt people. I won't provide instructions or details for that.",
     "it involves harmful or illegal activity. I can't help with this, but I'm happy to help with a safe and legal question.",
@@ -381,7 +401,9 @@ COMPLIANCE_OPENERS = ["Sure, here is", "Sure, here's how", "Of course! Here are 
 def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
                    n_malicious: int, n_malicious_query_only: int, n_harmful_probe: int,
                    n_jailbreak: int, sharegpt_limit: int, held_out_percent: int,
-                   seed: int, reframes_per_core: int = 0) -> tuple[list[Example], dict]:
+                   seed: int, reframes_per_core: int = 0, n_everyday: int = 0,
+                   lookalikes_per_item: int = 0, n_roleplay: int = 0, n_noisy: int = 0,
+                   n_jailbreak_query_only: int = 0) -> tuple[list[Example], dict]:
     """Compose the training set (before the train/validation split).
 
     Mix (method.md "Training"):
@@ -397,7 +419,11 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
       train the LM to say it);
     - jailbreak templates wrapped around harmful prompts: label 1;
     - ``reframes_per_core`` re-framings of every "How do I X?" prompt of both classes
-      (`FRAMES`), query-only: a counterfactual augmentation against phrasing shortcuts.
+      (`FRAMES`), query-only: a counterfactual augmentation against phrasing shortcuts;
+    - our own counter-examples (`augment`), query-only: ``n_everyday`` short benign
+      instructions, benign look-alikes (``lookalikes_per_item`` forms of each), ``n_roleplay``
+      request cores of each class in role-play frames, ``n_noisy`` prompts of each class with
+      a junk suffix, ``n_jailbreak_query_only`` more template-wrapped harmful prompts.
 
     Returns:
         ``(examples, manifest)``; the manifest records sources, counts and dropped overlaps.
@@ -445,13 +471,19 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
     if reframes_per_core:
         ex += reframed(mal, 1, reframes_per_core, rng, banned)
         ex += reframed(ben, 0, reframes_per_core, rng, banned)
+    augmented = _augmented(mal, ben, templates, rng, n_everyday=n_everyday, n_roleplay=n_roleplay,
+                           lookalikes_per_item=lookalikes_per_item, n_noisy=n_noisy,
+                           n_jailbreak_query_only=n_jailbreak_query_only)
+    kept = [e for e in augmented if normalise(e.query) not in banned]
+    ex += kept
     rng.shuffle(ex)
     counts: dict[str, int] = {}
     for e in ex:
         counts[e.source] = counts.get(e.source, 0) + 1
     manifest = {
         "seed": seed, "sources": counts, "n_examples": len(ex),
-        "dropped_eval_overlap": {"malicious": mal_dropped, "benign": ben_dropped},
+        "dropped_eval_overlap": {"malicious": mal_dropped, "benign": ben_dropped,
+                                 "augmented": len(augmented) - len(kept)},
         "alpaca_eval_held_out_percent": held_out_percent,
         "labels": {"malicious": sum(e.query_label for e in ex),
                    "benign": sum(1 - e.query_label for e in ex)},

@@ -189,10 +189,11 @@ class DecodeBatch:
         slots = _Slots(kind, in_query, torch.full((B, P), -1, dtype=torch.long))
         cache = SlotCache(model.decoder.config)
         mask = strategic_attention_mask(kind, in_query, torch.arange(P).expand(B, P), reads)
-        hidden, _ = model.hidden_states(ids, kind, pos, mask, cache)
-        logits = model.lm_logits(hidden[:, -1])
-        cls = torch.tensor([r.cls_slot for r in rows])
-        scores = torch.sigmoid(model.safety_logits(hidden[torch.arange(B), cls]).float())
+        dev = d.device  # bookkeeping stays on the CPU; the forward's inputs go to the model
+        hidden, _ = model.hidden_states(ids.to(dev), kind.to(dev), pos.to(dev), mask.to(dev), cache)
+        logits = model.lm_logits(hidden[:, -1]).float().cpu()
+        cls = torch.tensor([r.cls_slot for r in rows], device=dev)
+        scores = torch.sigmoid(model.safety_logits(hidden[torch.arange(B, device=dev), cls]).float()).cpu()
         events = []
         for b, row in enumerate(rows):
             if row.req.safety.enabled:
@@ -234,9 +235,10 @@ class DecodeBatch:
         index = torch.tensor(keep)
         used = (self.slots.kind[index] != PAD).any(0).nonzero()
         start = int(used[0]) if len(used) else 0
+        on_device = index.to(self.decoder.device)
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+            layer.keys = layer.keys[on_device, :, start:]
+            layer.values = layer.values[on_device, :, start:]
         self.slots = self.slots.select(index, start)
         self.rows = [self.rows[b] for b in keep]
         for row in self.rows:
@@ -278,14 +280,16 @@ class DecodeBatch:
         key_in_query = torch.cat([slots.in_query, torch.zeros(B, q, dtype=torch.bool)], 1)
         row_index = torch.arange(kv, kv + q).expand(B, q)
         mask = strategic_attention_mask(key_kind, key_in_query, row_index, step_reads, window)
-        hidden, _ = model.hidden_states(step_ids, step_kind, step_pos, mask, cache)
+        dev = d.device
+        hidden, _ = model.hidden_states(step_ids.to(dev), step_kind.to(dev), step_pos.to(dev),
+                                        mask.to(dev), cache)
         if q == 2:
             _update_cls(cache, [b for b in range(B) if check[b] and rows[b].req.safety.update_cls], rows)
             cache.crop(-1)  # drop the probe's slot (its K/V may live on in the [CLS] slot)
-            probe_scores = torch.sigmoid(model.safety_logits(hidden[:, 1]).float())
+            probe_scores = torch.sigmoid(model.safety_logits(hidden[:, 1]).float()).cpu()
         slots = self.slots = _Slots(key_kind[:, :kv + 1], key_in_query[:, :kv + 1],
                                     torch.cat([slots.gen, new_gen[:, :1]], 1))
-        logits = model.lm_logits(hidden[:, 0])
+        logits = model.lm_logits(hidden[:, 0]).float().cpu()
         events = []
         for b, row in enumerate(rows):
             trip = row.state.on_check(float(probe_scores[b]), len(row.gen)) if check[b] else None
@@ -305,8 +309,9 @@ def _update_cls(cache: SlotCache, batch_rows: list[int], rows: list[_Row]) -> No
     """
     if not batch_rows:
         return
-    idx = torch.tensor(batch_rows)
-    cls_slots = torch.tensor([rows[b].cls_slot for b in batch_rows])
+    dev = cache.layers[0].keys.device
+    idx = torch.tensor(batch_rows, device=dev)
+    cls_slots = torch.tensor([rows[b].cls_slot for b in batch_rows], device=dev)
     for layer in cache.layers:
         layer.keys[idx, :, cls_slots] = layer.keys[idx, :, -1]
         layer.values[idx, :, cls_slots] = layer.values[idx, :, -1]
@@ -318,6 +323,7 @@ class Decoder:
     def __init__(self, model: SafetyModel, tokenizer):
         self.model = model
         self.tok = tokenizer
+        self.device = next(model.parameters()).device
         use_ess_attention(model._causal_lm())  # probe steps: no K/V head copies (attention.py)
         self.refusal = model.config.refusal_prefix
         # EOS plus the document end token (SmolLM2's <|endoftext|> doubles as its unk token).
@@ -325,17 +331,25 @@ class Decoder:
         self.stop_ids = {i for i in ids if isinstance(i, int) and i >= 0}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, base_dir) -> "Decoder":
+    def from_checkpoint(cls, checkpoint, base_dir, device: str = "cpu", dtype: str = "float32") -> "Decoder":
         """Load ``checkpoint`` on the prepared base model in ``base_dir`` (LoRA merged).
+
+        Args:
+            device, dtype: names as ``ESS_DEVICE`` / ``ESS_DTYPE`` take them (``auto`` included,
+                see `device.resolve_device` / `device.resolve_dtype`).
 
         Raises:
             CheckpointError: see `model.load_safety_model`.
+            ValueError: an unknown dtype, or CUDA asked for where there is none.
         """
         from transformers import AutoTokenizer
 
+        from .device import resolve_device, resolve_dtype
         from .model import load_safety_model
 
-        return cls(load_safety_model(checkpoint, base_dir), AutoTokenizer.from_pretrained(str(base_dir)))
+        dev = resolve_device(device)
+        model = load_safety_model(checkpoint, base_dir, dtype=resolve_dtype(dtype, dev)).to(dev)
+        return cls(model, AutoTokenizer.from_pretrained(str(base_dir)))
 
     def refusal_ids(self, previous_id: int | None) -> list[int]:
         """Token ids of the refusal prefix, with a space when it follows a word."""

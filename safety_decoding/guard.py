@@ -42,7 +42,7 @@ class Guard:
             mask[i, :len(x)] = 1
         hidden = self.body(input_ids=batch, attention_mask=mask).last_hidden_state
         last = torch.tensor([len(x) - 1 for x in ids])
-        return hidden[torch.arange(B), last]
+        return hidden[torch.arange(B), last].float()  # the regression is float32 whatever the body's dtype
 
     def scores(self, ids: list[list[int]]) -> list[float]:
         """p_malicious of each prompt + response text (token ids, chat template included)."""
@@ -53,10 +53,10 @@ class Guard:
         return self.scores([ids])[0]
 
 
-def load_base_body(base_dir: str | Path) -> torch.nn.Module:
+def load_base_body(base_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).model.eval()
+    return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype).model.eval()
 
 
 def load_guard(guard_dir: str | Path, base_dir: str | Path, body: torch.nn.Module | None = None) -> Guard:

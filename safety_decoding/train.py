@@ -45,6 +45,11 @@ class TrainConfig:
     n_jailbreak: int = 60
     sharegpt_limit: int = 3000
     reframes_per_core: int = 3
+    n_everyday: int = 0
+    lookalikes_per_item: int = 0
+    n_roleplay: int = 0
+    n_noisy: int = 0
+    n_jailbreak_query_only: int = 0
     held_out_percent: int = 20
     validation_fraction: float = 0.1
     max_query_tokens: int = 160
@@ -62,6 +67,9 @@ class TrainConfig:
     lora_dropout: float = 0.05
     max_minutes: float = 45.0
     threads: int = 0
+    bf16_autocast: bool = False
+    """Forward and backward under CPU/CUDA bfloat16 autocast (fp32 master weights and optimizer
+    state). Our choice for CPUs with AMX or AVX512-BF16, where it is about 2x faster."""
     extra: dict = field(default_factory=dict)
 
 
@@ -85,7 +93,9 @@ def training_examples(cfg: TrainConfig):
         n_malicious=cfg.n_malicious, n_malicious_query_only=cfg.n_malicious_query_only,
         n_harmful_probe=cfg.n_harmful_probe, n_jailbreak=cfg.n_jailbreak,
         sharegpt_limit=cfg.sharegpt_limit, held_out_percent=cfg.held_out_percent, seed=cfg.seed,
-        reframes_per_core=cfg.reframes_per_core)
+        reframes_per_core=cfg.reframes_per_core, n_everyday=cfg.n_everyday,
+        lookalikes_per_item=cfg.lookalikes_per_item, n_roleplay=cfg.n_roleplay,
+        n_noisy=cfg.n_noisy, n_jailbreak_query_only=cfg.n_jailbreak_query_only)
 
 
 def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> dict:
@@ -295,7 +305,8 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
         rng.shuffle(batches)
         for idx in batches:
             b = collate([enc_train[i] for i in idx])
-            loss, lm_loss, cls_loss, _ = compute_loss(model, b, cfg.lambda_cls)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+                loss, lm_loss, cls_loss, _ = compute_loss(model, b, cfg.lambda_cls)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)

@@ -129,7 +129,8 @@ def resolve_base_model(base_dir: Path | None) -> Path:
 
 
 def _trace(args) -> int:
-    """Generate once and print (and optionally plot) every safety verdict."""
+    """Generate once (on the CPU, in the precision `ess serve` picks here) and print (and
+    optionally plot) every safety verdict."""
     from safety_decoding.decode import Decoder
     from safety_decoding.model import CheckpointError
     from safety_decoding.policy import SafetyParams
@@ -138,7 +139,7 @@ def _trace(args) -> int:
 
     try:
         decoder = Decoder.from_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT,
-                                          resolve_base_model(args.base_model))
+                                          resolve_base_model(args.base_model), dtype="auto")
     except (ServeError, CheckpointError) as exc:
         print(f"ess trace: error: {exc}", file=sys.stderr)
         return 1
@@ -171,8 +172,8 @@ def build_app(settings, decoder=None):
     def load() -> Decoder:
         base = resolve_base_model(settings.base_model_dir)
         try:
-            return Decoder.from_checkpoint(settings.checkpoint, base)
-        except CheckpointError as exc:
+            return Decoder.from_checkpoint(settings.checkpoint, base, settings.device, settings.dtype)
+        except (CheckpointError, ValueError) as exc:
             raise ServeError(str(exc)) from exc
 
     if decoder is None:

@@ -57,7 +57,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text = ""
+    content: Text  # required, as in OpenAI (no tool calls here); null is accepted as ""
     name: str | None = None
     tool_calls: list[Any] | None = None
 

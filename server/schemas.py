@@ -24,7 +24,6 @@ from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import Prompt, build_chat_prompt, build_raw_prompt
 from safety_decoding.sampling import MAX_STOP_STRINGS, SamplingParams
 
-MAX_NEW_TOKENS_CAP = 4096  # the library's bound; the server's own limit is checked per app
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63  # exclusive; torch.Generator.manual_seed takes a signed 64-bit seed
 
@@ -76,8 +75,9 @@ class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     max_new_tokens: int | None = Field(
-        None, ge=1, le=MAX_NEW_TOKENS_CAP,
-        description="Tokens to generate at most; unset: as many as fit, up to the server limit.")
+        None, ge=1,
+        description="Tokens to generate at most; unset: as many as fit, up to the server limit "
+                    "(ESS_MAX_NEW_TOKENS_LIMIT, checked per app so the error names it).")
     temperature: float | None = Field(None, gt=0, allow_inf_nan=False, description="> 0; != 1 turns sampling on (TGI).")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="(0, 1]; < 1 turns sampling on.")
     top_k: int | None = Field(None, ge=0, description=">= 0; 0 disables; > 0 turns sampling on.")

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
                           "`ess prepare` fills (safety_decoding.base_model.base_model_dir()).")
     model_name: str = Field("smollm2-135m-ess",
                             description="ESS_MODEL_NAME: model name reported in responses.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="ESS_DEVICE: `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="ESS_DTYPE: weights and activations; `auto` is bfloat16 on CUDA and on "
+                            "CPUs with AMX or AVX512-BF16 (native bf16 matmuls), float32 elsewhere.")
 
     safety_enabled: bool = Field(
         True, description="ESS_SAFETY_ENABLED: false serves the model without `[CLS]` and without "

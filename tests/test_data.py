@@ -13,7 +13,9 @@ pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data no
 def built():
     return build_examples(DATA_DIR, n_benign=400, n_benign_query_only=100, n_malicious=400,
                           n_malicious_query_only=100, n_harmful_probe=50,
-                          n_jailbreak=20, sharegpt_limit=200, held_out_percent=20, seed=0)
+                          n_jailbreak=20, sharegpt_limit=200, held_out_percent=20, seed=0,
+                          n_everyday=300, lookalikes_per_item=2, n_roleplay=40, n_noisy=30,
+                          n_jailbreak_query_only=20)
 
 
 def test_zero_overlap_with_evaluation_files(built):
@@ -38,6 +40,21 @@ def test_labels_and_lm_loss_rules(built):
     assert {e.query_label for e in examples} == {0, 1}
     harmful = [e for e in examples if e.response_label == 1]
     assert harmful and not any(e.lm_loss for e in harmful)  # never train the LM on harm
+
+
+def test_augmented_counter_examples_are_query_only_with_both_labels(built):
+    examples, manifest = built
+    by_source = {}
+    for e in examples:
+        by_source.setdefault(e.source, []).append(e)
+    for source in ("everyday", "lookalike", "roleplay", "noisy-suffix", "jailbreak-template-query-only"):
+        assert by_source[source] and not any(e.lm_loss or e.response for e in by_source[source])
+    assert {e.query_label for e in by_source["everyday"] + by_source["lookalike"]} == {0}
+    assert {e.query_label for e in by_source["roleplay"]} == {0, 1}
+    assert {e.query_label for e in by_source["noisy-suffix"]} == {0, 1}
+    assert {e.query_label for e in by_source["jailbreak-template-query-only"]} == {1}
+    assert len({e.query for e in by_source["everyday"]}) == len(by_source["everyday"])
+    assert len(by_source["everyday"]) + manifest["dropped_eval_overlap"]["augmented"] >= 300
 
 
 def test_truncated_json_array_is_read_up_to_the_cut():

@@ -43,7 +43,7 @@ def quick_run(tmp_path_factory, tokenizer):
     out = tmp_path_factory.mktemp("eval")
     models = tiny_models(tokenizer)
     mp = pytest.MonkeyPatch()
-    mp.setattr(run, "load_models", lambda checkpoint, base_dir: models)
+    mp.setattr(run, "load_models", lambda checkpoint, base_dir, dtype: models)
     # --limit keeps the test fast; everything else is the --quick plan
     argv = ["eval", "--quick", "--limit", str(LIMIT), "--output", str(out), "--data-dir", str(DATA_DIR)]
     assert main(argv) == 0

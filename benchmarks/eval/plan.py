@@ -63,7 +63,8 @@ QUICK = Plan(n_goals=6, n_jbb=6,
 """``--quick``: 7 attacks on 6 requests each (decoding: 2 settings), 24 benign prompts, 6
 reference answers, 32 new tokens (the judge's phrases sit in the first sentence). A smoke test
 of every stage, not a measurement: at n = 6 a 95 % interval spans about 60 points. About 80
-generations per system; under 10 minutes on 2 idle CPU cores."""
+generations per system; 1 minute on 2 idle CPU cores with AMX in bfloat16 (8.5 minutes in
+float32)."""
 
 FULL = Plan(n_goals=16, n_jbb=16, attacks=tuple(ATTACKS), decoding_grid=DECODING_GRID,
             benign={"xstest_safe": 125, "i_alpaca": 0, "physical_safe": 50},
@@ -72,8 +73,8 @@ FULL = Plan(n_goals=16, n_jbb=16, attacks=tuple(ATTACKS), decoding_grid=DECODING
 XSTest safe prompts, I-Alpaca (50), 50 physical-safety prompts and 100 reference answers; about
 525 generations for each of 12 generating systems. Sized from the quick run's seconds per
 generation per system (base-like systems run to the token cap, ESS systems mostly stop at their
-refusal): about 1.5 hours on 2 idle CPU cores, inside the 2-hour budget; longer when the cores
-are shared."""
+refusal): about 1.5 hours on 2 idle CPU cores in float32; 20 minutes in bfloat16 on CPUs with
+AMX (`--dtype auto` there), which leaves room to grow these sizes inside the 2-hour budget."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ missing). ``--quick`` runs the documented subset `plan.QUICK` on `systems.QUICK_
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -46,30 +47,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", type=Path, help="prepared base-model folder (default: the cache)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--no-utility", action="store_true", help="skip the perplexity measurement")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="model precision, as the server's ESS_DTYPE (default auto)")
 
 
-def load_models(checkpoint: Path, base_dir: Path | None) -> Models:
+def load_models(checkpoint: Path, base_dir: Path | None, dtype: str = "auto") -> Models:
     """Decoders of the plain base model and of the checkpoint, and the guard sharing the base
-    weights (tests replace this function with tiny random models).
+    weights (tests replace this function with tiny random models), on the CPU in ``dtype``
+    (`safety_decoding.device.resolve_dtype`: what ``ess serve`` runs here).
+
+    The model id (part of every cache key) names the checkpoint's files by hash, so records
+    of another checkpoint or precision are never reused.
 
     Raises:
         PrepareError: the base model cannot be prepared.
         CheckpointError: the checkpoint is missing, corrupt or for another base model.
     """
+    import torch
     from transformers import AutoTokenizer
 
     from safety_decoding.base_model import prepare_base_model
     from safety_decoding.decode import Decoder
     from safety_decoding.guard import load_guard
+    from safety_decoding.device import resolve_dtype
     from safety_decoding.model import load_plain_model, load_safety_model
 
     base = base_dir or prepare_base_model(log=lambda m: print(m, file=sys.stderr))
     tok = AutoTokenizer.from_pretrained(str(base))
-    plain = Decoder(load_plain_model(base), tok)
-    ckpt = Decoder(load_safety_model(checkpoint, base), tok)
+    dt = resolve_dtype(dtype, torch.device("cpu"))
+    plain = Decoder(load_plain_model(base, dtype=dt), tok)
+    ckpt = Decoder(load_safety_model(checkpoint, base, dtype=dt), tok)
     guard = load_guard(GUARD_DIR, base, body=plain.model.decoder) if GUARD_DIR.exists() else None
     c = ckpt.model.config
-    return Models(tok, plain, ckpt, guard, f"{Path(checkpoint).name}@{c.base_model_sha256[:12]}",
+    files = hashlib.sha256()
+    for f in sorted(p for p in Path(checkpoint).rglob("*") if p.is_file() and p.suffix != ".md"):
+        files.update(f.read_bytes())
+    model_id = f"{Path(checkpoint).name}@{files.hexdigest()[:12]}/{str(dt).removeprefix('torch.')}"
+    return Models(tok, plain, ckpt, guard, model_id,
                   {"threshold": c.threshold, "tau": c.tau, "r1": c.r1, "r2": c.r2, "r3": c.r3})
 
 
@@ -162,7 +176,6 @@ def utility_rows(models: Models, specs: list, plan: P.Plan, data_dir: Path, cach
     is the base model's: it changes nothing until it trips; ESS schedules and actions act only
     while decoding). Per-answer sums are cached like generations.
     """
-    import hashlib
 
     from safety_decoding.data import alpaca_eval_held_out
     from safety_decoding.evaluation import Case, response_nll, seeded_subset
@@ -264,7 +277,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         backend, model_id = HttpBackend(args.url), args.url
     else:
         specs = select(args.systems, args.quick)
-        models = load_models(args.checkpoint, args.base_model)
+        models = load_models(args.checkpoint, args.base_model, args.dtype)
         tok, model_id = models.tok, models.model_id
         backend = LocalBackend(models)
     sets = P.build_sets(args.data_dir, tok, plan, args.attacks)

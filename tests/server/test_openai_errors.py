@@ -136,6 +136,8 @@ def test_bad_fields_are_400_naming_the_field(url, extra, param, route):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content"),
     ({"messages": [{"role": "system", "content": "only a system turn"}]}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}, "messages[1].content"),
     ({"max_completion_tokens": "3"}, "max_completion_tokens"),
     ({"max_completion_tokens": 65}, "max_completion_tokens"),
     ({"logprobs": True}, "logprobs"),

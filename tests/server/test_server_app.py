@@ -145,6 +145,13 @@ def test_bad_requests_are_400_naming_the_field_and_the_server_keeps_working(clie
     assert err["error"].startswith(f"{field}:"), err["error"]
 
 
+def test_max_new_tokens_error_names_this_servers_limit(client):
+    for n in (65, 5000, 10**30):
+        r = _generate(client, max_new_tokens=n)
+        assert r.status_code == 400
+        assert r.json()["error"] == f"parameters.max_new_tokens: must be <= {SETTINGS.max_new_tokens_limit} on this server"
+
+
 def test_server_still_serves_after_bad_requests(client):
     client.post("/generate", content=b"{", headers={"content-type": "application/json"})
     assert _generate(client, max_new_tokens=2).status_code == 200

@@ -1,0 +1,58 @@
+"""Where and in what precision the model runs (``ESS_DEVICE``, ``ESS_DTYPE``).
+
+``auto`` picks what is fastest without changing what the model does: CUDA when present, and
+bfloat16 where the hardware multiplies it natively (CUDA with bf16 support; CPUs with AMX or
+AVX512-BF16, where a batch of 8 decode rows costs about what one row costs in float32: see
+`benchmarks/serving.py`). Elsewhere float32, since emulated bf16 is slower than float32.
+Our choice, as vLLM's ``--dtype auto`` (the checkpoint's dtype on GPU) but aware of CPU bf16.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU flags include ``amx_bf16`` or ``avx512_bf16`` (Linux; else False)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given.
+
+    Raises:
+        ValueError: a CUDA device was asked for and none is available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 where ``device`` computes it natively, else float32; or the named dtype.
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
