@@ -367,6 +367,7 @@ def reframed(rows, label: int, per_core: int, rng: random.Random, banned: set[st
                 out.append(Example(text, "", label, lm_loss=False, source=src + "-reframed"))
     return out
 
+
 def _augmented(mal, ben, templates, rng, *, n_everyday, lookalikes_per_item, n_roleplay,
                n_noisy, n_jailbreak_query_only) -> list[Example]:
     """Query-only examples from `augment` (see `build_examples`)."""
