@@ -31,6 +31,7 @@ import torch
 from benchmarks.common import REPO, load, markdown_table, write_json
 
 from safety_decoding.decode import GenerationRequest
+from safety_decoding.device import DTYPE_NAMES, dtype_name
 from safety_decoding.policy import ACTIONS, SCHEDULES, SafetyParams
 from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.sampling import SamplingParams
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="2 prompts, 48 tokens, 1 repetition")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                     help="precision of the model and the guard, as ESS_DTYPE (default auto)")
     ap.add_argument("--json", default="benchmarks/results/overhead.json")
     args = ap.parse_args(argv)
@@ -117,15 +118,14 @@ def main(argv=None) -> dict:
 
     params = sum(p.numel() * p.element_size() for p in decoder.model.parameters())
     guard_params = sum(p.numel() * p.element_size() for p in guard.body.parameters())
-    element = torch.finfo(dtype).bits // 8
     mcfg = decoder.model.decoder.config
     results = []
     for cfg, rs in zip(cfgs, runs):
         tps = sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
         probe_slot = 1 if cfg["system"] == "ess" else 0
-        peak = params + max(kv_bytes(mcfg, r["slots"] + probe_slot, element) for r in rs)
+        peak = params + max(kv_bytes(mcfg, r["slots"] + probe_slot, dtype.itemsize) for r in rs)
         if cfg["system"] == "external_guard":
-            peak += guard_params + max(kv_bytes(mcfg, r["slots"], element) for r in rs)  # its activations' K/V
+            peak += guard_params + max(kv_bytes(mcfg, r["slots"], dtype.itemsize) for r in rs)  # its activations' K/V
         results.append({"system": cfg["system"], "schedule": cfg["schedule"], "action": cfg["action"],
                         "tokens_per_second": round(tps, 2),
                         "ttft_seconds": round(statistics.median(r["ttft"] for r in rs), 4),
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     for r in results:
         r["overhead_ratio"] = round(plain / r["tokens_per_second"], 4)
     out = {"new_tokens": new_tokens, "reps": reps, "prompts": len(prompts), "batch_size": 1,
-           "device": "cpu", "dtype": str(dtype).removeprefix("torch."),
+           "device": "cpu", "dtype": dtype_name(dtype),
            "torch_threads": torch.get_num_threads(), "results": results}
     print()
     print(markdown_table(

@@ -40,6 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks.common import CHECKPOINT, REPO, markdown_table, write_json
+from safety_decoding.device import DTYPE_NAMES
 
 
 def workload(tok, n: int, max_prompt: int, max_output: int, seed: int) -> list[tuple[str, int]]:
@@ -231,7 +232,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-prompt", type=int, default=None, help="tokens (default 512, quick 256)")
     ap.add_argument("--min-requests", type=int, default=None, help="per point (default 8, quick 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                     help="ESS_DTYPE of the servers, and the baseline's dtype (default auto)")
     ap.add_argument("--no-baseline", action="store_true", help="skip hf_generate")
     ap.add_argument("--json", default="benchmarks/results/serving.json")
@@ -245,7 +246,7 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     from safety_decoding.base_model import prepare_base_model
-    from safety_decoding.device import resolve_device, resolve_dtype
+    from safety_decoding.device import dtype_name, resolve_device, resolve_dtype
 
     dtype = resolve_dtype(args.dtype, resolve_device("auto"))
 
@@ -284,7 +285,7 @@ def main(argv=None) -> dict:
                 results.append({"system": "hf_generate", "schedule": None, "safety": False, **point})
 
     add_scaling(results)
-    out = {"dtype": str(dtype).removeprefix("torch."), "max_output_tokens": max_output, "max_prompt_tokens": max_prompt, "seed": args.seed,
+    out = {"dtype": dtype_name(dtype), "max_output_tokens": max_output, "max_prompt_tokens": max_prompt, "seed": args.seed,
            "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
            "results": results}
     print()

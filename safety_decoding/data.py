@@ -374,11 +374,10 @@ def _augmented(mal, ben, templates, rng, *, n_everyday, lookalikes_per_item, n_r
     def query_only(texts, label, source):
         return [Example(t, "", label, lm_loss=False, source=source) for t in texts]
 
-    lookalikes = augment.lookalike_prompts(rng, lookalikes_per_item) if lookalikes_per_item else []
     mal_cores = [c for c in (request_core(q) for q, _, _ in mal) if c]
     ben_cores = [c for c in (request_core(q) for q, _, _ in ben) if c] + augment.LOOKALIKE_CORES
     return (query_only(augment.everyday_prompts(n_everyday, rng), 0, "everyday")
-            + query_only(lookalikes, 0, "lookalike")
+            + query_only(augment.lookalike_prompts(rng, lookalikes_per_item), 0, "lookalike")
             + query_only(augment.roleplay(rng.sample(mal_cores, min(n_roleplay, len(mal_cores))), rng), 1, "roleplay")
             + query_only(augment.roleplay(rng.sample(ben_cores, min(n_roleplay, len(ben_cores))), rng), 0, "roleplay")
             + query_only(augment.noisy_suffix([q for q, _, _ in rng.sample(mal, n_noisy)], rng), 1, "noisy-suffix")

@@ -2,8 +2,8 @@
 
 ``auto`` picks what is fastest without changing what the model does: CUDA when present, and
 bfloat16 where the hardware multiplies it natively (CUDA with bf16 support; CPUs with AMX or
-AVX512-BF16, where a batch of 8 decode rows costs about what one row costs in float32: see
-`benchmarks/serving.py`). Elsewhere float32, since emulated bf16 is slower than float32.
+AVX512-BF16, where a decode step of 8 rows costs 1.24x a step of one, against 2.1x in
+float32: see `benchmarks/serving.py`). Elsewhere float32, since emulated bf16 is slower than float32.
 Our choice, as vLLM's ``--dtype auto`` (the checkpoint's dtype on GPU) but aware of CPU bf16.
 """
 
@@ -11,10 +11,18 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: settings and CLI parsers read DTYPE_NAMES
+    import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+"""What ``ESS_DTYPE`` and every ``--dtype`` option accept."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the name reports and settings use)."""
+    return str(dtype).removeprefix("torch.")
 
 
 @lru_cache(maxsize=1)
@@ -35,6 +43,8 @@ def resolve_device(name: str) -> torch.device:
     Raises:
         ValueError: a CUDA device was asked for and none is available.
     """
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -49,10 +59,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     Raises:
         ValueError: an unknown dtype name.
     """
+    import torch
+
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES[1:]:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPE_NAMES[1:])}, got {name!r}")
+    return getattr(torch, name)

@@ -68,8 +68,9 @@ class TrainConfig:
     max_minutes: float = 45.0
     threads: int = 0
     bf16_autocast: bool = False
-    """Forward and backward under CPU/CUDA bfloat16 autocast (fp32 master weights and optimizer
-    state). Our choice for CPUs with AMX or AVX512-BF16, where it is about 2x faster."""
+    """Forward and backward under CPU bfloat16 autocast (fp32 master weights and optimizer
+    state). Our choice for CPUs with AMX or AVX512-BF16: 1.4x faster a step here (2.2 -> 1.55 s
+    on one batch of 8)."""
     extra: dict = field(default_factory=dict)
 
 

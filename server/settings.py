@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from safety_decoding.device import DTYPE_NAMES
+
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-ess"
 
 
@@ -33,7 +35,7 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="ESS_DEVICE: `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Literal[DTYPE_NAMES] = Field(
         "auto", description="ESS_DTYPE: weights and activations; `auto` is bfloat16 on CUDA and on "
                             "CPUs with AMX or AVX512-BF16 (native bf16 matmuls), float32 elsewhere.")
 

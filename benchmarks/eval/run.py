@@ -24,6 +24,7 @@ from benchmarks.eval.backends import HttpBackend, LocalBackend, Models, apply_gu
 from benchmarks.eval.cache import Cache, record_key
 from benchmarks.eval.report import markdown, plots, set_row
 from benchmarks.eval.systems import BY_NAME, GUARD_EVERY, NOT_AVAILABLE, select
+from safety_decoding.device import DTYPE_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO.parent / "shared" / "data"
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", type=Path, help="prepared base-model folder (default: the cache)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--no-utility", action="store_true", help="skip the perplexity measurement")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="model precision, as the server's ESS_DTYPE (default auto)")
 
 
@@ -69,7 +70,7 @@ def load_models(checkpoint: Path, base_dir: Path | None, dtype: str = "auto") ->
     from safety_decoding.base_model import prepare_base_model
     from safety_decoding.decode import Decoder
     from safety_decoding.guard import load_guard
-    from safety_decoding.device import resolve_dtype
+    from safety_decoding.device import dtype_name, resolve_dtype
     from safety_decoding.model import load_plain_model, load_safety_model
 
     base = base_dir or prepare_base_model(log=lambda m: print(m, file=sys.stderr))
@@ -82,7 +83,7 @@ def load_models(checkpoint: Path, base_dir: Path | None, dtype: str = "auto") ->
     files = hashlib.sha256()
     for f in sorted(p for p in Path(checkpoint).rglob("*") if p.is_file() and p.suffix != ".md"):
         files.update(f.read_bytes())
-    model_id = f"{Path(checkpoint).name}@{files.hexdigest()[:12]}/{str(dt).removeprefix('torch.')}"
+    model_id = f"{Path(checkpoint).name}@{files.hexdigest()[:12]}/{dtype_name(dt)}"
     return Models(tok, plain, ckpt, guard, model_id,
                   {"threshold": c.threshold, "tau": c.tau, "r1": c.r1, "r2": c.r2, "r3": c.r3})
 
