@@ -369,17 +369,22 @@ def reframed(rows, label: int, per_core: int, rng: random.Random, banned: set[st
 
 
 def _augmented(mal, ben, templates, rng, *, n_everyday, lookalikes_per_item, n_roleplay,
-               n_noisy, n_jailbreak_query_only) -> list[Example]:
+               n_noisy, n_jailbreak_query_only, n_narrative) -> list[Example]:
     """Query-only examples from `augment` (see `build_examples`)."""
     def query_only(texts, label, source):
         return [Example(t, "", label, lm_loss=False, source=source) for t in texts]
 
     mal_cores = [c for c in (request_core(q) for q, _, _ in mal) if c]
     ben_cores = [c for c in (request_core(q) for q, _, _ in ben) if c] + augment.LOOKALIKE_CORES
+
+    def cores(pool, n):
+        return rng.sample(pool, min(n, len(pool)))
     return (query_only(augment.everyday_prompts(n_everyday, rng), 0, "everyday")
             + query_only(augment.lookalike_prompts(rng, lookalikes_per_item), 0, "lookalike")
-            + query_only(augment.roleplay(rng.sample(mal_cores, min(n_roleplay, len(mal_cores))), rng), 1, "roleplay")
-            + query_only(augment.roleplay(rng.sample(ben_cores, min(n_roleplay, len(ben_cores))), rng), 0, "roleplay")
+            + query_only(augment.roleplay(cores(mal_cores, n_roleplay), rng), 1, "roleplay")
+            + query_only(augment.roleplay(cores(ben_cores, n_roleplay), rng), 0, "roleplay")
+            + query_only(augment.narratives(cores(mal_cores, n_narrative), rng), 1, "narrative")
+            + query_only(augment.narratives(cores(ben_cores, n_narrative), rng), 0, "narrative")
             + query_only(augment.noisy_suffix([q for q, _, _ in rng.sample(mal, n_noisy)], rng), 1, "noisy-suffix")
             + query_only(augment.noisy_suffix([q for q, _, _ in rng.sample(ben, n_noisy)], rng), 0, "noisy-suffix")
             + query_only([rng.choice(templates).replace("{prompt}", rng.choice(mal)[0])
@@ -403,7 +408,7 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
                    n_jailbreak: int, sharegpt_limit: int, held_out_percent: int,
                    seed: int, reframes_per_core: int = 0, n_everyday: int = 0,
                    lookalikes_per_item: int = 0, n_roleplay: int = 0, n_noisy: int = 0,
-                   n_jailbreak_query_only: int = 0) -> tuple[list[Example], dict]:
+                   n_jailbreak_query_only: int = 0, n_narrative: int = 0) -> tuple[list[Example], dict]:
     """Compose the training set (before the train/validation split).
 
     Mix (method.md "Training"):
@@ -422,8 +427,8 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
       (`FRAMES`), query-only: a counterfactual augmentation against phrasing shortcuts;
     - our own counter-examples (`augment`), query-only: ``n_everyday`` short benign
       instructions, benign look-alikes (``lookalikes_per_item`` forms of each), ``n_roleplay``
-      request cores of each class in role-play frames, ``n_noisy`` prompts of each class with
-      a junk suffix, ``n_jailbreak_query_only`` more template-wrapped harmful prompts.
+      request cores of each class in role-play frames and ``n_narrative`` in long scenario
+      frames, ``n_noisy`` prompts of each class with a junk suffix, ``n_jailbreak_query_only`` more template-wrapped harmful prompts.
 
     Returns:
         ``(examples, manifest)``; the manifest records sources, counts and dropped overlaps.
@@ -473,7 +478,7 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
         ex += reframed(ben, 0, reframes_per_core, rng, banned)
     augmented = _augmented(mal, ben, templates, rng, n_everyday=n_everyday, n_roleplay=n_roleplay,
                            lookalikes_per_item=lookalikes_per_item, n_noisy=n_noisy,
-                           n_jailbreak_query_only=n_jailbreak_query_only)
+                           n_jailbreak_query_only=n_jailbreak_query_only, n_narrative=n_narrative)
     kept = [e for e in augmented if normalise(e.query) not in banned]
     ex += kept
     rng.shuffle(ex)

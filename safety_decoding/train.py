@@ -50,6 +50,10 @@ class TrainConfig:
     n_roleplay: int = 0
     n_noisy: int = 0
     n_jailbreak_query_only: int = 0
+    n_narrative: int = 0
+    self_answers_per_class: int = 0
+    """Query-only examples of each class that get the base model's own greedy answer as a
+    probed response (`with_self_answers`)."""
     held_out_percent: int = 20
     validation_fraction: float = 0.1
     max_query_tokens: int = 160
@@ -96,7 +100,78 @@ def training_examples(cfg: TrainConfig):
         sharegpt_limit=cfg.sharegpt_limit, held_out_percent=cfg.held_out_percent, seed=cfg.seed,
         reframes_per_core=cfg.reframes_per_core, n_everyday=cfg.n_everyday,
         lookalikes_per_item=cfg.lookalikes_per_item, n_roleplay=cfg.n_roleplay,
-        n_noisy=cfg.n_noisy, n_jailbreak_query_only=cfg.n_jailbreak_query_only)
+        n_noisy=cfg.n_noisy, n_jailbreak_query_only=cfg.n_jailbreak_query_only,
+        n_narrative=cfg.n_narrative)
+
+
+@torch.inference_mode()
+def self_answers(lm, tok, queries: list[str], max_new_tokens: int, batch_size: int = 32,
+                 autocast: bool = False) -> list[str]:
+    """Greedy answers of ``lm`` to each query, rendered with `build_chat_prompt` as the server does.
+
+    Args:
+        lm: a causal LM (the base model, before LoRA).
+        queries: user messages; batched by length (left padding) for speed.
+        max_new_tokens: answer length cap in tokens.
+        autocast: run under CPU bfloat16 autocast.
+
+    Returns:
+        One answer per query, in input order, special tokens stripped.
+    """
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompts = [list(build_chat_prompt(tok, [{"role": "user", "content": q}]).ids) for q in queries]
+    order = sorted(range(len(queries)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(queries)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            gen = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                              do_sample=False, pad_token_id=pad)
+        for row, i in enumerate(idx):
+            out[i] = tok.decode(gen[row, width:], skip_special_tokens=True).strip()
+    return out
+
+
+def with_self_answers(examples: list[Example], answer, n_per_class: int,
+                      rng: random.Random) -> tuple[list[Example], dict]:
+    """Give ``n_per_class`` query-only examples of each class their base model's own answer.
+
+    The decode-time re-checks read the model's own continuations, while the probe otherwise
+    trains on reference answers and AdvBench strings only. Our choice: the base model's greedy
+    answers to training prompts become probe windows labelled with the query label (a benign
+    answer about killing a process is benign; compliance with a harmful request is harmful),
+    never with LM loss. A malicious prompt whose answer `judge.is_refusal` reads as a refusal
+    stays query-only: a refusal is not harmful text.
+
+    Args:
+        answer: ``list[str] -> list[str]``, e.g. `self_answers` bound to the base model.
+
+    Returns:
+        ``(examples, counts)``: the same examples, some now with responses, and the counts
+        ``{"benign", "malicious", "skipped"}`` (skipped: empty answers and refusals).
+    """
+    from .judge import is_refusal
+
+    picked: list[int] = []
+    for label in (0, 1):
+        pool = [i for i, e in enumerate(examples) if e.query_label == label and not e.response
+                and e.response_label is None and len(e.query) <= 1000]
+        picked += rng.sample(pool, min(n_per_class, len(pool)))
+    answers = answer([examples[i].query for i in picked])
+    out = list(examples)
+    counts = {"benign": 0, "malicious": 0, "skipped": 0}
+    for i, a in zip(picked, answers):
+        e = examples[i]
+        if not a or (e.query_label == 1 and is_refusal(a)):
+            counts["skipped"] += 1
+            continue
+        out[i] = Example(e.query, a, e.query_label, response_label=e.query_label, lm_loss=False,
+                         source=e.source + "-self-answer")
+        counts["malicious" if e.query_label else "benign"] += 1
+    return out, counts
 
 
 def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> dict:
@@ -235,23 +310,26 @@ def evaluate(model, encoded, batch_size, lambda_cls):
 
 
 def balanced_batches(encoded: list[dict], labels: list[int], batch_size: int) -> list[list[int]]:
-    """Length-grouped batches with half malicious and half benign examples.
+    """Length-grouped batches that each hold the two classes in the proportion of the whole set.
 
     The paper uses llama-recipes' length-based sampler (§2.4) with 72 sequences a batch. With
     8 a batch, length groups are nearly one class each (sources differ in length), and the
-    BCE gradient swings with the class of each batch; pairing the classes rank by rank keeps
-    padding low and every batch balanced (our choice).
+    BCE gradient swings with the class of each batch. Our choice: each class, sorted by length,
+    is spread over the batches rank by rank, so padding stays low and every batch has the
+    global class mix (4 + 4 for equal classes; about 5 + 3 at 60 % benign) instead of a tail
+    of one-class batches.
+
+    Returns:
+        ``ceil(len(labels) / batch_size)`` lists of indices into ``encoded``; sizes differ by
+        at most 2 from ``batch_size``.
     """
-    by_class = [sorted((i for i, y in enumerate(labels) if y == c),
-                       key=lambda i: len(encoded[i]["slots"])) for c in (0, 1)]
-    half = batch_size // 2
-    n = min(len(by_class[0]), len(by_class[1])) // half
-    batches = [by_class[0][k * half:(k + 1) * half] + by_class[1][k * half:(k + 1) * half]
-               for k in range(n)]
-    rest = by_class[0][n * half:] + by_class[1][n * half:]
-    rest.sort(key=lambda i: len(encoded[i]["slots"]))
-    batches += [rest[i:i + batch_size] for i in range(0, len(rest), batch_size)]
-    return batches
+    n_batches = max(1, math.ceil(len(labels) / batch_size))
+    batches: list[list[int]] = [[] for _ in range(n_batches)]
+    for c in (0, 1):
+        members = sorted((i for i, y in enumerate(labels) if y == c), key=lambda i: len(encoded[i]["slots"]))
+        for rank, i in enumerate(members):
+            batches[rank * n_batches // len(members)].append(i)
+    return [b for b in batches if b]
 
 
 def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
@@ -268,7 +346,16 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tok = AutoTokenizer.from_pretrained(str(base_dir))
+    lm = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    base_sha = recorded_weights_sha256(base_dir, lm.state_dict())
     examples, manifest = training_examples(cfg)
+    if cfg.self_answers_per_class:
+        t0 = time.monotonic()
+        examples, manifest["self_answers"] = with_self_answers(
+            examples, lambda qs: self_answers(lm, tok, qs, cfg.max_response_tokens,
+                                              autocast=cfg.bf16_autocast),
+            cfg.self_answers_per_class, rng)
+        log(f"self answers: {manifest['self_answers']} in {(time.monotonic() - t0) / 60:.1f} min")
     n_val = int(len(examples) * cfg.validation_fraction)
     val_ex, train_ex = examples[:n_val], examples[n_val:]
     manifest.update(n_train=len(train_ex), n_validation=len(val_ex))
@@ -276,8 +363,6 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     enc_train = [encode_example(tok, e, cfg, rng) for e in train_ex]
     enc_val = [encode_example(tok, e, cfg, rng) for e in val_ex]
 
-    lm = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    base_sha = recorded_weights_sha256(base_dir, lm.state_dict())
     lm = get_peft_model(lm, LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

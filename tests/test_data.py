@@ -15,7 +15,7 @@ def built():
                           n_malicious_query_only=100, n_harmful_probe=50,
                           n_jailbreak=20, sharegpt_limit=200, held_out_percent=20, seed=0,
                           n_everyday=300, lookalikes_per_item=2, n_roleplay=40, n_noisy=30,
-                          n_jailbreak_query_only=20)
+                          n_jailbreak_query_only=20, n_narrative=25)
 
 
 def test_zero_overlap_with_evaluation_files(built):
@@ -47,10 +47,12 @@ def test_augmented_counter_examples_are_query_only_with_both_labels(built):
     by_source = {}
     for e in examples:
         by_source.setdefault(e.source, []).append(e)
-    for source in ("everyday", "lookalike", "roleplay", "noisy-suffix", "jailbreak-template-query-only"):
+    for source in ("everyday", "lookalike", "roleplay", "narrative", "noisy-suffix",
+                   "jailbreak-template-query-only"):
         assert by_source[source] and not any(e.lm_loss or e.response for e in by_source[source])
     assert {e.query_label for e in by_source["everyday"] + by_source["lookalike"]} == {0}
     assert {e.query_label for e in by_source["roleplay"]} == {0, 1}
+    assert {e.query_label for e in by_source["narrative"]} == {0, 1}
     assert {e.query_label for e in by_source["noisy-suffix"]} == {0, 1}
     assert {e.query_label for e in by_source["jailbreak-template-query-only"]} == {1}
     assert len({e.query for e in by_source["everyday"]}) == len(by_source["everyday"])

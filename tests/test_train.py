@@ -12,7 +12,7 @@ from safety_decoding.data import Example
 from safety_decoding.masks import PROBE
 from safety_decoding.model import load_safety_model
 from safety_decoding.train import (TrainConfig, balanced_batches, collate, encode_example,
-                                   load_train_config, train)
+                                   load_train_config, self_answers, train, with_self_answers)
 
 
 def test_encode_marks_lm_targets_and_probe_window(tokenizer):
@@ -37,8 +37,20 @@ def test_harmful_text_never_gets_lm_loss(tokenizer):
 def test_balanced_batches_mix_classes(tokenizer):
     encoded = [{"slots": [0] * (5 + i)} for i in range(20)]
     labels = [i % 2 for i in range(20)]
-    for b in balanced_batches(encoded, labels, 4)[:5]:
+    batches = balanced_batches(encoded, labels, 4)
+    assert len(batches) == 5 and sorted(i for b in batches for i in b) == list(range(20))
+    for b in batches:
         assert sorted(labels[i] for i in b) == [0, 0, 1, 1]
+
+
+def test_balanced_batches_keep_the_global_mix_when_classes_differ(tokenizer):
+    encoded = [{"slots": [0] * (40 - i)} for i in range(40)]
+    labels = [int(i % 4 == 0) for i in range(40)]  # 30 benign, 10 malicious
+    batches = balanced_batches(encoded, labels, 4)
+    assert sorted(i for b in batches for i in b) == list(range(40))
+    assert [sorted(labels[i] for i in b) for b in batches] == [[0, 0, 0, 1]] * 10
+    lengths = [sorted(len(encoded[i]["slots"]) for i in b if labels[i] == 0) for b in batches]
+    assert lengths == sorted(lengths)  # still grouped by length
 
 
 def test_collate_mask_hides_probe_from_tokens(tokenizer):
@@ -61,14 +73,42 @@ def test_train_writes_a_loadable_checkpoint(tmp_path, tokenizer):
     cfg_file.write_text(
         f"data_dir: {DATA_DIR}\noutput_dir: {tmp_path / 'ckpt'}\nn_benign: 12\n"
         "n_benign_query_only: 8\nn_malicious: 12\nn_malicious_query_only: 8\nn_harmful_probe: 4\n"
-        "n_jailbreak: 2\nsharegpt_limit: 0\nvalidation_fraction: 0.3\nbatch_size: 4\nlora_r: 2\n")
+        "n_jailbreak: 2\nsharegpt_limit: 0\nvalidation_fraction: 0.3\nbatch_size: 4\nlora_r: 2\n"
+        "self_answers_per_class: 2\nmax_response_tokens: 6\n")
     summary = train(load_train_config(cfg_file), base_dir, log=lambda m: None)
     assert summary["steps"] > 0 and 0 <= summary["validation"]["query"]["accuracy"] <= 1
     assert "auroc" in summary["validation"]["query"]
     model = load_safety_model(tmp_path / "ckpt", base_dir)
     saved = json.loads((tmp_path / "ckpt" / "ess_config.json").read_text())
     assert saved["data_manifest"]["n_train"] > 0
+    assert sum(saved["data_manifest"]["self_answers"].values()) == 4
     assert model.head.weight.abs().sum() > 0 and torch.isfinite(model.cls_embedding).all()
+
+
+def test_self_answers_become_probed_responses_with_the_query_label():
+    examples = [Example(f"benign {i}", "", 0, lm_loss=False, source="b") for i in range(3)]
+    examples += [Example(f"harmful {i}", "", 1, lm_loss=False, source="m") for i in range(3)]
+    examples.append(Example("answered", "An answer.", 0, response_label=0, source="a"))
+    answer = {"benign": "Here you go.", "harmful": "I cannot help with that."}
+    out, counts = with_self_answers(
+        examples, lambda qs: [answer["harmful"] if q.startswith("harmful 0") else "Step 1: ..."
+                              if q.startswith("harmful") else answer["benign"] for q in qs],
+        n_per_class=3, rng=random.Random(0))
+    assert counts == {"benign": 3, "malicious": 2, "skipped": 1}
+    by_query = {e.query: e for e in out}
+    assert by_query["harmful 0"] == examples[3]  # a refusal is not harmful text: left query-only
+    for q, label in (("benign 1", 0), ("harmful 2", 1)):
+        e = by_query[q]
+        assert e.response and e.response_label == label and not e.lm_loss
+        assert e.source.endswith("-self-answer")
+    assert by_query["answered"] == examples[-1]  # only query-only examples are picked
+
+
+def test_self_answers_keep_input_order(tokenizer, tiny_model):
+    queries = ["Hi", "A much longer question about bread and butter?", "Why?"]
+    got = self_answers(tiny_model.lm, tokenizer, queries, max_new_tokens=4, batch_size=1)
+    assert got == self_answers(tiny_model.lm, tokenizer, queries[::-1], 4, batch_size=1)[::-1]
+    assert len(got) == 3 and all(isinstance(a, str) for a in got)
 
 
 def test_unknown_config_key_is_rejected(tmp_path):

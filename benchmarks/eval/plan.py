@@ -67,14 +67,15 @@ generations per system; 1 minute on 2 idle CPU cores with AMX in bfloat16 (8.5 m
 float32)."""
 
 FULL = Plan(n_goals=16, n_jbb=16, attacks=tuple(ATTACKS), decoding_grid=DECODING_GRID,
-            benign={"xstest_safe": 125, "i_alpaca": 0, "physical_safe": 50},
+            benign={"xstest_safe": 250, "i_alpaca": 0, "physical_safe": 50},
             n_utility=100, utility_tokens=128, max_new_tokens=64)
-"""The full run: 16 attacks on 16 requests (decoding: up to 7 settings per goal), 125 of the 250
-XSTest safe prompts, I-Alpaca (50), 50 physical-safety prompts and 100 reference answers; about
-525 generations for each of 12 generating systems. Sized from the quick run's seconds per
-generation per system (base-like systems run to the token cap, ESS systems mostly stop at their
-refusal): about 1.5 hours on 2 idle CPU cores in float32; 20 minutes in bfloat16 on CPUs with
-AMX (`--dtype auto` there), which leaves room to grow these sizes inside the 2-hour budget."""
+"""The full run: 16 attacks on 16 requests (decoding: up to 7 settings per goal), all 250
+XSTest safe prompts (the over-refusal target's set; 125 before the third checkpoint, when the
+95 % interval was 17 points wide), I-Alpaca (50), 50 physical-safety prompts and 100 reference
+answers; about 650 generations for each of 12 generating systems. Sized from the quick run's
+seconds per generation per system (base-like systems run to the token cap, ESS systems mostly
+stop at their refusal): about 2 hours on 2 idle CPU cores in float32; about 25 minutes in
+bfloat16 on CPUs with AMX (`--dtype auto` there)."""
 
 
 @dataclass
