@@ -379,6 +379,7 @@ def _augmented(mal, ben, templates, rng, *, n_everyday, lookalikes_per_item, n_r
 
     def cores(pool, n):
         return rng.sample(pool, min(n, len(pool)))
+
     return (query_only(augment.everyday_prompts(n_everyday, rng), 0, "everyday")
             + query_only(augment.lookalike_prompts(rng, lookalikes_per_item), 0, "lookalike")
             + query_only(augment.roleplay(cores(mal_cores, n_roleplay), rng), 1, "roleplay")
@@ -428,7 +429,8 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
     - our own counter-examples (`augment`), query-only: ``n_everyday`` short benign
       instructions, benign look-alikes (``lookalikes_per_item`` forms of each), ``n_roleplay``
       request cores of each class in role-play frames and ``n_narrative`` in long scenario
-      frames, ``n_noisy`` prompts of each class with a junk suffix, ``n_jailbreak_query_only`` more template-wrapped harmful prompts.
+      frames, ``n_noisy`` prompts of each class with a junk suffix, ``n_jailbreak_query_only``
+      more template-wrapped harmful prompts.
 
     Returns:
         ``(examples, manifest)``; the manifest records sources, counts and dropped overlaps.
