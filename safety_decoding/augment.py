@@ -11,7 +11,7 @@ an evaluation file; `data.build_examples` still drops any exact overlap):
   process"), safe targets ("kill weeds"), games and fiction, definitions of crimes, history
   (benign, query only; XSTest's categories as a checklist, not its prompts);
 - `roleplay`: request cores of both classes inside story and persona frames, the shape of PAIR
-  attacks (label of the core); `narratives` does the same with long scenario frames of PAIR's
+  attacks (label of the core); with `NARRATIVE_FRAMES`, long scenario frames of PAIR's
   length (60 to 120 words);
 - `noisy_suffix`: prompts of both classes with a random junk suffix, the shape of GCG attacks
   (label of the prompt; our random strings, not the evaluation suffixes).
@@ -235,14 +235,10 @@ NARRATIVE_FRAMES = [
 ]
 
 
-def narratives(cores: list[str], rng: random.Random) -> list[str]:
-    """Each request core in one random long scenario frame (`NARRATIVE_FRAMES`)."""
-    return [rng.choice(NARRATIVE_FRAMES).format(c=c) for c in cores]
-
-
-def roleplay(cores: list[str], rng: random.Random) -> list[str]:
-    """Each request core (a "how to X" phrase) in one random role-play frame."""
-    return [rng.choice(ROLEPLAY_FRAMES).format(c=c) for c in cores]
+def roleplay(cores: list[str], rng: random.Random, frames: list[str] = ROLEPLAY_FRAMES) -> list[str]:
+    """Each request core (a "how to X" phrase) in one random frame of ``frames``
+    (`ROLEPLAY_FRAMES`, or `NARRATIVE_FRAMES` for PAIR-length scenarios)."""
+    return [rng.choice(frames).format(c=c) for c in cores]
 
 
 _JUNK = ["describing", "similarlyNow", "write oppositeley", "](", "Me giving**ONE", "please?",

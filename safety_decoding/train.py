@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import yaml
 
 from .data import Example, build_examples
+from .judge import is_refusal
 from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
 from .model import SafetyConfig, SafetyModel
 from .prompt import build_chat_prompt
@@ -153,8 +154,6 @@ def with_self_answers(examples: list[Example], answer, n_per_class: int,
         ``(examples, counts)``: the same examples, some now with responses, and the counts
         ``{"benign", "malicious", "skipped"}`` (skipped: empty answers and refusals).
     """
-    from .judge import is_refusal
-
     picked: list[int] = []
     for label in (0, 1):
         pool = [i for i, e in enumerate(examples) if e.query_label == label and not e.response
