@@ -55,6 +55,8 @@ class TrainConfig:
     self_answers_per_class: int = 0
     """Query-only examples of each class that get the base model's own greedy answer as a
     probed response (`with_self_answers`)."""
+    self_answer_sources: tuple = ()
+    """Sources answered first (`with_self_answers`); the rest of the quota is drawn at random."""
     held_out_percent: int = 20
     validation_fraction: float = 0.1
     max_query_tokens: int = 160
@@ -137,7 +139,7 @@ def self_answers(lm, tok, queries: list[str], max_new_tokens: int, batch_size: i
 
 
 def with_self_answers(examples: list[Example], answer, n_per_class: int,
-                      rng: random.Random) -> tuple[list[Example], dict]:
+                      rng: random.Random, prefer: tuple = ()) -> tuple[list[Example], dict]:
     """Give ``n_per_class`` query-only examples of each class their base model's own answer.
 
     The decode-time re-checks read the model's own continuations, while the probe otherwise
@@ -149,6 +151,11 @@ def with_self_answers(examples: list[Example], answer, n_per_class: int,
 
     Args:
         answer: ``list[str] -> list[str]``, e.g. `self_answers` bound to the base model.
+        prefer: sources whose examples fill each class's quota first. Our choice: the
+            look-alike, role-play and narrative prompts of both classes, so the probe sees
+            benign answers on frightening topics (labelled 0) beside compliance under a
+            disguise (labelled 1) and has to read the request, not the topic. Without them
+            the response-stage re-checks tripped on 54 of 250 XSTest safe prompts.
 
     Returns:
         ``(examples, counts)``: the same examples, some now with responses, and the counts
@@ -158,7 +165,10 @@ def with_self_answers(examples: list[Example], answer, n_per_class: int,
     for label in (0, 1):
         pool = [i for i, e in enumerate(examples) if e.query_label == label and not e.response
                 and e.response_label is None and len(e.query) <= 1000]
-        picked += rng.sample(pool, min(n_per_class, len(pool)))
+        first = [i for i in pool if examples[i].source in prefer]
+        rest = [i for i in pool if examples[i].source not in prefer]
+        take = rng.sample(first, min(n_per_class, len(first)))
+        picked += take + rng.sample(rest, min(n_per_class - len(take), len(rest)))
     answers = answer([examples[i].query for i in picked])
     out = list(examples)
     counts = {"benign": 0, "malicious": 0, "skipped": 0}
@@ -353,7 +363,7 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
         examples, manifest["self_answers"] = with_self_answers(
             examples, lambda qs: self_answers(lm, tok, qs, cfg.max_response_tokens,
                                               autocast=cfg.bf16_autocast),
-            cfg.self_answers_per_class, rng)
+            cfg.self_answers_per_class, rng, tuple(cfg.self_answer_sources))
         log(f"self answers: {manifest['self_answers']} in {(time.monotonic() - t0) / 60:.1f} min")
     n_val = int(len(examples) * cfg.validation_fraction)
     val_ex, train_ex = examples[:n_val], examples[n_val:]

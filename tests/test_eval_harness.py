@@ -32,7 +32,8 @@ def tiny_models(tokenizer):
     ckpt = Decoder(tiny_safety_model(tokenizer, seed=0), tokenizer)
     torch.manual_seed(0)
     guard = Guard(plain.model.decoder, torch.randn(64) * 0.3, 0.0, 0.5)
-    return Models(tokenizer, plain, ckpt, guard, "tiny-random", {})
+    return Models(tokenizer, plain, ckpt, guard,
+                  {"plain": "tiny-plain", "checkpoint": "tiny-ckpt", "guard": "tiny-guard"}, {})
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,27 @@ def test_resume_from_cache_generates_nothing(quick_run):
     assert second["run"]["new_generations"] == 0
     assert second["run"]["cached_records"] >= first["run"]["new_generations"]
     assert second["results"] == first["results"] and second["utility"] == first["utility"]
+
+
+def test_new_checkpoint_reuses_the_plain_systems_records(quick_run, tokenizer, tmp_path):
+    import shutil
+
+    import benchmarks.eval.run as run
+    from server.cli import main
+
+    out, first, _ = quick_run
+    shutil.copytree(out, tmp_path / "eval")
+    models = tiny_models(tokenizer)
+    models.model_ids["checkpoint"] = "another-ckpt"
+    models.plain = _NoGeneration(models.plain)  # base, base+system_prompt and guard are cached
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "load_models", lambda checkpoint, base_dir, dtype: models)
+        assert main(["eval", "--quick", "--limit", str(LIMIT), "--output", str(tmp_path / "eval"),
+                     "--data-dir", str(DATA_DIR)]) == 0
+    third = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert 0 < third["run"]["new_generations"] < first["run"]["new_generations"]
+    plain = [r for r in first["results"] if r["system"] in ("base", "base+system_prompt", "guard")]
+    assert plain and all(r in third["results"] for r in plain)
 
 
 def test_unknown_system_is_one_line_error(tmp_path, capsys):

@@ -104,6 +104,18 @@ def test_self_answers_become_probed_responses_with_the_query_label():
     assert by_query["answered"] == examples[-1]  # only query-only examples are picked
 
 
+def test_preferred_sources_fill_the_quota_first():
+    examples = [Example(f"easy {i}", "", 0, lm_loss=False, source="easy") for i in range(6)]
+    examples += [Example(f"hard {i}", "", 0, lm_loss=False, source="lookalike") for i in range(2)]
+    examples += [Example(f"bad {i}", "", 1, lm_loss=False, source="bad") for i in range(3)]
+    out, counts = with_self_answers(examples, lambda qs: ["An answer."] * len(qs), n_per_class=3,
+                                    rng=random.Random(0), prefer=("lookalike",))
+    answered = [e.query for e in out if e.response]
+    assert counts == {"benign": 3, "malicious": 3, "skipped": 0}
+    assert {"hard 0", "hard 1"} <= set(answered)  # both preferred, plus one drawn at random
+    assert sum(q.startswith("easy") for q in answered) == 1
+
+
 def test_self_answers_keep_input_order(tokenizer, tiny_model):
     queries = ["Hi", "A much longer question about bread and butter?", "Why?"]
     got = self_answers(tiny_model.lm, tokenizer, queries, max_new_tokens=4, batch_size=1)

@@ -31,10 +31,16 @@ class Models:
     checkpoint: object
     """`Decoder` over the ESS checkpoint."""
     guard: object | None
-    model_id: str
-    """Names the weights (part of every cache key)."""
+    model_ids: dict
+    """Names the weights of each kind of system, ``{"plain", "checkpoint", "guard"}`` (part of
+    every cache key, `id_for`)."""
     safety_defaults: dict
     """The checkpoint's threshold, tau, r1, r2, r3 (`SafetyParams` fields)."""
+
+    def id_for(self, spec) -> str:
+        """The id of the weights ``spec`` runs. Our choice: plain systems are keyed by the base
+        model alone, so a new checkpoint reuses their records; the guard by base and guard."""
+        return self.model_ids["guard" if spec.guard else spec.model]
 
 
 def batches(lengths: list[int], new_tokens: int, max_batch: int = MAX_BATCH,

@@ -57,8 +57,8 @@ def load_models(checkpoint: Path, base_dir: Path | None, dtype: str = "auto") ->
     weights (tests replace this function with tiny random models), on the CPU in ``dtype``
     (`safety_decoding.device.resolve_dtype`: what ``ess serve`` runs here).
 
-    The model id (part of every cache key) names the checkpoint's files by hash, so records
-    of another checkpoint or precision are never reused.
+    The model ids (part of every cache key) name the weights by hash and precision, so records
+    of other weights or another precision are never reused.
 
     Raises:
         PrepareError: the base model cannot be prepared.
@@ -80,12 +80,19 @@ def load_models(checkpoint: Path, base_dir: Path | None, dtype: str = "auto") ->
     ckpt = Decoder(load_safety_model(checkpoint, base, dtype=dt), tok)
     guard = load_guard(GUARD_DIR, base, body=plain.model.decoder) if GUARD_DIR.exists() else None
     c = ckpt.model.config
-    files = hashlib.sha256()
-    for f in sorted(p for p in Path(checkpoint).rglob("*") if p.is_file() and p.suffix != ".md"):
-        files.update(f.read_bytes())
-    model_id = f"{Path(checkpoint).name}@{files.hexdigest()[:12]}/{dtype_name(dt)}"
-    return Models(tok, plain, ckpt, guard, model_id,
+    plain_id = f"base@{c.base_model_sha256[:12]}/{dtype_name(dt)}"  # checked by load_safety_model
+    ids = {"plain": plain_id, "checkpoint": f"{Path(checkpoint).name}@{files_digest(checkpoint)}/{dtype_name(dt)}",
+           "guard": f"{plain_id}+guard@{files_digest(GUARD_DIR)}"}
+    return Models(tok, plain, ckpt, guard, ids,
                   {"threshold": c.threshold, "tau": c.tau, "r1": c.r1, "r2": c.r2, "r3": c.r3})
+
+
+def files_digest(folder: Path) -> str:
+    """Hash of a folder's files, README files excepted ("" for a missing folder)."""
+    files = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix != ".md"):
+        files.update(f.read_bytes())
+    return files.hexdigest()[:12] if Path(folder).exists() else ""
 
 
 class GuardBackend:
@@ -101,7 +108,7 @@ class GuardBackend:
         models = self.local.models
         if models.guard is None:
             raise FileNotFoundError(f"no external guard in {GUARD_DIR}; run `ess train-guard`")
-        digest = self.base_spec.digest(models.model_id)
+        digest = self.base_spec.digest(models.id_for(self.base_spec))
         base, missing = {}, []
         for c in cases:
             rec = self.cache.get(record_key(digest, c.key, max_new_tokens))
@@ -191,7 +198,7 @@ def utility_rows(models: Models, specs: list, plan: P.Plan, data_dir: Path, cach
         key = layout(spec)
         if key in cache_of:
             continue
-        digest = hashlib.sha256(repr((key, models.model_id)).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(repr((key, models.id_for(spec))).encode()).hexdigest()[:12]
         keys = [f"nll:{digest}:{hashlib.sha256(r['output'].encode()).hexdigest()[:16]}:{plan.utility_tokens}"
                 for r in rows]
         todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
@@ -275,11 +282,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         from benchmarks.eval.systems import SystemSpec
 
         specs = [SystemSpec("server", "server", safety=(("url", args.url),), note=f"server at {args.url}")]
-        backend, model_id = HttpBackend(args.url), args.url
+        backend, model_ids = HttpBackend(args.url), {"server": args.url}
     else:
         specs = select(args.systems, args.quick)
         models = load_models(args.checkpoint, args.base_model, args.dtype)
-        tok, model_id = models.tok, models.model_id
+        tok, model_ids = models.tok, models.model_ids
         backend = LocalBackend(models)
     sets = P.build_sets(args.data_dir, tok, plan, args.attacks)
 
@@ -289,6 +296,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         if spec.guard:
             b = GuardBackend(backend, cache, BY_NAME["base"], lambda n: counter.__setitem__("new", counter["new"] + n))
         t = time.time()
+        model_id = args.url or models.id_for(spec)
         records[spec.name] = run_system(b, spec, sets, cache, model_id, plan.max_new_tokens, counter)
         counter["seconds"] += time.time() - t
 
@@ -313,7 +321,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         "config": {"quick": args.quick, "max_new_tokens": plan.max_new_tokens, "seed": plan.seed,
                    "plan": asdict(plan), "systems": [s.name for s in specs],
                    "sets": [s.name for s in sets], "checkpoint": str(args.checkpoint),
-                   "url": args.url, "model_id": model_id},
+                   "url": args.url, "model_ids": model_ids},
         "run": {"wall_seconds": round(time.time() - t0, 1), "new_generations": counter["new"],
                 "cached_records": counter["cached"],
                 "generation_seconds": round(counter["seconds"], 1),
