@@ -99,8 +99,10 @@ def guard_texts(tokenizer, examples, max_response_tokens: int = 48) -> tuple[lis
 
 
 def train_guard(examples, tokenizer, base_dir: str | Path, out_dir: str | Path,
-                batch_size: int = 16, log=print) -> dict:
-    """Fit the guard head on frozen base-model features; returns validation metrics."""
+                batch_size: int = 16, log=print, manifest: dict | None = None) -> dict:
+    """Fit the guard head on frozen base-model features; returns validation metrics.
+
+    ``manifest`` (`data.build_examples`) is saved beside the weights, naming the data mix."""
     from safetensors.torch import save_file
     from sklearn.linear_model import LogisticRegression
     from tqdm import tqdm
@@ -125,6 +127,6 @@ def train_guard(examples, tokenizer, base_dir: str | Path, out_dir: str | Path,
                "bias": torch.tensor(float(clf.intercept_[0]))}, str(out / GUARD_WEIGHTS))
     (out / GUARD_CONFIG).write_text(json.dumps(
         {"base": "plain base model, last-token final-norm features", "threshold": 0.5,
-         "n_train": len(ids) - n_val, "validation": metrics}, indent=2) + "\n")
+         "n_train": len(ids) - n_val, "validation": metrics, "data_manifest": manifest}, indent=2) + "\n")
     log(f"guard validation: {json.dumps(metrics)}")
     return metrics

@@ -151,11 +151,12 @@ def with_self_answers(examples: list[Example], answer, n_per_class: int,
 
     Args:
         answer: ``list[str] -> list[str]``, e.g. `self_answers` bound to the base model.
-        prefer: sources whose examples fill each class's quota first. Our choice: the
-            look-alike, role-play and narrative prompts of both classes, so the probe sees
-            benign answers on frightening topics (labelled 0) beside compliance under a
-            disguise (labelled 1) and has to read the request, not the topic. Without them
-            the response-stage re-checks tripped on 54 of 250 XSTest safe prompts.
+        prefer: sources whose examples fill each class's quota first, e.g. the look-alike,
+            role-play and narrative prompts of both classes: the probe then sees benign
+            answers on frightening topics (labelled 0) beside compliance under a disguise
+            (labelled 1). Measured on a candidate run (800 per class, these sources):
+            response-stage trips on XSTest safe prompts fell from 54 to 29 of 250, but the
+            run's query head tripped on more (43 -> 56); the shipped run does not use it.
 
     Returns:
         ``(examples, counts)``: the same examples, some now with responses, and the counts

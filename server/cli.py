@@ -37,8 +37,9 @@ def _train_guard(args) -> int:
 
     cfg = load_train_config(args.config)
     base = resolve_base_model(None)
-    examples, _ = training_examples(cfg)
-    train_guard(examples, AutoTokenizer.from_pretrained(str(base)), base, args.output)
+    examples, manifest = training_examples(cfg)
+    train_guard(examples, AutoTokenizer.from_pretrained(str(base)), base, args.output,
+                manifest=manifest)
     return 0
 
 
