@@ -80,8 +80,10 @@ def load_models(checkpoint: Path, base_dir: Path | None, dtype: str = "auto") ->
     ckpt = Decoder(load_safety_model(checkpoint, base, dtype=dt), tok)
     guard = load_guard(GUARD_DIR, base, body=plain.model.decoder) if GUARD_DIR.exists() else None
     c = ckpt.model.config
-    plain_id = f"base@{c.base_model_sha256[:12]}/{dtype_name(dt)}"  # checked by load_safety_model
-    ids = {"plain": plain_id, "checkpoint": f"{Path(checkpoint).name}@{files_digest(checkpoint)}/{dtype_name(dt)}",
+    precision = dtype_name(dt)
+    plain_id = f"base@{c.base_model_sha256[:12]}/{precision}"  # checked by load_safety_model
+    ids = {"plain": plain_id,
+           "checkpoint": f"{Path(checkpoint).name}@{files_digest(checkpoint)}/{precision}",
            "guard": f"{plain_id}+guard@{files_digest(GUARD_DIR)}"}
     return Models(tok, plain, ckpt, guard, ids,
                   {"threshold": c.threshold, "tau": c.tau, "r1": c.r1, "r2": c.r2, "r3": c.r3})
