@@ -364,7 +364,7 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
         examples, manifest["self_answers"] = with_self_answers(
             examples, lambda qs: self_answers(lm, tok, qs, cfg.max_response_tokens,
                                               autocast=cfg.bf16_autocast),
-            cfg.self_answers_per_class, rng, tuple(cfg.self_answer_sources))
+            cfg.self_answers_per_class, rng, cfg.self_answer_sources)
         log(f"self answers: {manifest['self_answers']} in {(time.monotonic() - t0) / 60:.1f} min")
     n_val = int(len(examples) * cfg.validation_fraction)
     val_ex, train_ex = examples[:n_val], examples[n_val:]
@@ -431,10 +431,11 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
 def load_train_config(path: str | Path) -> TrainConfig:
     """Read a YAML file of `TrainConfig` keys; unknown keys raise ``ValueError``."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
-    known = set(TrainConfig.__dataclass_fields__)
-    unknown = set(raw) - known
+    fields = TrainConfig.__dataclass_fields__
+    unknown = set(raw) - set(fields)
     if unknown:
         raise ValueError(f"unknown training config keys: {sorted(unknown)}")
-    if "probe_window" in raw:
-        raw["probe_window"] = tuple(raw["probe_window"])
+    for k, v in raw.items():  # YAML lists become the tuples the dataclass declares
+        if isinstance(v, list) and isinstance(fields[k].default, tuple):
+            raw[k] = tuple(v)
     return TrainConfig(**raw)
