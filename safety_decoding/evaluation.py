@@ -110,11 +110,12 @@ def fill_template(template: str, goal: str) -> str:
 
 
 def template_cases(goals: dict[int, str], templates: list[str], attack: str, seed: int) -> list[Case]:
-    """Each goal wrapped in one template drawn with a seeded generator (per attack)."""
-    rng = random.Random(f"{seed}:{attack}")
+    """Each goal wrapped in one template, drawn from ``stable_seed(seed, attack, goal index)``
+    (our choice: a goal keeps its template whichever subset it is in, so a larger run reuses
+    a smaller one's cached answers)."""
     out = []
     for i, g in goals.items():
-        t = rng.randrange(len(templates))
+        t = stable_seed(seed, attack, i) % len(templates)
         out.append(Case(attack, f"goal:{i}|template:{t}", fill_template(templates[t], g),
                         group=f"goal:{i}"))
     return out
@@ -122,11 +123,10 @@ def template_cases(goals: dict[int, str], templates: list[str], attack: str, see
 
 def suffix_cases(goals: dict[int, str], suffixes: list[str], attack: str, seed: int) -> list[Case]:
     """Each goal followed by one adversarial suffix drawn with a seeded generator (GCG transfer:
-    Zou et al. 2023 append the suffix after a space)."""
-    rng = random.Random(f"{seed}:{attack}")
+    Zou et al. 2023 append the suffix after a space); drawn per goal like `template_cases`."""
     out = []
     for i, g in goals.items():
-        s = rng.randrange(len(suffixes))
+        s = stable_seed(seed, attack, i) % len(suffixes)
         out.append(Case(attack, f"goal:{i}|suffix:{s}", f"{g} {suffixes[s]}", group=f"goal:{i}"))
     return out
 

@@ -11,7 +11,7 @@ from benchmarks.eval.backends import HttpBackend, apply_guard, batches, guard_ch
 from benchmarks.eval.cache import Cache
 from benchmarks.eval.systems import BY_NAME, select
 from safety_decoding.evaluation import (SURE_PREFILL, decoding_cases, fill_template, prefill_cases,
-                                        prefill_text, seeded_subset)
+                                        prefill_text, seeded_subset, suffix_cases, template_cases)
 from safety_decoding.model import REFUSAL_PREFIX
 
 needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data not present")
@@ -43,6 +43,17 @@ def test_templates_name_the_model_and_decoding_cases_have_stable_distinct_seeds(
     seeds = {dict(c.sampling)["seed"] for c in a}
     assert len(seeds) == 2 and all(dict(c.sampling)["do_sample"] for c in a)
     assert a[0].key != decoding_cases({1: "g1"}, {"top_p": 0.5})[0].key
+
+
+def test_a_goal_keeps_its_template_and_suffix_whatever_the_subset():
+    goals = {i: f"goal {i}" for i in range(40)}
+    templates = [f"T{k} {{prompt}}" for k in range(7)]
+    for make, pool in ((template_cases, templates), (suffix_cases, [f"S{k}" for k in range(7)])):
+        big = {c.group: c for c in make(goals, pool, "a", 0)}
+        small = make({i: goals[i] for i in (3, 17, 29)}, pool, "a", 0)
+        assert all(big[c.group] == c for c in small)  # subset-independent, so cached answers reuse
+        assert len({c.key for c in big.values()}) == 40 and len({c.text for c in big.values()}) > 3
+        assert [c.text for c in make(goals, pool, "a", 1)] != [c.text for c in big.values()]
 
 
 @needs_data

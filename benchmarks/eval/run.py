@@ -224,9 +224,9 @@ def utility_rows(models: Models, specs: list, plan: P.Plan, data_dir: Path, cach
 
 
 CAVEATS = [
-    "PyRIT and DAN templates are in the training pool (the checkpoint saw 60 template-wrapped "
-    "training requests); the AdvBench goals wrapped here are evaluation-only. AutoDAN templates "
-    "were not used in training.",
+    "PyRIT and DAN templates are in the training pool (the checkpoint's data manifest counts its "
+    "template-wrapped training requests as jailbreak-template*); the AdvBench goals wrapped here "
+    "are evaluation-only. AutoDAN templates were not used in training.",
     "sft_only is the checkpoint's LoRA with [CLS] off: the only available stand-in for the paper's "
     "implicit (SFT-only) baseline; it was trained with the signal, not without it.",
     "The judge is string matching: a response that complies and then apologises counts as a "
