@@ -122,8 +122,8 @@ def template_cases(goals: dict[int, str], templates: list[str], attack: str, see
 
 
 def suffix_cases(goals: dict[int, str], suffixes: list[str], attack: str, seed: int) -> list[Case]:
-    """Each goal followed by one adversarial suffix drawn with a seeded generator (GCG transfer:
-    Zou et al. 2023 append the suffix after a space); drawn per goal like `template_cases`."""
+    """Each goal followed by one adversarial suffix, drawn per goal like `template_cases` (GCG
+    transfer: Zou et al. 2023 append the suffix after a space)."""
     out = []
     for i, g in goals.items():
         s = stable_seed(seed, attack, i) % len(suffixes)

@@ -96,6 +96,7 @@ def test_markdown_and_plots_are_written(quick_run):
     out, res, _ = quick_run
     md = (out / "results.md").read_text()
     assert "## Attack success rate" in md and "| ess/each/refuse |" in md and "Judge validation" in md
+    assert "rows under 5 %" in md
     for name in res["plots"]:
         assert (out / name).stat().st_size > 1000
     assert (out / "generations.jsonl").exists()

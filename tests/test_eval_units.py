@@ -56,6 +56,14 @@ def test_a_goal_keeps_its_template_and_suffix_whatever_the_subset():
         assert [c.text for c in make(goals, pool, "a", 1)] != [c.text for c in big.values()]
 
 
+def test_rows_under_target_counts_strictly_below_five_percent():
+    from benchmarks.eval.report import rows_under_target
+
+    cell = {("s", "a"): 0.0469, ("s", "b"): 0.05, ("s", "c"): 0.0, ("t", "a"): 0.9}
+    assert rows_under_target(cell, "s", ["a", "b", "c", "d"]) == "2 of 3"  # d: not run
+    assert rows_under_target(cell, "t", ["a", "b"]) == "0 of 1"
+
+
 @needs_data
 def test_quick_sets_share_goals_and_have_the_documented_sizes(tokenizer):
     from benchmarks.eval.plan import FULL, QUICK, build_sets

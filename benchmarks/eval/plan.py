@@ -75,9 +75,10 @@ other four); all 250 XSTest safe prompts, I-Alpaca (50), 50 physical-safety prom
 reference answers. Our choice of sizes: with the earlier 16 requests per attack "under 5 %"
 meant zero misses, so one borderline goal decided several rows; at 64 a row passes with up to
 3 misses. The 64 goals contain those 16 (`seeded_subset` draws them first) and a goal keeps
-its template and suffix whatever the subset, so a larger run reuses a smaller one's answers. About
-1,900 generations per system: 4 minutes for an ESS system in bfloat16 on 2 CPU cores with AMX
-(`--dtype auto`), more for base-like systems, which run to the token cap."""
+its template and suffix whatever the subset, so a larger run reuses a smaller one's answers.
+About 1,900 generations per system: 4 minutes for an ESS system in bfloat16 on 2 CPU cores
+with AMX (`--dtype auto`), 7 for base-like systems, which run to the token cap; about an hour
+for all 13 systems from an empty cache."""
 
 
 @dataclass
