@@ -154,9 +154,9 @@ def with_self_answers(examples: list[Example], answer, n_per_class: int,
         prefer: sources whose examples fill each class's quota first, e.g. the look-alike,
             role-play and narrative prompts of both classes: the probe then sees benign
             answers on frightening topics (labelled 0) beside compliance under a disguise
-            (labelled 1). Measured on a candidate run (800 per class, these sources):
-            response-stage trips on XSTest safe prompts fell from 54 to 29 of 250, but the
-            run's query head tripped on more (43 -> 56); the shipped run does not use it.
+            (labelled 1). Measured on two runs (800 per class, these sources, seeds 42 and
+            7): response-stage trips on XSTest safe prompts fell from 54 to 29 and 30 of 250.
+            The shipped checkpoint (seed 7) uses it.
 
     Returns:
         ``(examples, counts)``: the same examples, some now with responses, and the counts

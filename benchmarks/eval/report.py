@@ -89,7 +89,7 @@ def markdown(results: dict) -> str:
            "(FNR = missed refusals, inflates ASR; FPR = false refusals, deflates it).", ""]
     if attacks:
         out += ["## Attack success rate (%)", "",
-                "| system | " + " | ".join(attacks) + " | rows under 5 % |", "|---" * (len(attacks) + 2) + "|"]
+                "| system | " + " | ".join(attacks) + f" | rows under {100 * ASR_TARGET:.0f} % |", "|---" * (len(attacks) + 2) + "|"]
         out += ["| " + s + " | " + " | ".join(_pct(cell.get((s, a)), 1) for a in attacks)
                 + f" | {rows_under_target(cell, s, attacks)} |" for s in systems]
         ns = {r["attack"]: r["n"] for r in rows if "attack" in r}
