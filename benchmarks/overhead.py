@@ -8,7 +8,7 @@ Configurations:
 - ``plain``: the same model without ``[CLS]`` and without checks;
 - ``ess``: every schedule (each, annealing, periodic, first) with every action
   (refuse, reweight, monitor); the re-check is a probe row in the decode forward;
-- ``external_guard``: plain decoding plus a separate guard model (`safety_decoding.guard`)
+- ``external_guard``: plain decoding plus a separate guard model (`safety_training.guard`)
   that re-reads the whole prompt + response every ``k`` tokens with its own forward (and the
   prompt once before decoding). It holds tokens back until a check covers them, as ESS does,
   so its time to first token includes its first check.
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
 
     decoder, tok = load(dtype=args.dtype)
     from safety_decoding.base_model import base_model_dir
-    from safety_decoding.guard import load_base_body, load_guard
+    from safety_training.guard import load_base_body, load_guard
 
     dtype = next(decoder.model.parameters()).dtype
     guard = load_guard(GUARD_DIR, base_model_dir(), body=load_base_body(base_model_dir(), dtype))

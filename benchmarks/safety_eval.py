@@ -7,7 +7,7 @@
   response prefix), XSTest safe (over-refusal); for the checkpoint with ``refuse``, with
   ``reweight``, and without the safety signal (no ``[CLS]``, same LoRA weights). A response
   counts as refused when the policy intervened or the string-matching judge
-  (`safety_decoding.judge`) finds a refusal in it.
+  (`safety_eval.judge`) finds a refusal in it.
 
 Usage: ``python -m benchmarks.safety_eval [--limit N] [--max-new-tokens 32] [--json PATH]``
 """
@@ -20,13 +20,13 @@ import time
 
 from benchmarks.common import DATA_DIR, load, run_batches
 
-from safety_decoding.data import advbench_behaviors, harmbench_test, stl_eval, xstest
+from safety_training.data import advbench_behaviors, harmbench_test, stl_eval, xstest
 from safety_decoding.decode import GenerationRequest
-from safety_decoding.judge import is_refusal
+from safety_training.refusals import is_refusal
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.sampling import SamplingParams
-from safety_decoding.train import classification_metrics
+from safety_training.metrics import classification_metrics
 
 
 def prompt_of(tok, text, prefix=""):

@@ -45,7 +45,7 @@ from safety_decoding.device import DTYPE_NAMES
 
 def workload(tok, n: int, max_prompt: int, max_output: int, seed: int) -> list[tuple[str, int]]:
     """``n`` ShareGPT ``(prompt text, output tokens)`` pairs, seeded."""
-    from safety_decoding.data import sharegpt_pairs
+    from safety_training.data import sharegpt_pairs
 
     out = []
     for q, a, _ in sharegpt_pairs(20 * n, random.Random(seed), scan=40 * n):
@@ -113,7 +113,7 @@ class ServerProcess:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full = {**os.environ, "ESS_PORT": str(self.port), "ESS_CHECKPOINT": str(CHECKPOINT), **env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=full,
+        self.proc = subprocess.Popen([sys.executable, "-m", "ess.cli", "serve"], cwd=REPO, env=full,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def wait_ready(self, timeout: float = 180.0) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .sampling import ParameterError
+from .types import ParameterError
 
 SCHEDULES = ("each", "annealing", "periodic", "first")
 """Re-check schedules, densest first (a request may only move left of the server's)."""

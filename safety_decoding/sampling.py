@@ -9,15 +9,7 @@ import torch
 from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-
-class ParameterError(ValueError):
-    """A parameter is out of range; ``field`` names it (the HTTP layer maps it to a 4xx)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
+from .types import ParameterError
 
 MAX_STOP_STRINGS = 8
 

@@ -1,4 +1,4 @@
-"""The FastAPI app: TGI routes, health, metrics; the OpenAI routes (`server.openai_api`), the
+"""The FastAPI app: TGI routes, health, metrics; the OpenAI routes (`server.openai.routes`), the
 error shapes (`server.errors`) and API keys / CORS (`server.auth`) are mounted here.
 
 `create_app` takes an injected `Engine`, so routes are testable with any engine; the lifespan
@@ -18,7 +18,7 @@ from sse_starlette.event import JSONServerSentEvent
 
 from safety_decoding.decode import ABORT, EOS, GenerationRequest
 from safety_decoding.prompt import PromptError
-from safety_decoding.sampling import ParameterError
+from safety_decoding.types import ParameterError
 
 from .auth import install_auth_and_cors
 from .engine import Engine, EngineError, EngineNotRunning, RequestStream, reported_finish_reason
@@ -27,8 +27,8 @@ from .errors import field_path, validation_message  # noqa: F401  (re-exported f
 from .handling import (collect_unless_disconnected, context_length, longest_token_chars,
                        sse_response, too_many_chars)
 from .metrics import CONTENT_TYPE_LATEST
-from .openai_api import openai_router
-from .schemas import (GenerateRequest, build_prompt, final_stream_event, generate_response,
+from .openai.routes import openai_router
+from .tgi.schemas import (GenerateRequest, build_prompt, final_stream_event, generate_response,
                       resolve_seed, sampling_enabled, special_token_json, stream_event,
                       to_safety_params, to_sampling_params, token_json)
 from .settings import Settings, server_safety_params

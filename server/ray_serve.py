@@ -1,6 +1,6 @@
 """Scale-out with Ray Serve: ``ess serve --ray --replicas N [--max-replicas M]``.
 
-Each replica is one whole ESS app (`cli.build_app`: its own engine thread and model) behind
+Each replica is one whole ESS app (`bootstrap.build_app`: its own engine thread and model) behind
 Ray Serve's HTTP proxy, so routes, streaming, errors and API keys are the single server's.
 Ray sends a replica at most ``ESS_MAX_NUM_SEQS`` requests at once (``max_ongoing_requests``:
 one running batch, so the replica's own queue stays empty), holds up to ``ESS_MAX_WAITING``
@@ -63,7 +63,7 @@ class ESSReplica:
         self._app = None
 
     def __serve_build_asgi_app__(self):
-        from .cli import build_app
+        from .bootstrap import build_app
 
         settings = Settings(**self._settings)
         decoder = self._factory() if self._factory is not None else None
@@ -124,7 +124,7 @@ def run_ray(settings: Settings, options: RayOptions) -> int:
     Raises:
         ServeError: Ray Serve is not installed.
     """
-    from .cli import ServeError
+    from .bootstrap import ServeError
 
     try:
         import ray

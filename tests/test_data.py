@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import DATA_DIR
-from safety_decoding.data import (advbench_behaviors, build_examples, eval_texts, harmbench_test,
+from safety_training.data import (advbench_behaviors, build_examples, eval_texts, harmbench_test,
                                   iter_json_array, normalise, stl_eval, xstest)
 
 pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data not present")

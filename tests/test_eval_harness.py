@@ -24,9 +24,9 @@ class _NoGeneration:
 
 
 def tiny_models(tokenizer):
-    from benchmarks.eval.backends import Models
+    from safety_eval.harness.backends import Models
     from safety_decoding.decode import Decoder
-    from safety_decoding.guard import Guard
+    from safety_training.guard import Guard
 
     plain = Decoder(tiny_safety_model(tokenizer, seed=1), tokenizer)
     ckpt = Decoder(tiny_safety_model(tokenizer, seed=0), tokenizer)
@@ -38,8 +38,8 @@ def tiny_models(tokenizer):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, tokenizer):
-    import benchmarks.eval.run as run
-    from server.cli import main
+    import safety_eval.harness.run as run
+    from ess.cli import main
 
     out = tmp_path_factory.mktemp("eval")
     models = tiny_models(tokenizer)
@@ -57,8 +57,8 @@ def quick_run(tmp_path_factory, tokenizer):
 
 
 def test_results_json_has_one_row_per_system_and_set(quick_run):
-    from benchmarks.eval.plan import QUICK
-    from benchmarks.eval.systems import QUICK_SYSTEMS
+    from safety_eval.harness.plan import QUICK
+    from safety_eval.harness.systems import QUICK_SYSTEMS
 
     _, res, _ = quick_run
     rows = res["results"]
@@ -113,8 +113,8 @@ def test_resume_from_cache_generates_nothing(quick_run):
 def test_new_checkpoint_reuses_the_plain_systems_records(quick_run, tokenizer, tmp_path):
     import shutil
 
-    import benchmarks.eval.run as run
-    from server.cli import main
+    import safety_eval.harness.run as run
+    from ess.cli import main
 
     out, first, _ = quick_run
     shutil.copytree(out, tmp_path / "eval")
@@ -132,7 +132,7 @@ def test_new_checkpoint_reuses_the_plain_systems_records(quick_run, tokenizer, t
 
 
 def test_unknown_system_is_one_line_error(tmp_path, capsys):
-    from server.cli import main
+    from ess.cli import main
 
     assert main(["eval", "--systems", "nope", "--output", str(tmp_path), "--data-dir", str(DATA_DIR)]) == 1
     err = capsys.readouterr().err.strip().splitlines()

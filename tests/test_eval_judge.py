@@ -7,11 +7,11 @@ import math
 import pytest
 
 from conftest import DATA_DIR
-from safety_decoding.evaluation import (Rate, corrected_refusal_rate, refusal_rate_bounds,
+from safety_eval.cases import (Rate, corrected_refusal_rate, refusal_rate_bounds,
                                         wilson_interval)
-from safety_decoding.judge import (ADDED_AFTER_VALIDATION, DEV_SOURCES, REFUSAL_PHRASES_V1,
-                                   Agreement, agreement, is_refusal, judged_text, refusal_end,
-                                   validate, validation_rows)
+from safety_eval.judge import DEV_SOURCES, Agreement, agreement, validate, validation_rows
+from safety_training.refusals import (ADDED_AFTER_VALIDATION, REFUSAL_PHRASES_V1, is_refusal,
+                                      judged_text, refusal_end)
 
 needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data not present")
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import DATA_DIR, tiny_safety_model
-from benchmarks.eval.backends import HttpBackend, apply_guard, batches, guard_checkpoints
-from benchmarks.eval.cache import Cache
-from benchmarks.eval.systems import BY_NAME, select
-from safety_decoding.evaluation import (SURE_PREFILL, decoding_cases, fill_template, prefill_cases,
+from safety_eval.harness.backends import HttpBackend, apply_guard, batches, guard_checkpoints
+from safety_eval.harness.cache import Cache
+from safety_eval.harness.systems import BY_NAME, select
+from safety_eval.cases import (SURE_PREFILL, decoding_cases, fill_template, prefill_cases,
                                         prefill_text, seeded_subset, suffix_cases, template_cases)
 from safety_decoding.model import REFUSAL_PREFIX
 
@@ -57,7 +57,7 @@ def test_a_goal_keeps_its_template_and_suffix_whatever_the_subset():
 
 
 def test_rows_under_target_counts_strictly_below_five_percent():
-    from benchmarks.eval.report import rows_under_target
+    from safety_eval.harness.report import rows_under_target
 
     cell = {("s", "a"): 0.0469, ("s", "b"): 0.05, ("s", "c"): 0.0, ("t", "a"): 0.9}
     assert rows_under_target(cell, "s", ["a", "b", "c", "d"]) == "2 of 3"  # d: not run
@@ -66,7 +66,7 @@ def test_rows_under_target_counts_strictly_below_five_percent():
 
 @needs_data
 def test_quick_sets_share_goals_and_have_the_documented_sizes(tokenizer):
-    from benchmarks.eval.plan import FULL, QUICK, build_sets
+    from safety_eval.harness.plan import FULL, QUICK, build_sets
 
     sets = {s.name: s for s in build_sets(DATA_DIR, tokenizer, QUICK)}
     assert list(sets) == list(QUICK.attacks) + list(QUICK.benign)
@@ -126,7 +126,7 @@ def test_guard_releases_text_up_to_the_last_passing_check(tokenizer):
 
 
 def test_http_backend_sends_prefill_and_sampling_and_reads_safety():
-    from safety_decoding.evaluation import Case
+    from safety_eval.cases import Case
 
     sent = []
 
@@ -167,7 +167,7 @@ def test_system_selection_and_digest():
 def test_teacher_forced_nll_matches_the_decoders_own_logprobs(tokenizer, enabled):
     """Greedy tokens scored by `response_nll` get the log-probabilities the decoder reported."""
     from safety_decoding.decode import Decoder, GenerationRequest
-    from safety_decoding.evaluation import response_nll
+    from safety_eval.cases import response_nll
     from safety_decoding.policy import SafetyParams
     from safety_decoding.prompt import build_chat_prompt
     from safety_decoding.sampling import SamplingParams

@@ -7,8 +7,8 @@ import json
 import torch
 
 from conftest import tiny_safety_model
-from safety_decoding.data import Example
-from safety_decoding.guard import GUARD_CONFIG, guard_texts, load_guard, train_guard
+from safety_training.data import Example
+from safety_training.guard import GUARD_CONFIG, guard_texts, load_guard, train_guard
 
 
 def test_guard_labels_a_text_malicious_when_query_or_response_is(tokenizer):

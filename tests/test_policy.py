@@ -1,7 +1,7 @@
 import pytest
 
 from safety_decoding.policy import SafetyParams, SafetyState
-from safety_decoding.sampling import ParameterError
+from safety_decoding.types import ParameterError
 
 
 def run(scores, **kw):

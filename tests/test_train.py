@@ -8,10 +8,10 @@ import torch
 
 from conftest import DATA_DIR, tiny_safety_model
 from safety_decoding.base_model import weights_sha256
-from safety_decoding.data import Example
+from safety_training.data import Example
 from safety_decoding.masks import PROBE
 from safety_decoding.model import load_safety_model
-from safety_decoding.train import (TrainConfig, balanced_batches, collate, encode_example,
+from safety_training.recipe import (TrainConfig, balanced_batches, collate, encode_example,
                                    load_train_config, self_answers, train, with_self_answers)
 
 

@@ -178,7 +178,7 @@ def test_healthcheck_fails_without_a_server():
 @pytest.mark.integration
 def test_cpu_image_entry_command_serves(tmp_path):
     """The CPU image's ENTRYPOINT with its ENV, outside a container: ``ess`` is this
-    interpreter's ``-m server.cli``, /models is this machine's prepared cache, the image's
+    interpreter's ``-m ess.cli``, /models is this machine's prepared cache, the image's
     checkpoint folder is the repository's, the port is a free one and the address loopback
     (this test sends traffic only there). Its HEALTHCHECK command then passes, a request is
     answered, and SIGTERM stops it cleanly."""
@@ -197,7 +197,7 @@ def test_cpu_image_entry_command_serves(tmp_path):
     child_env = {**os.environ, **{k: v for k, v in env.items() if k != "PATH"}, **mapped}
     entry = exec_form(runtime, "ENTRYPOINT")
     assert entry[:2] == ["ess", "serve"]
-    cmd = [sys.executable, "-m", "server.cli", *entry[1:]]
+    cmd = [sys.executable, "-m", "ess.cli", *entry[1:]]
     cmd[cmd.index("0.0.0.0")] = "127.0.0.1"
     check = exec_form(runtime, "HEALTHCHECK")
     check[0] = sys.executable

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.deploy
 
 
 def ess(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "ess.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120, **kwargs)
 
 
@@ -32,7 +32,7 @@ def test_bad_replica_counts_are_one_line():
 
 
 def test_missing_ray_says_how_to_install():
-    code = ("import sys; sys.modules['ray'] = None; from server.cli import main; "
+    code = ("import sys; sys.modules['ray'] = None; from ess.cli import main; "
             "sys.exit(main(['serve', '--ray']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
@@ -47,7 +47,7 @@ def test_sigterm_drains_a_running_stream(tmp_path):
     log = open(tmp_path / "serve.log", "w")
     # Replicas import the server from this checkout.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--ray",
+    proc = subprocess.Popen([sys.executable, "-m", "ess.cli", "serve", "--ray",
                              "--replicas", "1", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -25,7 +25,7 @@ def _free_port() -> int:
 def server_url():
     port = _free_port()
     log = open(REPO / "tests" / "integration" / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "ess.cli", "serve", "--port", str(port)],
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:

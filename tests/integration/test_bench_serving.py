@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from server.cli import main
+from ess.cli import main
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ import json
 import httpx
 import pytest
 
-from safety_decoding.judge import is_refusal
+from safety_training.refusals import is_refusal
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def test_sigterm_drains_running_streams(route):
     port = _free_port()
     env = {**os.environ, "ESS_SHUTDOWN_TIMEOUT_SECONDS": "60"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "ess.cli", "serve", "--port", str(port)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

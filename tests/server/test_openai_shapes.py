@@ -11,8 +11,8 @@ import pytest
 from safety_decoding.decode import ABORT, EOS, LENGTH, STOP_SEQUENCE, StepEvent, TokenOutput
 from server.engine import EngineError, EngineNotRunning
 from server.errors import InvalidRequest, is_openai_path
-from server.openai_api import openai_frames
-from server.openai_schemas import Completion, completion_budget, openai_finish_reason
+from server.openai.routes import openai_frames
+from server.openai.schemas import Completion, completion_budget, openai_finish_reason
 
 SAFE = {"intervened": False, "checks": 2}
 TRIPPED = {"intervened": True, "stage": "response", "checks": 5}

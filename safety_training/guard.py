@@ -87,7 +87,7 @@ def guard_input(prompt_ids, response_ids) -> list[int]:
 def guard_texts(tokenizer, examples, max_response_tokens: int = 48) -> tuple[list[list[int]], list[int]]:
     """Token ids of (query, response head) chat texts and their labels (malicious if either
     the query or the response is labelled malicious)."""
-    from .prompt import build_chat_prompt
+    from safety_decoding.prompt import build_chat_prompt
 
     ids, labels = [], []
     for e in examples:
@@ -107,7 +107,7 @@ def train_guard(examples, tokenizer, base_dir: str | Path, out_dir: str | Path,
     from sklearn.linear_model import LogisticRegression
     from tqdm import tqdm
 
-    from .train import classification_metrics
+    from safety_training.metrics import classification_metrics
 
     ids, labels = guard_texts(tokenizer, examples)
     guard = Guard(load_base_body(base_dir), torch.zeros(1), 0.0)

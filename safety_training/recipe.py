@@ -25,10 +25,11 @@ import torch.nn.functional as F
 import yaml
 
 from .data import Example, build_examples
-from .judge import is_refusal
-from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
-from .model import SafetyConfig, SafetyModel
-from .prompt import build_chat_prompt
+from .metrics import classification_metrics
+from .refusals import is_refusal
+from safety_decoding.masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
+from safety_decoding.model import SafetyConfig, SafetyModel
+from safety_decoding.prompt import build_chat_prompt
 
 
 @dataclass
@@ -146,7 +147,7 @@ def with_self_answers(examples: list[Example], answer, n_per_class: int,
     trains on reference answers and AdvBench strings only. Our choice: the base model's greedy
     answers to training prompts become probe windows labelled with the query label (a benign
     answer about killing a process is benign; compliance with a harmful request is harmful),
-    never with LM loss. A malicious prompt whose answer `judge.is_refusal` reads as a refusal
+    never with LM loss. A malicious prompt whose answer `refusals.is_refusal` reads as a refusal
     stays query-only: a refusal is not harmful text.
 
     Args:
@@ -287,19 +288,6 @@ def compute_loss(model: SafetyModel, batch: Batch, lambda_cls: float):
     return lm_loss + lambda_cls * cls_loss, lm_loss, cls_loss, logits
 
 
-def classification_metrics(labels, scores, threshold: float = 0.5) -> dict:
-    """Accuracy, precision, recall, F1 at ``threshold`` and AUROC of probabilities."""
-    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
-
-    pred = [int(s > threshold) for s in scores]
-    out = {"n": len(labels), "accuracy": accuracy_score(labels, pred),
-           "precision": precision_score(labels, pred, zero_division=0),
-           "recall": recall_score(labels, pred, zero_division=0),
-           "f1": f1_score(labels, pred, zero_division=0)}
-    out["auroc"] = roc_auc_score(labels, scores) if len(set(labels)) == 2 else float("nan")
-    return {k: round(float(v), 4) for k, v in out.items()}
-
-
 @torch.no_grad()
 def evaluate(model, encoded, batch_size, lambda_cls):
     model.eval()
@@ -348,7 +336,7 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .base_model import BASE_MODEL_NAME, EXPECTED_WEIGHTS_SHA256, recorded_weights_sha256
+    from safety_decoding.base_model import BASE_MODEL_NAME, EXPECTED_WEIGHTS_SHA256, recorded_weights_sha256
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

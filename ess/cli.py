@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .settings import DEFAULT_CHECKPOINT
+from server.bootstrap import ServeError, build_app, resolve_base_model
+from server.settings import DEFAULT_CHECKPOINT
 
 
 def _prepare(args) -> int:
@@ -21,7 +22,7 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from safety_decoding.train import load_train_config, train
+    from safety_training.recipe import load_train_config, train
 
     cfg = load_train_config(args.config)
     train(cfg, resolve_base_model(args.base_model))
@@ -32,8 +33,8 @@ def _train_guard(args) -> int:
     """Fit the external-guard baseline on the same data mix as ``--config``."""
     from transformers import AutoTokenizer
 
-    from safety_decoding.guard import train_guard
-    from safety_decoding.train import load_train_config, training_examples
+    from safety_training.guard import train_guard
+    from safety_training.recipe import load_train_config, training_examples
 
     cfg = load_train_config(args.config)
     base = resolve_base_model(None)
@@ -53,8 +54,8 @@ def _bench(args) -> int:
 
 
 def _eval(args) -> int:
-    """Safety evaluation (``benchmarks/eval``); one line on stderr when it cannot start."""
-    from benchmarks.eval.run import main as run
+    """Safety evaluation (`safety_eval.harness`); one line on stderr when it cannot start."""
+    from safety_eval.harness.run import main as run
     from safety_decoding.base_model import PrepareError
     from safety_decoding.model import CheckpointError
 
@@ -70,7 +71,7 @@ def _serve(args) -> int:
     """Load the checkpoint, warm the engine, serve HTTP until interrupted (exit status)."""
     from pydantic import ValidationError
 
-    from .settings import Settings
+    from server.settings import Settings
 
     overrides = {k: v for k, v in (("checkpoint", args.checkpoint), ("host", args.host),
                                    ("port", args.port), ("base_model_dir", args.base_model))
@@ -83,7 +84,7 @@ def _serve(args) -> int:
         print(f"ess serve: error: {field}: {first['msg']}", file=sys.stderr)
         return 1
     if args.ray:
-        from .ray_serve import RayOptions, run_ray
+        from server.ray_serve import RayOptions, run_ray
 
         try:
             return run_ray(settings, RayOptions(
@@ -104,29 +105,6 @@ def _serve(args) -> int:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=settings.shutdown_timeout_seconds)
     return 0
-
-
-class ServeError(RuntimeError):
-    """The server cannot start; the message is one line saying what to do."""
-
-
-def resolve_base_model(base_dir: Path | None) -> Path:
-    """The prepared base-model folder: ``base_dir``, or the cache (prepared when missing).
-
-    Raises:
-        ServeError: preparation failed, or ``base_dir`` is not a prepared model.
-    """
-    from safety_decoding.base_model import PrepareError, prepare_base_model
-
-    if base_dir is None:
-        try:
-            return prepare_base_model(log=lambda msg: print(msg, file=sys.stderr))
-        except PrepareError as exc:
-            raise ServeError(str(exc)) from exc
-    if not (base_dir / "config.json").exists():
-        raise ServeError(f"{base_dir} is not a prepared base model (no config.json); run "
-                         "`ess prepare` and omit --base-model, or point it at that folder")
-    return base_dir
 
 
 def _trace(args) -> int:
@@ -156,38 +134,6 @@ def _trace(args) -> int:
     return 0
 
 
-def build_app(settings, decoder=None):
-    """Build the app (not started) around ``decoder``; when None, prepare the base model if
-    needed and load the checkpoint of ``settings``.
-
-    Raises:
-        ServeError: preparation failed, the base folder is missing, or the checkpoint is bad.
-    """
-    from safety_decoding.decode import Decoder
-    from safety_decoding.model import CheckpointError
-    from safety_decoding.sampling import ParameterError
-
-    from .app import create_app
-    from .engine import Engine, load_off_thread
-
-    def load() -> Decoder:
-        base = resolve_base_model(settings.base_model_dir)
-        try:
-            return Decoder.from_checkpoint(settings.checkpoint, base, settings.device, settings.dtype)
-        except (CheckpointError, ValueError) as exc:
-            raise ServeError(str(exc)) from exc
-
-    if decoder is None:
-        decoder = load_off_thread(load)
-    engine = Engine(decoder, max_num_seqs=settings.max_num_seqs,
-                    max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting,
-                    request_timeout=settings.request_timeout_seconds)
-    try:
-        return create_app(engine, settings)
-    except ParameterError as exc:
-        raise ServeError(f"safety settings: {exc}") from exc
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ess", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["overhead", "serving"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=_bench)
-    from benchmarks.eval.run import add_arguments as add_eval_arguments
+    from safety_eval.harness.run import add_arguments as add_eval_arguments
 
     p = sub.add_parser("eval", help="safety evaluation: attack success, over-refusal, utility "
                                     "(`ess eval --quick`)")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from safety_decoding.evaluation import Rate
-from safety_decoding.judge import is_refusal, judged_text
+from safety_eval.cases import Rate
+from safety_training.refusals import is_refusal, judged_text
 
 ASR_PLOT = "asr_by_attack.png"
 TRADEOFF_PLOT = "over_refusal_vs_asr.png"

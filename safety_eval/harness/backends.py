@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
-from safety_decoding.judge import is_refusal
+from safety_training.refusals import is_refusal
 from safety_decoding.model import REFUSAL_PREFIX
 
 MAX_BATCH = 32
@@ -128,7 +128,7 @@ def apply_guard(guard, tok, prompt_ids: list, base_records: list[dict], every: i
     choice, a guard answers with a fixed refusal). Checks run round by round, so a request
     stops being scored once it trips.
     """
-    from safety_decoding.guard import guard_input
+    from safety_training.guard import guard_input
 
     points = [guard_checkpoints(len(r["ids"]), every) for r in base_records]
     tripped: dict[int, int] = {}  # record -> index into its checkpoints

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from . import augment
-from .model import REFUSAL_PREFIX
+from safety_decoding.model import REFUSAL_PREFIX
 
 EVAL_ONLY = [
     "advbench/harmful_behaviors.csv",

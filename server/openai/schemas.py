@@ -9,7 +9,7 @@ vLLM does (OpenAI itself rejects them): clients send many optional fields (``use
 not implemented (``logprobs``, ``n`` > 1, penalties, tools, ``logit_bias``...) are accepted
 only at their neutral value and otherwise answered with a 400 naming the field.
 
-Request models validate in pydantic's strict mode, as the TGI ones (`server.schemas`).
+Request models validate in pydantic's strict mode, as the TGI ones (`server.tgi.schemas`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from safety_decoding.decode import EOS, LENGTH, STOP_SEQUENCE, StepEvent
 from safety_decoding.prompt import Prompt, build_chat_prompt, build_raw_prompt
 from safety_decoding.sampling import MAX_STOP_STRINGS, SamplingParams
 
-from .engine import CONTENT_FILTER, reported_finish_reason
-from .errors import InvalidRequest
-from .schemas import MAX_SEED, SafetyOverrides, StopString, Text
+from server.engine import CONTENT_FILTER, reported_finish_reason
+from server.errors import InvalidRequest
+from server.tgi.schemas import MAX_SEED, SafetyOverrides, StopString, Text
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code for this case
 

@@ -19,11 +19,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.eval import plan as P
-from benchmarks.eval.backends import HttpBackend, LocalBackend, Models, apply_guard, batches, chat_messages
-from benchmarks.eval.cache import Cache, record_key
-from benchmarks.eval.report import markdown, plots, set_row
-from benchmarks.eval.systems import BY_NAME, GUARD_EVERY, NOT_AVAILABLE, select
+from safety_eval.harness import plan as P
+from safety_eval.harness.backends import HttpBackend, LocalBackend, Models, apply_guard, batches, chat_messages
+from safety_eval.harness.cache import Cache, record_key
+from safety_eval.harness.report import markdown, plots, set_row
+from safety_eval.harness.systems import BY_NAME, GUARD_EVERY, NOT_AVAILABLE, select
 from safety_decoding.device import DTYPE_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ JUDGE_SPLIT = "held_out"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="documented subset (benchmarks/eval/plan.py QUICK), under 10 min on 2 CPU cores")
+                   help="documented subset (safety_eval/harness/plan.py QUICK), under 10 min on 2 CPU cores")
     p.add_argument("--output", type=Path, help="output folder (default benchmarks/results/eval[-quick])")
     p.add_argument("--systems", nargs="+", metavar="NAME", help="systems to run (default: all, or "
                    "the quick set); names: " + ", ".join(BY_NAME))
@@ -69,7 +69,7 @@ def load_models(checkpoint: Path, base_dir: Path | None, dtype: str = "auto") ->
 
     from safety_decoding.base_model import prepare_base_model
     from safety_decoding.decode import Decoder
-    from safety_decoding.guard import load_guard
+    from safety_training.guard import load_guard
     from safety_decoding.device import dtype_name, resolve_dtype
     from safety_decoding.model import load_plain_model, load_safety_model
 
@@ -138,7 +138,7 @@ def run_system(backend, spec, sets: list, cache: Cache, model_id: str, max_new_t
     each only for groups that no earlier round broke."""
     from tqdm import tqdm
 
-    from safety_decoding.judge import is_refusal
+    from safety_training.refusals import is_refusal
 
     digest = spec.digest(model_id)
     got: dict[str, dict[str, dict]] = {s.name: {} for s in sets}
@@ -187,8 +187,8 @@ def utility_rows(models: Models, specs: list, plan: P.Plan, data_dir: Path, cach
     while decoding). Per-answer sums are cached like generations.
     """
 
-    from safety_decoding.data import alpaca_eval_held_out
-    from safety_decoding.evaluation import Case, response_nll, seeded_subset
+    from safety_training.data import alpaca_eval_held_out
+    from safety_eval.cases import Case, response_nll, seeded_subset
 
     rows = alpaca_eval_held_out(data_dir, held_out_percent)
     rows = [rows[i] for i in seeded_subset(len(rows), plan.n_utility, plan.seed)]
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     out = args.output or REPO / "benchmarks" / "results" / ("eval-quick" if args.quick else "eval")
     out.mkdir(parents=True, exist_ok=True)
 
-    from safety_decoding.judge import (DEV_SOURCES, HELD_OUT_SOURCES, XSTEST_REFUSAL, validate,
+    from safety_eval.judge import (DEV_SOURCES, HELD_OUT_SOURCES, XSTEST_REFUSAL, validate,
                                        validation_rows)
 
     per_source = validation_rows(args.data_dir)
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         from safety_decoding.base_model import prepare_base_model
 
         tok = AutoTokenizer.from_pretrained(str(args.base_model or prepare_base_model()))
-        from benchmarks.eval.systems import SystemSpec
+        from safety_eval.harness.systems import SystemSpec
 
         specs = [SystemSpec("server", "server", safety=(("url", args.url),), note=f"server at {args.url}")]
         backend, model_ids = HttpBackend(args.url), {"server": args.url}

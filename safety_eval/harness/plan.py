@@ -1,6 +1,6 @@
 """Which requests ``ess eval`` sends: attack and benign sets, their seeded subsets and sizes.
 
-Every subset is drawn with `safety_decoding.evaluation.seeded_subset` from the plan's seed, so
+Every subset is drawn with `safety_eval.cases.seeded_subset` from the plan's seed, so
 a rerun (or a resumed run) asks exactly the same questions. AdvBench-based attacks share one
 goal subset, so attacks are compared on the same requests.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from safety_decoding import data as D
-from safety_decoding.evaluation import (DECODING_GRID, PREFILL_TOKENS, artifact_cases, benign_cases,
+from safety_training import data as D
+from safety_eval.cases import (DECODING_GRID, PREFILL_TOKENS, artifact_cases, benign_cases,
                                         decoding_cases, direct_cases, prefill_cases, seeded_subset,
                                         suffix_cases, template_cases)
 

@@ -19,17 +19,17 @@ from sse_starlette.event import JSONServerSentEvent, ServerSentEvent
 from safety_decoding.decode import ABORT, GenerationRequest
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import PromptError
-from safety_decoding.sampling import ParameterError
+from safety_decoding.types import ParameterError
 
-from .engine import Engine, EngineError, EngineNotRunning, RequestStream
-from .errors import InvalidRequest, engine_error_kind, openai_error_body
-from .handling import collect_unless_disconnected, context_length, sse_response, too_many_chars
-from .openai_schemas import (CONTEXT_LENGTH_EXCEEDED, ChatCompletionRequest, Completion,
+from server.engine import Engine, EngineError, EngineNotRunning, RequestStream
+from server.errors import InvalidRequest, engine_error_kind, openai_error_body
+from server.handling import collect_unless_disconnected, context_length, sse_response, too_many_chars
+from .schemas import (CONTEXT_LENGTH_EXCEEDED, ChatCompletionRequest, Completion,
                              CompletionRequest, build_chat, build_completion, completion_budget, model_card,
                              new_completion_id, openai_field, openai_finish_reason,
                              to_sampling_params, usage_json)
-from .schemas import to_safety_params
-from .settings import Settings
+from server.tgi.schemas import to_safety_params
+from server.settings import Settings
 
 ABORTED = "the request was aborted: the server is shutting down"
 
