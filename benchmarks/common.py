@@ -6,8 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+from safety_training.datasets import default_data_dir
+
 REPO = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO.parent / "shared" / "data"
+DATA_DIR = default_data_dir()  # filled by `ess data fetch`
 CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-ess"
 
 

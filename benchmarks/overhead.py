@@ -32,9 +32,10 @@ from benchmarks.common import REPO, load, markdown_table, write_json
 
 from safety_decoding.decode import GenerationRequest
 from safety_decoding.device import DTYPE_NAMES, dtype_name
-from safety_decoding.policy import ACTIONS, SCHEDULES, SafetyParams
+from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.sampling import SamplingParams
+from safety_decoding.types import Action, Schedule
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -45,16 +46,19 @@ PROMPTS = [
 GUARD_DIR = REPO / "checkpoints" / "smollm2-135m-guard"
 
 
-def configs(quick: bool) -> list[dict]:
-    out = [{"system": "plain", "schedule": None, "action": None,
-            "safety": SafetyParams(enabled=False)}]
-    for schedule in SCHEDULES:
-        for action in (("refuse",) if quick and schedule != "each" else ACTIONS):
-            out.append({"system": "ess", "schedule": schedule, "action": action,
-                        "safety": SafetyParams(schedule=schedule, action=action)})
+def configs(quick: bool, checkpoint_config) -> list[dict]:
+    """The configurations to time; ESS ones run the checkpoint's policy
+    (``checkpoint_config``: its `SafetyConfig`, `SafetyParams.from_config`)."""
+    off = SafetyParams.from_config(checkpoint_config, enabled=False)
+    out = [{"system": "plain", "schedule": None, "action": None, "safety": off}]
+    for schedule in Schedule:
+        for action in ((Action.REFUSE,) if quick and schedule != Schedule.EACH else Action):
+            out.append({"system": "ess", "schedule": schedule.value, "action": action.value,
+                        "safety": SafetyParams.from_config(checkpoint_config, schedule=schedule,
+                                                           action=action)})
     for k in ((10,) if quick else (1, 10)):
-        out.append({"system": "external_guard", "schedule": f"every_{k}", "action": "refuse",
-                    "safety": SafetyParams(enabled=False), "guard_k": k})
+        out.append({"system": "external_guard", "schedule": f"every_{k}",
+                    "action": Action.REFUSE.value, "safety": off, "guard_k": k})
     return out
 
 
@@ -108,7 +112,7 @@ def main(argv=None) -> dict:
     guard = load_guard(GUARD_DIR, base_model_dir(), body=load_base_body(base_model_dir(), dtype))
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     prompts = [build_chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts_text]
-    cfgs = configs(args.quick)
+    cfgs = configs(args.quick, decoder.model.config)
     timed_run(decoder, prompts[0], SamplingParams(max_new_tokens=4), cfgs[1], guard)  # warm-up
     runs = [[] for _ in cfgs]
     for _ in range(reps):

@@ -1,4 +1,5 @@
-"""Issue-2 safety figures on evaluation-only files (nothing the model trained on).
+"""Classifier and refusal-rate figures on evaluation-only files (nothing the model trained on;
+docs/method.md, "Data: what may train and what only evaluates").
 
 - Query classifier (the prefill ``[CLS]`` verdict): accuracy, F1 and AUROC on AdvBench
   harmful_behaviors + HarmBench test (malicious) vs XSTest safe + safety-tuned-llamas
@@ -26,6 +27,7 @@ from safety_training.refusals import is_refusal
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.sampling import SamplingParams
+from safety_decoding.types import Action
 from safety_training.metrics import classification_metrics
 
 
@@ -48,7 +50,8 @@ def main() -> None:
     malicious = [r["goal"] for r in adv] + lim(harmbench_test(DATA_DIR))
     benign = lim(xstest(DATA_DIR, "safe")) + lim(stl_eval(DATA_DIR, "I-Alpaca"))
     one = SamplingParams(max_new_tokens=1)
-    reqs = [GenerationRequest(prompt_of(tok, t), one) for t in malicious + benign]
+    reqs = [GenerationRequest(prompt_of(tok, t), one, SafetyParams.from_config(cfg))
+            for t in malicious + benign]
     scores = [e.safety["query_score"] for _, e in run_batches(decoder, reqs, desc="classifier")]
     labels = [1] * len(malicious) + [0] * len(benign)
     clf = classification_metrics(labels, scores, cfg.threshold)
@@ -60,9 +63,9 @@ def main() -> None:
         "xstest_safe": [prompt_of(tok, t) for t in lim(xstest(DATA_DIR, "safe"))],
     }
     gen = SamplingParams(max_new_tokens=args.max_new_tokens)
-    systems = {"ess_refuse": SafetyParams(action="refuse"),
-               "ess_reweight": SafetyParams(action="reweight"),
-               "no_safety_signal": SafetyParams(enabled=False)}
+    systems = {"ess_refuse": SafetyParams.from_config(cfg, action=Action.REFUSE),
+               "ess_reweight": SafetyParams.from_config(cfg, action=Action.REWEIGHT),
+               "no_safety_signal": SafetyParams.from_config(cfg, enabled=False)}
     rows = []
     for system, safety in systems.items():
         for name, prompts in sets.items():

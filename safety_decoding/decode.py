@@ -4,13 +4,27 @@
 Written batch-first (``B`` rows, left-padded prefill) so batching does not fork the code path:
 `DecodeBatch` is the running batch that requests join and leave at step boundaries (continuous
 batching) and `Decoder.generate` drives one for a fixed list. Neither does I/O. The KV cache
-is a `kv_cache.SlotCache` (written in place); the probe's slot is dropped after each step (method.md decision 1), and a
-truncation back to S_t marks the dropped slots ``PAD`` instead of rewriting the cache, so rows
-of one batch never need the same length.
+is a `kv_cache.SlotCache` (written in place); the probe's slot is dropped after each step
+(docs/method.md, "Decision 1"), and a truncation back to S_t marks the dropped slots ``PAD``
+instead of rewriting the cache, so rows of one batch never need the same length
+(docs/architecture.md, "The KV cache and slot layout").
+
+Each request is a `RowState` (its generated tokens as `TokenRecord`s, the forced refusal tokens
+still to come, what was released); after the shared forward a step runs three small steps per
+row, as TGI splits them into a next-token chooser, stopping criteria and a detokenizer:
+`choose` (forced, steered or sampled token), `finish` (EOS, length, abort, the end trip) and
+`release` (what passed the checks, detokenized, stop strings, the event).
+
+Fault isolation (our choice): an exception while handling one row (sampling, logits
+processors, the policy, detokenizing, stop strings) fails that row alone: it leaves the batch
+with finish_reason ``error`` and `StepEvent.error`, and the other rows go on from the same step.
+An exception in the shared forward propagates with every row as it was at the step boundary,
+so a caller can move the rows to a fresh batch (`DecodeBatch.resume`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -19,15 +33,19 @@ import torch
 
 from .attention import use_ess_attention
 from .kv_cache import SlotCache
-from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
+from .layout import SlotLayout, sequence_layout, stack_layouts
+from .masks import PAD, PROBE, TOKEN, strategic_attention_mask
 from .model import SafetyModel
 from .policy import SafetyParams, SafetyState, Trip
 from .prompt import Prompt
 from .sampling import SamplingParams, logits_processors, make_generator, select_token
-from .text import IncrementalDetokenizer, StopStringBuffer
+from .text import IncrementalDetokenizer, StopStringBuffer, refusal_separator
+from .types import FinishReason
 
-# Finish reasons (TGI's names; the OpenAI layer maps eos_token/stop_sequence to "stop").
-LENGTH, EOS, STOP_SEQUENCE, ABORT = "length", "eos_token", "stop_sequence", "abort"
+log = logging.getLogger(__name__)
+
+RELEASE_ALL = (FinishReason.EOS, FinishReason.LENGTH)
+"""Finish reasons after which everything generated is released (once the end trip ran)."""
 
 
 @dataclass
@@ -58,18 +76,220 @@ class StepEvent:
     index: int
     """Id of the request: its position in ``generate``'s list, or the id `DecodeBatch.add` gave."""
     tokens: list[TokenOutput]
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     safety: dict | None = None
-    """The `SafetyState.summary` object, on the finishing event only."""
+    """The `SafetyState.summary` object, on the finishing event only (None on an error)."""
     prompt_tokens: int = 0
     generated_tokens: int = 0
     checked: bool = False
     """This step ran a ``[CLS]`` re-check for the request (an event is sent even when the
     check released no token, so callers can time checked and unchecked steps apart)."""
+    error: str | None = None
+    """Why the request failed (finish_reason ``error``): ``"<ExceptionType>: <message>"``."""
 
     @property
     def text(self) -> str:
         return "".join(t.text for t in self.tokens)
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """One generated token of a row."""
+
+    id: int
+    logprob: float
+    """Log-probability under the processed distribution (0.0 when inserted without logits)."""
+    forced: bool
+    """Inserted by the safety policy rather than chosen by sampling."""
+
+
+@dataclass
+class RowState:
+    """One request in a running batch: everything about it that is not the shared KV cache.
+
+    Generated-token indices ``g_0, g_1, ...`` (`policy`) index `records`.
+    """
+
+    id: int
+    req: GenerationRequest
+    safety: SafetyState
+    procs: object
+    """The transformers ``LogitsProcessorList`` of its sampling parameters."""
+    generator: torch.Generator
+    detok: IncrementalDetokenizer
+    stopbuf: StopStringBuffer
+    cls_slot: int = 0
+    """Cache slot of this row's ``[CLS]`` (moves when the batch is padded or trimmed)."""
+    records: list[TokenRecord] = field(default_factory=list)
+    """One record per generated token still in the response (truncated tokens are gone)."""
+    forced_tokens: deque = field(default_factory=deque)
+    """Refusal-prefix ids still to come: inserted one a step (``refuse``) or steered toward
+    (``reweight``)."""
+    released: int = 0
+    """``records[:released]`` reached the caller."""
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    @classmethod
+    def start(cls, id: int, req: GenerationRequest, tokenizer) -> "RowState":
+        """A fresh row for ``req`` (its processors, generator, detokenizer, stop buffer).
+
+        Raises:
+            whatever building them raises for this request's parameters.
+        """
+        return cls(id, req, SafetyState(req.safety), logits_processors(req.sampling),
+                   make_generator(req.sampling), IncrementalDetokenizer(tokenizer),
+                   StopStringBuffer(req.sampling.stop))
+
+    @property
+    def prompt_len(self) -> int:
+        """``[CLS]`` + prompt (tokens): the position of ``g_0``."""
+        return 1 + len(self.req.prompt.ids)
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.records)
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return [r.id for r in self.records]
+
+    @property
+    def last_id(self) -> int | None:
+        """The newest token id: the last generated one, else the prompt's last, else None."""
+        if self.records:
+            return self.records[-1].id
+        return self.req.prompt.ids[-1] if self.req.prompt.ids else None
+
+    def history(self) -> torch.Tensor:
+        """``(n,)`` long: prompt + generated ids (what the repetition penalty reads)."""
+        return torch.tensor(list(self.req.prompt.ids) + self.generated_ids, dtype=torch.long)
+
+    def layout(self) -> SlotLayout:
+        """What this row's cache holds at a step boundary: ``[CLS]`` + prompt + every generated
+        token but the newest (the next step feeds that one)."""
+        p = self.req.prompt
+        return sequence_layout(p.ids, p.query_mask, self.generated_ids[:-1],
+                               cls=self.req.safety.enabled)
+
+    def truncate(self, t: int) -> None:
+        """Keep ``g_0 .. g_{t-1}``.
+
+        Raises:
+            AssertionError: a token from ``t`` on was already released (a policy bug).
+        """
+        assert self.released <= t, "a token covered by a failed check was released"
+        del self.records[t:]
+
+    def insert_forced(self) -> None:
+        """Append every queued forced token at once (the response ends: no step is left)."""
+        while self.forced_tokens:
+            self.records.append(TokenRecord(self.forced_tokens.popleft(), 0.0, True))
+
+
+# ---- the three per-row steps --------------------------------------------------------------
+
+
+def choose(row: RowState, logits: torch.Tensor | None) -> TokenRecord:
+    """The next token of ``row``: the next forced refusal token (``refuse``, or no logits after
+    a trip), else a sampled one, steered toward the refusal while ``reweight`` steers.
+
+    Args:
+        logits: ``(V,)`` float next-token logits, or None right after a trip.
+
+    Raises:
+        SamplingError: see `sampling.select_token`.
+    """
+    queue = row.forced_tokens
+    if queue and (logits is None or not row.safety.steering):
+        token = queue.popleft()
+        lp = float(torch.log_softmax(logits.float(), -1)[token]) if logits is not None else 0.0
+        return TokenRecord(token, lp, True)
+    history = row.history() if row.procs else None  # only the repetition penalty reads it
+    if queue:  # reweight: steer toward the next refusal-prefix token
+        logits = logits.clone()
+        logits[queue[0]] += row.safety.steer_bias
+    token, lp = select_token(logits, history, row.req.sampling, row.procs, row.generator)
+    if queue:  # following the prefix keeps steering; any other token ends it
+        if token == queue[0]:
+            queue.popleft()
+        else:
+            queue.clear()
+    return TokenRecord(token, lp, False)
+
+
+def finish(row: RowState, record: TokenRecord, stop_ids: set[int]) -> Trip | None:
+    """Add ``record`` to the response (unless it ends it) and decide whether the row ends.
+
+    EOS (a sampled stop id, not kept), then length (``max_new_tokens``), then abort (the
+    request's ``cancelled``). An EOS or length end asks the policy for the end trip
+    (`SafetyState.on_finish`).
+
+    Returns:
+        The end trip, or None: the caller truncates and inserts the refusal.
+    """
+    sp = row.req.sampling
+    if not record.forced and record.id in stop_ids and not sp.ignore_eos:
+        row.finish_reason = FinishReason.EOS
+    else:
+        row.records.append(record)
+    if row.finish_reason is None and row.n_generated >= sp.max_new_tokens:
+        row.finish_reason = FinishReason.LENGTH
+    if row.finish_reason is None and row.req.cancelled():
+        row.finish_reason = FinishReason.ABORT
+    return row.safety.on_finish() if row.finish_reason in RELEASE_ALL else None
+
+
+def release(row: RowState, checked: bool = False) -> StepEvent | None:
+    """Release what passed the checks (all of it once the response ended), through the
+    detokenizer and the stop strings; build the step's event.
+
+    Returns:
+        None when nothing was released, the row goes on and no check ran.
+    """
+    ended = row.finish_reason in RELEASE_ALL
+    limit = row.n_generated if ended else row.safety.releasable(row.n_generated)
+    tokens = []
+    while row.released < limit and row.finish_reason != FinishReason.STOP_SEQUENCE:
+        rec = row.records[row.released]
+        text, matched = row.stopbuf.push(row.detok.push(rec.id))
+        row.released += 1
+        tokens.append(TokenOutput(rec.id, text, rec.logprob, rec.forced))
+        if matched:
+            row.finish_reason = FinishReason.STOP_SEQUENCE
+    if row.finish_reason in RELEASE_ALL:
+        tokens = _with_tail(tokens, row.stopbuf.flush(), row.records[-1].id if row.records else None)
+    if not tokens and row.finish_reason is None and not checked:
+        return None
+    done = row.finish_reason is not None
+    return StepEvent(row.id, tokens, row.finish_reason,
+                     row.safety.summary(row.req.trace) if done else None,
+                     prompt_tokens=len(row.req.prompt.ids),
+                     generated_tokens=row.released if done else 0, checked=checked)
+
+
+def _with_tail(tokens: list[TokenOutput], tail: str, last_id: int | None) -> list[TokenOutput]:
+    """Attach the stop buffer's held text to the last token (or to a token of its own)."""
+    if not tail:
+        return tokens
+    if tokens:
+        last = tokens[-1]
+        return tokens[:-1] + [TokenOutput(last.id, last.text + tail, last.logprob, last.forced)]
+    return [TokenOutput(last_id, tail, 0.0, False)]
+
+
+def error_event(index: int, prompt_tokens: int, generated_tokens: int, exc: BaseException) -> StepEvent:
+    """The final event of a request that failed with ``exc``."""
+    return StepEvent(index, [], FinishReason.ERROR, None, prompt_tokens=prompt_tokens,
+                     generated_tokens=generated_tokens, error=f"{type(exc).__name__}: {exc}")
+
+
+def fail(row: RowState, exc: BaseException) -> StepEvent:
+    """End ``row`` with finish_reason ``error`` (it leaves the batch at the end of the step)."""
+    log.warning("request %d failed alone: %s: %s", row.id, type(exc).__name__, exc, exc_info=exc)
+    event = error_event(row.id, len(row.req.prompt.ids), row.released, exc)
+    row.finish_reason, row.error = FinishReason.ERROR, event.error
+    return event
 
 
 @dataclass
@@ -93,26 +313,9 @@ class _Slots:
                       torch.cat([torch.zeros(B, width, dtype=torch.bool), self.in_query], 1),
                       torch.cat([torch.full((B, width), -1, dtype=torch.long), self.gen], 1))
 
-
-@dataclass
-class _Row:
-    id: int
-    req: GenerationRequest
-    state: SafetyState
-    procs: object
-    generator: torch.Generator
-    detok: IncrementalDetokenizer
-    stopbuf: StopStringBuffer
-    prompt_len: int
-    """``[CLS]`` + prompt (tokens)."""
-    cls_slot: int = 0
-    """Cache slot of this row's ``[CLS]`` (moves when the batch is padded or trimmed)."""
-    gen: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    forced: list[bool] = field(default_factory=list)
-    queue: deque = field(default_factory=deque)
-    released: int = 0
-    finish_reason: str | None = None
+    def drop_from(self, b: int, t: int) -> None:
+        """Row ``b``'s slots of ``g_t`` on become ``PAD`` (a truncation to ``t`` tokens)."""
+        self.kind[b, self.gen[b] >= t] = PAD
 
 
 def _pad_cache_left(cache: SlotCache, width: int) -> None:
@@ -138,7 +341,7 @@ class DecodeBatch:
 
     def __init__(self, decoder: "Decoder"):
         self.decoder = decoder
-        self.rows: list[_Row] = []
+        self.rows: list[RowState] = []
         self.cache: SlotCache | None = None
         self.slots: _Slots | None = None
         self._next_id = 0
@@ -152,60 +355,101 @@ class DecodeBatch:
         """KV-cache length of the batch (slots per row, padding included)."""
         return 0 if self.slots is None else self.slots.kind.shape[1]
 
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
     @torch.inference_mode()
     def add(self, requests: list[GenerationRequest]) -> tuple[list[int], list[StepEvent]]:
         """Prefill ``requests`` and join them to the batch.
 
+        A request whose row cannot be built, or whose first token fails, ends at once with an
+        ``error`` event; the others are unaffected.
+
         Returns:
             The id of each request (`StepEvent.index` of its events) and the prefill events
             (the first token of each request, or its end).
+
+        Raises:
+            Exception: the shared prefill forward failed; the batch is untouched.
         """
-        d, model, B = self.decoder, self.decoder.model, len(requests)
-        rows = []
+        d = self.decoder
+        ids, rows, events = [], [], []
         for r in requests:
-            rows.append(_Row(self._next_id, r, SafetyState(r.safety), logits_processors(r.sampling),
-                             make_generator(r.sampling), IncrementalDetokenizer(d.tok),
-                             StopStringBuffer(r.sampling.stop), 1 + len(r.prompt.ids)))
-            self._next_id += 1
-        if not rows:
-            return [], []
-        # [PAD..., CLS, prompt] per row, left-padded
-        P = max(r.prompt_len for r in rows)
-        ids = torch.zeros(B, P, dtype=torch.long)
-        kind = torch.full((B, P), PAD, dtype=torch.long)
-        in_query = torch.zeros(B, P, dtype=torch.bool)
-        reads = torch.zeros(B, P, dtype=torch.bool)
-        pos = torch.zeros(B, P, dtype=torch.long)
-        for b, row in enumerate(rows):
-            p, o = row.req.prompt, P - row.prompt_len
-            on = row.req.safety.enabled
-            row.cls_slot = o
-            ids[b, o + 1:] = torch.tensor(p.ids)
-            kind[b, o] = CLS if on else PAD
-            kind[b, o + 1:] = TOKEN
-            in_query[b, o + 1:] = torch.tensor(p.query_mask)
-            reads[b, o + 1 + p.reads_cls_from:] = on
-            pos[b, o:] = torch.arange(row.prompt_len)
-        slots = _Slots(kind, in_query, torch.full((B, P), -1, dtype=torch.long))
+            ids.append(self._new_id())
+            try:
+                rows.append((RowState.start(ids[-1], r, d.tok)))
+            except Exception as exc:
+                log.warning("request %d failed alone: %s: %s", ids[-1], type(exc).__name__, exc)
+                events.append(error_event(ids[-1], len(r.prompt.ids), 0, exc))
+        if rows:
+            hidden, cache, slots = self._prefill(rows)
+            events += self._first_tokens(rows, hidden, slots)
+            self._join(rows, cache, slots)
+            self._leave()
+        return ids, sorted((e for e in events if e), key=lambda e: e.index)
+
+    @torch.inference_mode()
+    def resume(self, rows: list[RowState]) -> list[int]:
+        """Join running ``rows`` taken from another batch (one whose shared forward failed):
+        re-prefill each row's ``[CLS]`` + prompt + generated tokens but the newest, which the
+        next `step` feeds as usual.
+
+        Everything else carries over (policy state, sampling generator, detokenizer, stop
+        buffer, released count), so no released text is released again and greedy rows go on
+        as they would have. One difference (our choice, rare): with ``update_cls`` the
+        ``[CLS]`` slot holds the query's state again instead of the last re-check's.
+
+        Returns:
+            The rows' new ids (`StepEvent.index` from now on).
+
+        Raises:
+            ValueError: a row that already finished, or has no generated token.
+            Exception: the prefill forward failed; the batch is untouched.
+        """
+        if any(r.finish_reason is not None or not r.records for r in rows):
+            raise ValueError("only running rows with a generated token can resume")
+        if rows:
+            _, cache, slots = self._prefill(rows)
+            for row in rows:
+                row.id = self._new_id()
+            self._join(rows, cache, slots)
+        return [r.id for r in rows]
+
+    def _prefill(self, rows: list[RowState]) -> tuple[torch.Tensor, SlotCache, _Slots]:
+        """One forward over ``rows``' layouts, left-padded; sets each row's ``cls_slot``.
+
+        Returns:
+            ``(hidden (B, P, H), their own cache, their slots)``.
+        """
+        d, model = self.decoder, self.decoder.model
+        batch = stack_layouts([row.layout() for row in rows], left=True)
+        for row, offset in zip(rows, batch.offsets):
+            row.cls_slot = offset
         cache = SlotCache(model.decoder.config)
-        mask = strategic_attention_mask(kind, in_query, torch.arange(P).expand(B, P), reads)
         dev = d.device  # bookkeeping stays on the CPU; the forward's inputs go to the model
-        hidden, _ = model.hidden_states(ids.to(dev), kind.to(dev), pos.to(dev), mask.to(dev), cache)
+        hidden, _ = model.hidden_states(batch.ids.to(dev), batch.kinds.to(dev), batch.positions.to(dev),
+                                        batch.mask().to(dev), cache)
+        return hidden, cache, _Slots(batch.kinds, batch.in_query, batch.gen)
+
+    def _first_tokens(self, rows: list[RowState], hidden: torch.Tensor, slots: _Slots) -> list[StepEvent]:
+        """The query verdict and the first token of each freshly prefilled row."""
+        d, model, B = self.decoder, self.decoder.model, len(rows)
+        dev = hidden.device
         logits = model.lm_logits(hidden[:, -1]).float().cpu()
         cls = torch.tensor([r.cls_slot for r in rows], device=dev)
         scores = torch.sigmoid(model.safety_logits(hidden[torch.arange(B, device=dev), cls]).float()).cpu()
         events = []
         for b, row in enumerate(rows):
-            if row.req.safety.enabled:
-                trip = row.state.on_query(float(scores[b]))
-                if trip:
-                    row.queue.extend(d.refusal_ids(row.req.prompt.ids[-1] if row.req.prompt.ids else None))
-            events.append(d._advance(slots, b, row, logits[b]))
-        self._join(rows, cache, slots)
-        self._leave()
-        return [r.id for r in rows], [e for e in events if e]
+            try:
+                if row.req.safety.enabled and row.safety.on_query(float(scores[b])):
+                    row.forced_tokens.extend(d.refusal_ids(row))
+                events.append(d._advance(slots, b, row, logits[b]))
+            except Exception as exc:
+                events.append(fail(row, exc))
+        return events
 
-    def _join(self, rows: list[_Row], cache: SlotCache, slots: _Slots) -> None:
+    def _join(self, rows: list[RowState], cache: SlotCache, slots: _Slots) -> None:
         """Append prefilled ``rows`` (their own ``cache``/``slots``) to the batch."""
         if self.cache is None:
             self.rows, self.cache, self.slots = rows, cache, slots
@@ -244,18 +488,45 @@ class DecodeBatch:
         for row in self.rows:
             row.cls_slot -= start
 
+    def _plan(self) -> tuple[list[bool], list[tuple[int, int] | None], list[StepEvent]]:
+        """Per row, before the forward: whether it runs a probe, and the probe's window.
+
+        A row whose policy fails here leaves the batch before the forward (its error event is
+        returned).
+        """
+        plans, events = [], []
+        for row in self.rows:
+            try:
+                n = row.n_generated
+                check = row.safety.needs_check(n)
+                plans.append((check, row.safety.window(n) if check else None))
+            except Exception as exc:
+                events.append(fail(row, exc))
+                plans.append(None)
+        if events:
+            plans = [p for p in plans if p is not None]  # the rows `_leave` keeps, in order
+            self._leave()
+        return [c for c, _ in plans], [w for _, w in plans], events
+
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """One decode step over every running row: ``[token, CLS-probe?]`` per row.
 
         Returns:
             The events of this step (rows that released nothing and ran no check send none).
+
+        Raises:
+            Exception: the shared forward failed. Every row is as it was before the step
+            (nothing of its state changed), so the rows can `resume` in a fresh batch; this
+            batch's cache may be inconsistent and must not step again.
         """
         if not self.rows:
             return []
+        check, windows, events = self._plan()
+        if not self.rows:
+            return events
         d, model, rows, slots, cache = self.decoder, self.decoder.model, self.rows, self.slots, self.cache
         B = len(rows)
-        check = [r.state.needs_check(len(r.gen)) for r in rows]
         q = 2 if any(check) else 1
         kv = slots.kind.shape[1]
         step_ids = torch.zeros(B, q, dtype=torch.long)
@@ -265,15 +536,15 @@ class DecodeBatch:
         step_reads = torch.zeros(B, q, dtype=torch.bool)
         new_gen = torch.full((B, q), -1, dtype=torch.long)
         for b, row in enumerate(rows):
-            n = len(row.gen)
-            step_ids[b, 0] = row.gen[-1]
+            n = row.n_generated
+            step_ids[b, 0] = row.records[-1].id
             step_kind[b, 0] = TOKEN
             step_pos[b, 0] = row.prompt_len + n - 1
             step_reads[b, 0] = row.req.safety.enabled
             new_gen[b, 0] = n - 1
             if check[b]:
                 step_kind[b, 1] = PROBE
-                lo, hi = row.state.window(n)
+                lo, hi = windows[b]
                 gens = torch.cat([slots.gen[b], new_gen[b]])
                 window[b, 1] = (gens >= lo) & (gens < hi)
         key_kind = torch.cat([slots.kind, step_kind], 1)
@@ -287,22 +558,24 @@ class DecodeBatch:
             _update_cls(cache, [b for b in range(B) if check[b] and rows[b].req.safety.update_cls], rows)
             cache.crop(-1)  # drop the probe's slot (its K/V may live on in the [CLS] slot)
             probe_scores = torch.sigmoid(model.safety_logits(hidden[:, 1]).float()).cpu()
+        logits = model.lm_logits(hidden[:, 0]).float().cpu()
         slots = self.slots = _Slots(key_kind[:, :kv + 1], key_in_query[:, :kv + 1],
                                     torch.cat([slots.gen, new_gen[:, :1]], 1))
-        logits = model.lm_logits(hidden[:, 0]).float().cpu()
-        events = []
-        for b, row in enumerate(rows):
-            trip = row.state.on_check(float(probe_scores[b]), len(row.gen)) if check[b] else None
-            if trip:
-                d._truncate(slots, b, row, trip)
-                events.append(d._advance(slots, b, row, None, check[b]))
-            else:
-                events.append(d._advance(slots, b, row, logits[b], check[b]))
+        for b, row in enumerate(rows):  # from here on a failure is the row's alone
+            try:
+                trip = row.safety.on_check(float(probe_scores[b]), row.n_generated) if check[b] else None
+                if trip:
+                    d._trip(slots, b, row, trip)
+                    events.append(d._advance(slots, b, row, None, check[b]))
+                else:
+                    events.append(d._advance(slots, b, row, logits[b], check[b]))
+            except Exception as exc:
+                events.append(fail(row, exc))
         self._leave()
         return [e for e in events if e]
 
 
-def _update_cls(cache: SlotCache, batch_rows: list[int], rows: list[_Row]) -> None:
+def _update_cls(cache: SlotCache, batch_rows: list[int], rows: list[RowState]) -> None:
     """Copy the probe's K/V (the newest cache slot) into each row's ``[CLS]`` slot.
 
     The probe runs at position 0 like ``[CLS]``, so its rotary-encoded key is valid there.
@@ -351,10 +624,12 @@ class Decoder:
         model = load_safety_model(checkpoint, base_dir, dtype=resolve_dtype(dtype, dev)).to(dev)
         return cls(model, AutoTokenizer.from_pretrained(str(base_dir)))
 
-    def refusal_ids(self, previous_id: int | None) -> list[int]:
-        """Token ids of the refusal prefix, with a space when it follows a word."""
-        before = self.tok.decode([previous_id]) if previous_id is not None else ""
-        text = self.refusal if not before or before[-1].isspace() else " " + self.refusal
+    def refusal_ids(self, row: RowState) -> list[int]:
+        """Token ids of the refusal prefix as it follows ``row``'s text (`text.refusal_separator`:
+        a new paragraph after generated text, a space after a prefill's last word)."""
+        generated = row.generated_ids
+        before = self.tok.decode(generated if generated else [row.last_id] if row.last_id is not None else [])
+        text = refusal_separator(before, mid_response=bool(generated)) + self.refusal
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def new_batch(self) -> DecodeBatch:
@@ -373,71 +648,18 @@ class Decoder:
 
     # ---- per-row helpers -------------------------------------------------------------------
 
-    def _truncate(self, slots: "_Slots", b: int, row: _Row, trip: Trip) -> None:
+    def _trip(self, slots: _Slots, b: int, row: RowState, trip: Trip) -> None:
         """Drop ``g_{S_t}..`` from the response and the cache view, queue the refusal."""
-        t = trip.truncate_to
-        slots.kind[b, slots.gen[b] >= t] = PAD
-        del row.gen[t:], row.logprobs[t:], row.forced[t:]
-        assert row.released <= t, "a token covered by a failed check was released"
-        previous = row.gen[-1] if row.gen else (row.req.prompt.ids[-1] if row.req.prompt.ids else None)
-        row.queue.clear()
-        row.queue.extend(self.refusal_ids(previous))
+        slots.drop_from(b, trip.truncate_to)
+        row.truncate(trip.truncate_to)
+        row.forced_tokens = deque(self.refusal_ids(row))
 
-    def _advance(self, slots: "_Slots", b: int, row: _Row, logits: torch.Tensor | None,
+    def _advance(self, slots: _Slots, b: int, row: RowState, logits: torch.Tensor | None,
                  checked: bool = False) -> StepEvent | None:
-        """Append the next token (forced or selected), apply stops, release what passed."""
-        sp = row.req.sampling
-        if row.queue and (logits is None or not row.state.steering):
-            token = row.queue.popleft()
-            lp = float(torch.log_softmax(logits.float(), -1)[token]) if logits is not None else 0.0
-            row.gen.append(token), row.logprobs.append(lp), row.forced.append(True)
-        else:
-            # Only the repetition penalty reads the history: skip building it otherwise.
-            history = (torch.tensor(list(row.req.prompt.ids) + row.gen, dtype=torch.long)
-                       if row.procs else None)
-            if row.queue:  # reweight: steer toward the next refusal-prefix token
-                logits = logits.clone()
-                logits[row.queue[0]] += row.state.steer_bias
-            token, lp = select_token(logits, history, sp, row.procs, row.generator)
-            if row.queue:  # following the prefix keeps steering; any other token ends it
-                if token == row.queue[0]:
-                    row.queue.popleft()
-                else:
-                    row.queue.clear()
-            if token in self.stop_ids and not sp.ignore_eos:
-                row.finish_reason = EOS
-            else:
-                row.gen.append(token), row.logprobs.append(lp), row.forced.append(False)
-        if row.finish_reason is None and len(row.gen) >= sp.max_new_tokens:
-            row.finish_reason = LENGTH
-        if row.finish_reason is None and row.req.cancelled():
-            row.finish_reason = ABORT
-        if row.finish_reason in (EOS, LENGTH):
-            trip = row.state.on_finish()
-            if trip:  # an unresolved malicious streak: its tokens never pass
-                self._truncate(slots, b, row, trip)
-                while row.queue:
-                    row.gen.append(row.queue.popleft()), row.logprobs.append(0.0), row.forced.append(True)
-        limit = len(row.gen) if row.finish_reason in (EOS, LENGTH) else row.state.releasable(len(row.gen))
-        tokens = []
-        while row.released < limit and row.finish_reason != STOP_SEQUENCE:
-            i = row.released
-            text, matched = row.stopbuf.push(row.detok.push(row.gen[i]))
-            row.released += 1
-            tokens.append(TokenOutput(row.gen[i], text, row.logprobs[i], row.forced[i]))
-            if matched:
-                row.finish_reason = STOP_SEQUENCE
-        if row.finish_reason in (EOS, LENGTH):
-            tail = row.stopbuf.flush()
-            if tail:
-                if tokens:
-                    last = tokens[-1]
-                    tokens[-1] = TokenOutput(last.id, last.text + tail, last.logprob, last.forced)
-                else:
-                    tokens.append(TokenOutput(row.gen[-1], tail, 0.0, False))
-        if not tokens and row.finish_reason is None and not checked:
-            return None
-        done = row.finish_reason is not None
-        return StepEvent(row.id, tokens, row.finish_reason, row.state.summary(row.req.trace) if done else None,
-                         prompt_tokens=len(row.req.prompt.ids),
-                         generated_tokens=row.released if done else 0, checked=checked)
+        """Choose the next token, apply the stops, release what passed (`choose`, `finish`,
+        `release`)."""
+        trip = finish(row, choose(row, logits), self.stop_ids)
+        if trip:  # an unresolved malicious streak at the end: its tokens never pass
+            self._trip(slots, b, row, trip)
+            row.insert_forced()
+        return release(row, checked)

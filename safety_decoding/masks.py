@@ -10,12 +10,12 @@ KV-cache slot) has a kind:
 - ``PROBE``: a re-evaluation of ``[CLS]`` (a second query row in a decode step, or an extra
   training position for the response-window loss). No token row ever reads a probe.
 
-Rules (method.md "Strategic attention", paper §3.3):
+Rules (docs/method.md, "Strategic attention mask"):
 
 - A token row attends causally to earlier ``TOKEN`` slots, and to the ``CLS`` slot only when
   the row "reads CLS": the rows after the last query token (template tail and response). Query
   and system rows keep plain causal attention, so the base model's prompt states are untouched.
-- A ``CLS`` / ``PROBE`` row attends to itself, to the user-query tokens, and to the extra
+- A ``CLS`` / ``PROBE`` row attends to itself, to the query tokens, and to the extra
   window it is given (generated tokens chosen by the window rules); never to padding, BOS,
   template tokens, the ``CLS`` slot of another evaluation, or other probes (rule 4).
 """

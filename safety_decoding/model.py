@@ -2,9 +2,10 @@
 
 ``[CLS]`` is not added to the vocabulary. Its embedding is a separate learned row that replaces
 the token embedding wherever a slot has kind ``CLS`` or ``PROBE`` (see `masks`), so the tied LM
-head keeps its original size and ``[CLS]`` can never be sampled (paper §1.1: "lm_head is not
-resized"). The head is ``Linear(hidden, 1)`` on the final hidden state after the last norm;
-``p_malicious = sigmoid(logit)`` (paper §1.2).
+head keeps its original size and ``[CLS]`` can never be sampled (docs/method.md, "Decision 5";
+the authors also leave the LM head unresized). The head is ``Linear(hidden, 1)`` on the final
+hidden state after the last norm; ``p_malicious = sigmoid(logit)`` (docs/method.md, "The [CLS]
+token and the head").
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class SafetyConfig:
     lambda_cls: float = 0.1
     """Weight of the BCE loss on ``[CLS]`` logits (paper: 0.1 or 0.01)."""
     threshold: float = 0.5
-    """Malicious when ``p > threshold`` (paper §1.3)."""
+    """Malicious when ``p > threshold`` (docs/method.md, "The [CLS] token and the head")."""
     tau: int = 3
     r1: int = 10
     r2: int = 10

@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .types import ParameterError
+from .types import Action, ParameterError, Schedule
 
-SCHEDULES = ("each", "annealing", "periodic", "first")
-"""Re-check schedules, densest first (a request may only move left of the server's)."""
-ACTIONS = ("refuse", "reweight", "monitor")
+CONFIG_FIELDS = ("threshold", "tau", "r1", "r2", "r3")
+"""`SafetyParams` fields a checkpoint records (`model.SafetyConfig`): `SafetyParams.from_config`."""
 MAX_REWEIGHTS = 3
 """``reweight`` trips after which the policy falls back to ``refuse`` (our choice)."""
 
@@ -43,32 +42,34 @@ def annealing_steps(dense: int, growth: float, horizon: int) -> frozenset[int]:
 
 def is_check_step(p: "SafetyParams", n_generated: int) -> bool:
     """Whether the schedule re-checks when ``n_generated`` tokens exist (``n_generated >= 1``)."""
-    if p.schedule == "each":
+    if p.schedule == Schedule.EACH:
         return True
-    if p.schedule == "periodic":
+    if p.schedule == Schedule.PERIODIC:
         return n_generated % p.period == 0
-    if p.schedule == "annealing":
+    if p.schedule == Schedule.ANNEALING:
         return n_generated in annealing_steps(p.anneal_dense, p.anneal_growth, p.anneal_horizon)
     return False
 
 
 def has_future_check(p: "SafetyParams", n_generated: int) -> bool:
     """Whether any check will still run after ``n_generated`` tokens."""
-    if p.schedule in ("each", "periodic"):
+    if p.schedule in (Schedule.EACH, Schedule.PERIODIC):
         return True
-    if p.schedule == "annealing":
+    if p.schedule == Schedule.ANNEALING:
         return n_generated < max(annealing_steps(p.anneal_dense, p.anneal_growth, p.anneal_horizon))
     return False
 
 
 @dataclass(frozen=True)
 class SafetyParams:
-    """Safety policy for one request (defaults: method.md; paper §3.3 and §4)."""
+    """Safety policy for one request (defaults: docs/method.md, "Probe windows and tau" and
+    "Strategic decoding: schedules")."""
 
     enabled: bool = True
     """False: plain decoding, no ``[CLS]`` verdict at all."""
     threshold: float = 0.5
-    """Malicious when ``p_malicious > threshold`` (paper §1.3)."""
+    """Malicious when ``p_malicious > threshold`` (docs/method.md, "The [CLS] token and the
+    head")."""
     tau: int = 3
     """Consecutive malicious re-checks that trip a mid-response refusal (paper: tau <= 3)."""
     r1: int = 10
@@ -78,9 +79,9 @@ class SafetyParams:
     r3: int = 10
     """Rule 3 look-ahead: during a malicious streak from S_t, the window is
     ``[S_t - r2, S_t + r3]``."""
-    schedule: str = "each"
+    schedule: Schedule = Schedule.EACH
     """``each`` (every decode step), ``annealing``, ``periodic`` (every ``period`` tokens) or
-    ``first`` (the query verdict only)."""
+    ``first`` (the query verdict only); a plain string is converted."""
     period: int = 10
     """Tokens between re-checks of the ``periodic`` schedule (paper: 10)."""
     anneal_dense: int = 16
@@ -89,15 +90,17 @@ class SafetyParams:
     """``annealing``: factor by which the gap between checks grows after each check."""
     anneal_horizon: int = 256
     """``annealing``: no re-check once this many tokens were generated."""
-    action: str = "refuse"
-    """``refuse``: insert the refusal prefix (paper §4); ``reweight``: bias the logits toward
-    it (`SafetyState.steer_bias`); ``monitor``: report only."""
+    action: Action = Action.REFUSE
+    """``refuse``: insert the refusal prefix (the paper's action); ``reweight``: bias the logits
+    toward it (`SafetyState.steer_bias`); ``monitor``: report only; a plain string is converted
+    (docs/method.md, "Actions: refuse, reweight, monitor")."""
     reweight_strength: float = 8.0
     """``reweight``: logit bias (nats) at ``p = 1`` on the first trip (`SafetyState.steer_bias`)."""
     update_cls: bool = False
     """Write each re-check's ``[CLS]`` K/V into the ``[CLS]`` slot, so later tokens read the
-    updated state (paper §3.2). Off by default (our choice): the shipped checkpoint trained
-    response tokens on the query-only ``[CLS]``; the switch exists to measure the ablation."""
+    updated state, as the paper does. Off by default (docs/method.md, "Decision 8"): the shipped
+    checkpoint trained response tokens on the query-only ``[CLS]``; the switch exists to measure
+    the ablation."""
 
     def __post_init__(self):
         if not 0 < self.threshold < 1:
@@ -109,19 +112,40 @@ class SafetyParams:
                 raise ParameterError(name, "must be between 1 and 4096")
         if not 1.0 <= self.anneal_growth <= 4.0:
             raise ParameterError("anneal_growth", "must be between 1 and 4")
-        if self.schedule not in SCHEDULES:
-            raise ParameterError("schedule", f"must be one of {SCHEDULES}")
-        if self.action not in ACTIONS:
-            raise ParameterError("action", f"must be one of {ACTIONS}")
+        for name, kind in (("schedule", Schedule), ("action", Action)):
+            try:  # frozen: store the enum member for a plain string
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                raise ParameterError(name, f"must be one of {kind.values()}") from None
         if not 0 < self.reweight_strength <= 100:
             raise ParameterError("reweight_strength", "must be in (0, 100]")
 
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "SafetyParams":
+        """The policy a checkpoint was trained for, with ``overrides``: the one constructor
+        wherever a policy is built from a checkpoint (server, CLI, benchmarks, evaluation).
+
+        Args:
+            cfg: the checkpoint's `model.SafetyConfig` (its `CONFIG_FIELDS`: threshold, tau,
+                r1, r2, r3).
+            overrides: any `SafetyParams` field; a None value keeps the checkpoint's value (or
+                the field's default), so unset settings can be passed as they are.
+
+        Raises:
+            ParameterError: a value out of range.
+            TypeError: an unknown field.
+        """
+        fields = {name: getattr(cfg, name) for name in CONFIG_FIELDS}
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
     def stricter(self, threshold: float | None = None, schedule: str | None = None,
                  action: str | None = None) -> "SafetyParams":
-        """Per-request overrides that can only make the policy stricter (architecture.md).
+        """Per-request overrides that can only make the policy stricter (docs/method.md,
+        "Decision 9").
 
-        Stricter means a lower threshold, a denser schedule (`SCHEDULES` order) or a stronger
-        action (`ACTIONS` order: refuse, reweight, monitor).
+        Stricter means a lower threshold, a denser schedule (`Schedule` order) or a stronger
+        action (`Action` order: refuse, reweight, monitor).
 
         Raises:
             ParameterError: an override that would weaken the server's policy.
@@ -133,7 +157,8 @@ class SafetyParams:
             if threshold > self.threshold:
                 raise ParameterError("threshold", f"may only be lowered (server: {self.threshold})")
             changes["threshold"] = threshold
-        for name, value, order in (("schedule", schedule, SCHEDULES), ("action", action, ACTIONS)):
+        for name, value, order in (("schedule", schedule, list(Schedule)),
+                                   ("action", action, list(Action))):
             if value is None:
                 continue
             current = getattr(self, name)
@@ -180,7 +205,7 @@ class SafetyState:
     @property
     def active(self) -> bool:
         """Whether re-checks still run (our choice: none after a refusal was inserted)."""
-        return self.params.enabled and not self.refused and self.params.schedule != "first"
+        return self.params.enabled and not self.refused and self.params.schedule != Schedule.FIRST
 
     def on_query(self, score: float) -> Trip | None:
         """Prefill verdict; a malicious query inserts the refusal at the response start."""
@@ -199,7 +224,7 @@ class SafetyState:
         """Generated-index span ``[lo, hi)`` the probe reads besides the query (rules 1-3)."""
         p = self.params
         if self.query_score is not None and self.query_score > p.threshold:
-            return 0, min(p.r1, n_generated)  # rule 1 (reached in monitor mode only)
+            return 0, min(p.r1, n_generated)  # rule 1 (reached in monitor and reweight modes)
         if self.streak:  # rule 3: around the transition S_t until the streak ends
             s = self.streak_start
             return max(0, s - p.r2), min(n_generated, s + p.r3 + 1)
@@ -243,7 +268,7 @@ class SafetyState:
         or past the annealing horizon) nothing is held, nor in ``monitor`` mode, which never
         changes the output.
         """
-        if self.params.action == "monitor":
+        if self.params.action == Action.MONITOR:
             return n_generated
         if self.streak:
             return self.streak_start
@@ -261,14 +286,14 @@ class SafetyState:
         the refusal prefix, forced (``refuse``, or ``insert``) or as a logit bias
         (``reweight``)."""
         p = self.params
-        if p.action == "monitor":
+        if p.action == Action.MONITOR:
             self.would_trip.append(trip)
             return None
         self.trip = self.trip or trip
-        if p.action == "reweight" and self.reweights < MAX_REWEIGHTS and not insert:
+        if p.action == Action.REWEIGHT and self.reweights < MAX_REWEIGHTS and not insert:
             # Our design: bias = strength * trips so far * confidence margin above the
             # threshold, so a borderline verdict nudges and a confident or repeated one
-            # all but forces; checks go on, and a third trip falls back to insertion.
+            # all but forces; checks go on, and the trip after `MAX_REWEIGHTS` inserts.
             self.reweights += 1
             margin = max((score - p.threshold) / (1 - p.threshold), 0.1)
             self.steer_bias = p.reweight_strength * self.reweights * margin

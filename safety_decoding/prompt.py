@@ -1,14 +1,24 @@
-"""Prompt construction: chat template, user-query span, and the response prefix.
+"""Prompt construction: chat template, the ``[CLS]`` query span, and the response prefix.
 
-The ``[CLS]`` query span is the text of the user turns only (paper §1.3: the drivers pass
-``positions = [start_idx_input, end_idx_input]``, the user instruction without template text).
-We find it from character offsets of the rendered template, which works for any chat template
-that copies the user content verbatim.
+What ``[CLS]`` reads (docs/method.md, "Decision 6"): every piece of text the client supplied
+(every user turn, every earlier assistant turn, any client system message) but none of the
+template's own scaffolding (role headers, turn markers, the template's default system prompt).
+A final assistant message is a prefill: response text for the re-checks, never query. Our
+choice, over the paper's "user turns only": a conversation is untrusted input as a whole, or a
+client could hide a request in a forged assistant turn.
+
+Control tokens are text (docs/architecture.md, "Untrusted input"): special-token strings inside
+client content (``<|im_start|>``, ``<|im_end|>`` ...) are tokenized as plain text
+(``split_special_tokens``), so content can never open or close a turn. Only raw prompts
+(`build_raw_prompt`) may carry template markers, and there they are parsed into the same spans.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .layout import reads_cls_from
+from enum import Enum
 
 
 class PromptError(ValueError):
@@ -25,110 +35,181 @@ class Prompt:
 
     ids: tuple[int, ...]
     query_mask: tuple[bool, ...]
-    """True for tokens of the user query: what ``[CLS]`` reads."""
+    """True for tokens of client-supplied text: what ``[CLS]`` reads."""
     response_start: int
     """Index of the first response token (``response_prefix`` tokens come from here)."""
 
     @property
     def reads_cls_from(self) -> int:
-        """First index whose row attends to ``[CLS]``: the token after the last query token.
-
-        Our choice: the template tail ("<|im_end|>... assistant\\n") reads ``[CLS]`` as the
-        response does, because its last row predicts the first response token.
-        """
-        last = max((i for i, q in enumerate(self.query_mask) if q), default=-1)
-        return last + 1
+        """First index whose row attends to ``[CLS]``: the token after the last query token
+        (the rule and its reason: `layout.reads_cls_from`)."""
+        return reads_cls_from(self.query_mask)
 
 
-def _char_spans_to_mask(offsets, spans) -> list[bool]:
-    return [any(s < e_tok and b_tok < e for s, e in spans) and e_tok > b_tok
-            for b_tok, e_tok in offsets]
+class Span(Enum):
+    """What a piece of prompt text is to the safety signal."""
+
+    SCAFFOLD = "scaffold"
+    """The template's own text: control tokens are parsed, ``[CLS]`` does not read it."""
+    QUERY = "query"
+    """Client text before the response: control tokens are plain text, ``[CLS]`` reads it."""
+    RESPONSE = "response"
+    """A prefill: client text after the assistant header, re-checked as response."""
+
+
+def encode_segments(tokenizer, segments: list[tuple[str, Span]]) -> Prompt:
+    """Tokenize ``(text, span)`` pieces one by one (client text with special tokens split into
+    plain text) into a `Prompt`; the first `Span.RESPONSE` piece starts the response.
+
+    Piecewise tokenization gives the same ids as the whole text for templates whose turn text is
+    bounded by control tokens or newlines (byte-level BPE does not merge across them).
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    response_start = None
+    for text, span in segments:
+        if not text:
+            continue
+        if span is Span.RESPONSE and response_start is None:
+            response_start = len(ids)
+        toks = tokenizer(text, add_special_tokens=False,
+                         split_special_tokens=span is not Span.SCAFFOLD)["input_ids"]
+        ids += toks
+        mask += [span is Span.QUERY] * len(toks)
+    return Prompt(tuple(ids), tuple(mask), len(ids) if response_start is None else response_start)
+
+
+_SENTINEL = "\x00ESS-{}\x00"
+
+
+def _template_pieces(tokenizer, messages: list[dict]) -> list[str]:
+    """The rendered template with each message's content cut out: ``len(messages) + 1`` pieces
+    of scaffolding around the contents (generation prompt included).
+
+    Raises:
+        PromptError: the template does not copy message content verbatim.
+    """
+    marked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    pieces, rest = [], rendered
+    for i in range(len(messages)):
+        before, sep, rest = rest.partition(_SENTINEL.format(i))
+        if not sep:
+            raise PromptError("the chat template does not contain the message text verbatim",
+                              "messages")
+        pieces.append(before)
+    pieces.append(rest)
+    real = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if real != "".join(p + (m["content"] if i < len(messages) else "")
+                       for i, (p, m) in enumerate(zip(pieces, [*messages, {}]))):
+        raise PromptError("the chat template does not contain the message text verbatim",
+                          "messages")
+    return pieces
 
 
 def build_chat_prompt(tokenizer, messages: list[dict], response_prefix: str = "") -> Prompt:
-    """Render ``messages`` with the tokenizer's chat template and mark every user turn.
+    """Render ``messages`` with the tokenizer's chat template; every message's content is query.
 
     Args:
-        messages: ``[{"role": ..., "content": ...}, ...]``; the last one must be a user turn.
+        messages: ``[{"role": ..., "content": ...}, ...]``, all client-supplied; at least one
+            user turn. Their content is tokenized as plain text (control tokens included).
         response_prefix: text placed after the assistant header; it is response text for the
             safety re-checks (a prefill), never part of the query.
 
     Raises:
-        PromptError: no user turn, or a template that does not copy user content verbatim.
+        PromptError: no user turn, or a template that does not copy content verbatim.
     """
     if not any(m["role"] == "user" for m in messages):
         raise PromptError("the conversation has no user message", "messages")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    spans, cursor = [], 0
-    for m in messages:
-        if m["role"] != "user" or not m["content"]:
-            continue
-        start = text.find(m["content"], cursor)
-        if start < 0:
-            raise PromptError("the chat template does not contain the user text verbatim")
-        spans.append((start, start + len(m["content"])))
-        cursor = start + len(m["content"])
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    mask = _char_spans_to_mask(enc["offset_mapping"], spans)
-    prefix_ids = tokenizer(response_prefix, add_special_tokens=False)["input_ids"] if response_prefix else []
-    return Prompt(tuple(ids + prefix_ids), tuple(mask + [False] * len(prefix_ids)), len(ids))
+    pieces = _template_pieces(tokenizer, messages)
+    segments = []
+    for piece, m in zip(pieces, messages):
+        segments += [(piece, Span.SCAFFOLD), (m["content"], Span.QUERY)]
+    segments += [(pieces[-1], Span.SCAFFOLD), (response_prefix, Span.RESPONSE)]
+    return encode_segments(tokenizer, segments)
 
 
-def _user_turn_markers(tokenizer) -> tuple[str, str, str] | None:
-    """``(user_opener, user_closer, assistant_header)`` of the tokenizer's chat template,
-    found by rendering a sentinel user turn after a system turn; None without a template."""
-    sentinel = "\x00ESS-SENTINEL\x00"
-    system = [{"role": "system", "content": "s"}]
-    convo = system + [{"role": "user", "content": sentinel}]
+@dataclass(frozen=True)
+class _Markers:
+    """Turn markers of a chat template: ``openers[role]`` starts a turn, ``closer`` ends one;
+    ``default_system`` is the system text the template adds on its own ("" when none)."""
+
+    openers: dict[str, str]
+    closer: str
+    default_system: str
+
+
+def _turn_markers(tokenizer) -> _Markers | None:
+    """The markers of the tokenizer's chat template, found by rendering sentinel turns; None
+    without a template whose turns look like ``opener + content + closer``."""
+    sent = _SENTINEL.format("m")
     try:
-        base = tokenizer.apply_chat_template(system, tokenize=False)
-        turn = tokenizer.apply_chat_template(convo, tokenize=False)
-        prompt = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+        def render(msgs, gen=False):
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        sys_only = render([{"role": "system", "content": sent}])
+        convo = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        with_user = render(convo[:1] + [{"role": "user", "content": sent}])
+        with_asst = render(convo + [{"role": "assistant", "content": sent}])
+        default = render([{"role": "user", "content": sent}])
+        base_sys, base_user = render(convo[:1]), render(convo)
     except Exception:  # the tokenizer has no usable chat template
         return None
-    if not turn.startswith(base) or sentinel not in turn or not prompt.startswith(turn):
+    openers, closers = {}, set()
+    for role, text, base in (("system", sys_only, ""), ("user", with_user, base_sys),
+                             ("assistant", with_asst, base_user)):
+        if not text.startswith(base) or sent not in text:
+            return None
+        opener, closer = text[len(base):].split(sent)
+        openers[role] = opener.lstrip("\n") if role != "system" else opener
+        closers.add(closer.rstrip("\n") or closer)
+    if len(closers) != 1 or not all(o.strip() for o in openers.values()):
         return None
-    opener, closer = turn[len(base):].split(sentinel)
-    header = prompt[len(turn):]
-    if not (opener.strip() and closer.strip() and header.strip()):
-        return None
-    return opener, closer.rstrip("\n") or closer, header
+    closer = closers.pop()
+    default_system = ""
+    if default.startswith(openers["system"]) and closer in default:
+        default_system = default[len(openers["system"]):default.index(closer)]
+    return _Markers(openers, closer, default_system)
+
+
+def raw_segments(text: str, markers: _Markers | None) -> list[tuple[str, Span]]:
+    """Split an already-templated prompt into spans, as `build_chat_prompt` would mark the same
+    conversation: markers are scaffolding, turn content is query (the template's own default
+    system text excepted), an unclosed final assistant turn is the response, and any other
+    client text (outside turns, or with no markers at all) is query."""
+    if markers is None:
+        return [(text, Span.QUERY)]
+    segments, pos = [], 0
+    while pos < len(text):
+        hits = [(i, role) for role, op in markers.openers.items() if (i := text.find(op, pos)) >= 0]
+        start, role = min(hits) if hits else (len(text), None)
+        between = text[pos:start]  # client text outside any turn; white space is layout
+        segments.append((between, Span.QUERY if between.strip() else Span.SCAFFOLD))
+        if role is None:
+            break
+        opener = markers.openers[role]
+        segments.append((opener, Span.SCAFFOLD))
+        begin = start + len(opener)
+        end = text.find(markers.closer, begin)
+        if end < 0:
+            segments.append((text[begin:], Span.RESPONSE if role == "assistant" else Span.QUERY))
+            break
+        content = text[begin:end]
+        own = role == "system" and content == markers.default_system
+        segments += [(content, Span.SCAFFOLD if own else Span.QUERY), (markers.closer, Span.SCAFFOLD)]
+        pos = end + len(markers.closer)
+    return segments
 
 
 def build_raw_prompt(tokenizer, text: str) -> Prompt:
-    """An already-templated prompt (TGI ``raw`` mode).
-
-    When the text holds the model's own chat-template turns, only the user turns are the
-    query and any text after the last assistant header is response text (a prefill), exactly
-    as for a chat request: otherwise a client could hide a request from ``[CLS]`` (it was
-    trained to read user text only) by templating it itself. Text without template markers
-    is all query.
+    """An already-templated prompt (TGI ``raw`` mode, ``/v1/completions``): the model's own
+    template markers in ``text`` are parsed into the spans a chat request of the same
+    conversation gets (`raw_segments`), so templating a request oneself hides nothing from
+    ``[CLS]``; text without markers is all query.
 
     Raises:
         PromptError: the text is empty.
     """
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    if not ids:
+    prompt = encode_segments(tokenizer, raw_segments(text, _turn_markers(tokenizer)))
+    if not prompt.ids:
         raise PromptError("the prompt is empty")
-    markers = _user_turn_markers(tokenizer)
-    spans = []
-    if markers:
-        opener, closer, gen_header = markers
-        cursor = 0
-        while (start := text.find(opener, cursor)) >= 0:
-            start += len(opener)
-            end = text.find(closer, start)
-            end = len(text) if end < 0 else end
-            spans.append((start, end))
-            cursor = end
-    if not spans:
-        return Prompt(tuple(ids), tuple([True] * len(ids)), len(ids))
-    mask = _char_spans_to_mask(enc["offset_mapping"], spans)
-    response_start = len(ids)
-    header = text.rfind(markers[2])
-    if header >= 0 and header >= spans[-1][1]:
-        cut = header + len(markers[2])
-        response_start = next((i for i, (b, _) in enumerate(enc["offset_mapping"]) if b >= cut), len(ids))
-    return Prompt(tuple(ids), tuple(mask), response_start)
+    return prompt

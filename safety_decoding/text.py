@@ -59,3 +59,17 @@ class StopStringBuffer:
     def flush(self) -> str:
         out, self.held = self.held, ""
         return out
+
+
+def refusal_separator(before: str, mid_response: bool) -> str:
+    """What goes between the text before an inserted refusal prefix and the prefix.
+
+    Mid-response (the client already has response text) the refusal starts a new paragraph, so
+    it reads as one ("The recipe is\\n\\nSorry, I cannot ..." rather than "The Sorry, I cannot
+    ..."); at the response start only a space after a word (a prefill). Our choice; the recipe
+    trains mid-response refusals with the same separator (`safety_training.data`).
+    """
+    if mid_response:
+        return "" if before.endswith("\n\n") else "\n" if before.endswith("\n") else "\n\n"
+    return " " if before and not before[-1].isspace() else ""
+

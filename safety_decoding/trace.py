@@ -25,11 +25,12 @@ class Trace:
 def run_trace(decoder: Decoder, prompt: str, response_prefix: str = "",
               sampling: SamplingParams | None = None,
               safety: SafetyParams | None = None) -> Trace:
-    """Generate once with every verdict recorded."""
+    """Generate once with every verdict recorded (``safety`` None: the checkpoint's policy,
+    `SafetyParams.from_config`)."""
     req = GenerationRequest(build_chat_prompt(decoder.tok, [{"role": "user", "content": prompt}],
                                               response_prefix),
                             sampling or SamplingParams(max_new_tokens=64),
-                            safety or SafetyParams(), trace=True)
+                            safety or SafetyParams.from_config(decoder.model.config), trace=True)
     events = [e for step in decoder.generate([req]) for e in step]
     tokens = [t.text for e in events for t in e.tokens]
     return Trace(prompt, response_prefix, "".join(tokens), tokens, events[-1].safety)

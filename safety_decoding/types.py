@@ -15,6 +15,11 @@ class _StrEnum(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """The wire values in declaration order (for ``Literal[...]`` types and CLI choices)."""
+        return tuple(m.value for m in cls)
+
 
 class FinishReason(_StrEnum):
     """Why a request left the batch (TGI's names; the OpenAI layer maps `EOS` and
@@ -32,7 +37,7 @@ class FinishReason(_StrEnum):
 
 class Schedule(_StrEnum):
     """When the ``[CLS]`` probe re-checks, densest first (a request may only move to a denser
-    one than the server's): docs/method.md, "Strategic decoding"."""
+    one than the server's): docs/method.md, "Strategic decoding: schedules"."""
 
     EACH = "each"
     ANNEALING = "annealing"

@@ -1,6 +1,7 @@
-"""Training data builder and evaluation-set readers (``../shared/data``).
+"""Training data builder and evaluation-set readers (the data folder of `datasets`).
 
-Only the training pool of ``shared/data/README.md`` (plus ShareGPT prompts) reaches training.
+Only the training pool (plus ShareGPT prompts) reaches training (docs/method.md, "Data: what
+may train and what only evaluates").
 Every training prompt whose normalised text (lower case, collapsed white space) appears anywhere
 in an evaluation-only file is dropped; `eval_texts` collects every string of those files so the
 check does not depend on knowing each column.
@@ -20,6 +21,7 @@ import yaml
 
 from . import augment
 from safety_decoding.model import REFUSAL_PREFIX
+from safety_decoding.text import refusal_separator
 
 EVAL_ONLY = [
     "advbench/harmful_behaviors.csv",
@@ -412,7 +414,7 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
                    n_jailbreak_query_only: int = 0, n_narrative: int = 0) -> tuple[list[Example], dict]:
     """Compose the training set (before the train/validation split).
 
-    Mix (method.md "Training"):
+    Mix (docs/method.md, "Training data mix"):
     - benign prompts with answers: query label 0, LM loss, a response-window probe labelled 0;
     - benign and harmful prompts without a response: the query classification alone (cheap:
       the [CLS] loss needs only the prompt);
@@ -457,7 +459,9 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
     for q, _, src in unanswered[:n_benign_query_only]:
         ex.append(Example(q, "", 0, lm_loss=False, source=src + "-query-only"))
     for i, (q, _, src) in enumerate(mal[:n_malicious]):
-        opener = rng.choice(COMPLIANCE_OPENERS) + " " if i % 4 == 3 else ""
+        opener = rng.choice(COMPLIANCE_OPENERS) if i % 4 == 3 else ""
+        # a mid-response refusal, separated as the decoder inserts it
+        opener += refusal_separator(opener, mid_response=bool(opener))
         ex.append(Example(q, " " + rng.choice(REFUSAL_REASONS), 1, response_label=0,
                           response_prefix=opener + REFUSAL_PREFIX, source=src))
     for q, _, src in mal[n_malicious:n_malicious + n_malicious_query_only]:

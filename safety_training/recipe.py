@@ -1,6 +1,6 @@
 """Training recipe: joint LM + [CLS] classification loss with the strategic-attention masks.
 
-Loss (method.md "Training", paper §2.1)::
+Loss (docs/method.md, "Training objective")::
 
     loss = CE(LM logits, response tokens) + lambda_cls * BCE([CLS] and probe logits, labels)
 
@@ -25,9 +25,10 @@ import torch.nn.functional as F
 import yaml
 
 from .data import Example, build_examples
+from .datasets import default_data_dir
 from .metrics import classification_metrics
 from .refusals import is_refusal
-from safety_decoding.masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
+from safety_decoding.layout import CLS_SLOT, sequence_layout, stack_layouts
 from safety_decoding.model import SafetyConfig, SafetyModel
 from safety_decoding.prompt import build_chat_prompt
 
@@ -36,7 +37,8 @@ from safety_decoding.prompt import build_chat_prompt
 class TrainConfig:
     """``ess train --config`` YAML keys; defaults are the shipped run's."""
 
-    data_dir: str = "../shared/data"
+    data_dir: str = field(default_factory=lambda: str(default_data_dir()))
+    """The safety data (default: where `ess data fetch` puts it)."""
     output_dir: str = "checkpoints/smollm2-135m-ess"
     seed: int = 42
     n_benign: int = 900
@@ -203,70 +205,41 @@ def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> di
     if len(resp) < cfg.max_response_tokens and ex.response:
         resp = resp + [tok.convert_tokens_to_ids("<|im_end|>")]
     resp = resp[: cfg.max_response_tokens]
-    n_prompt = len(ids)
-    ids = ids + resp
-    reads_from = max((i for i, q in enumerate(qmask) if q), default=-1) + 1
-    slots = [0] + ids
-    kinds = [CLS] + [TOKEN] * len(ids)
-    in_query = [False] + qmask + [False] * len(resp)
-    reads_cls = [False] + [i >= reads_from for i in range(len(ids))]
-    positions = list(range(len(slots)))
-    lm_rows, lm_targets = [], []
-    if ex.lm_loss:
-        for j, t in enumerate(resp):
-            slot = 1 + n_prompt + j
-            lm_rows.append(slot - 1)
-            lm_targets.append(t)
-    cls_rows, cls_targets, is_probe, windows = [0], [float(ex.query_label)], [False], []
-    resp_lo, resp_hi = 1 + response_start, len(slots)  # response slots incl. prefill text
+    text = sequence_layout(ids, qmask, resp)  # [CLS] + prompt + response
+    # probe windows over the response slots, the prefill text included
+    resp_lo, resp_hi = text.prompt_slot(response_start), len(text)
+    windows = []
     if ex.response_label is not None and resp_hi > resp_lo:
         for _ in range(cfg.probes_per_example):
             r = rng.randint(*cfg.probe_window)
             hi = rng.randint(min(resp_lo + r, resp_hi), resp_hi)
             windows.append((max(resp_lo, hi - r), hi))
-    for lo, hi in windows:
-        cls_rows.append(len(slots))
-        slots.append(0)
-        kinds.append(PROBE)
-        in_query.append(False)
-        reads_cls.append(False)
-        positions.append(0)
-        cls_targets.append(float(ex.response_label))
-        is_probe.append(True)
-    return dict(slots=slots, kinds=kinds, in_query=in_query, reads_cls=reads_cls,
-                positions=positions, lm_rows=lm_rows, lm_targets=lm_targets,
-                cls_rows=cls_rows, cls_targets=cls_targets, is_probe=is_probe,
-                windows=windows)
+    layout = text.with_probes(len(windows))
+    # the row before each response token predicts it
+    lm_rows = [layout.response_slot(j) - 1 for j in range(len(resp))] if ex.lm_loss else []
+    return dict(layout=layout, slots=layout.ids, kinds=layout.kinds, lm_rows=lm_rows,
+                lm_targets=list(resp) if ex.lm_loss else [],
+                cls_rows=[CLS_SLOT, *layout.probe_slots],
+                cls_targets=[float(ex.query_label)] + [float(ex.response_label) for _ in windows],
+                is_probe=[False] + [True] * len(windows), windows=windows)
 
 
 def collate(encoded: list[dict]) -> Batch:
-    """Right-pad encoded examples and build the strategic-attention mask (one helper)."""
-    B = len(encoded)
-    L = max(len(e["slots"]) for e in encoded)
-    ids = torch.zeros(B, L, dtype=torch.long)
-    kinds = torch.full((B, L), PAD, dtype=torch.long)
-    pos = torch.zeros(B, L, dtype=torch.long)
-    in_query = torch.zeros(B, L, dtype=torch.bool)
-    reads = torch.zeros(B, L, dtype=torch.bool)
+    """Right-pad encoded examples (`layout.stack_layouts`) and build the strategic-attention
+    mask, each probe row reading its window."""
+    slots = stack_layouts([e["layout"] for e in encoded])
+    B, L = slots.kinds.shape
     window = torch.zeros(B, L, L, dtype=torch.bool)
     lm_rows, lm_t, cls_rows, cls_t, probe = [], [], [], [], []
     for b, e in enumerate(encoded):
-        n = len(e["slots"])
-        ids[b, :n] = torch.tensor(e["slots"])
-        kinds[b, :n] = torch.tensor(e["kinds"])
-        pos[b, :n] = torch.tensor(e["positions"])
-        in_query[b, :n] = torch.tensor(e["in_query"])
-        reads[b, :n] = torch.tensor(e["reads_cls"])
-        probe_slots = [s for s, p in zip(e["cls_rows"], e["is_probe"]) if p]
-        for s, (lo, hi) in zip(probe_slots, e["windows"]):
+        for s, (lo, hi) in zip(e["layout"].probe_slots, e["windows"]):
             window[b, s, lo:hi] = True
         lm_rows += [(b, s) for s in e["lm_rows"]]
         lm_t += e["lm_targets"]
         cls_rows += [(b, s) for s in e["cls_rows"]]
         cls_t += e["cls_targets"]
         probe += e["is_probe"]
-    rows = torch.arange(L).expand(B, L)
-    mask = strategic_attention_mask(kinds, in_query, rows, reads, window)
+    ids, kinds, pos, mask = slots.ids, slots.kinds, slots.positions, slots.mask(window)
     return Batch(ids, kinds, pos, mask,
                  torch.tensor(lm_rows, dtype=torch.long).view(-1, 2),
                  torch.tensor(lm_t, dtype=torch.long),
@@ -310,12 +283,12 @@ def evaluate(model, encoded, batch_size, lambda_cls):
 def balanced_batches(encoded: list[dict], labels: list[int], batch_size: int) -> list[list[int]]:
     """Length-grouped batches that each hold the two classes in the proportion of the whole set.
 
-    The paper uses llama-recipes' length-based sampler (§2.4) with 72 sequences a batch. With
+    The authors use llama-recipes' length-based sampler with 72 sequences a batch. With
     8 a batch, length groups are nearly one class each (sources differ in length), and the
     BCE gradient swings with the class of each batch. Our choice: each class, sorted by length,
     is spread over the batches rank by rank, so padding stays low and every batch has the
     global class mix (4 + 4 for equal classes; about 5 + 3 at 60 % benign) instead of a tail
-    of one-class batches.
+    of one-class batches (docs/method.md, "Decision 12").
 
     Returns:
         ``ceil(len(labels) / batch_size)`` lists of indices into ``encoded``; sizes differ by

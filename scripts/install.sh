@@ -8,4 +8,5 @@ fi
 . .venv/bin/activate
 # The pinned CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+# test: every command's extra (train, eval, bench) and the test tools; ray: `ess serve --ray`.
 python -m pip install --quiet --disable-pip-version-check -e '.[test,ray]'

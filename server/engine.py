@@ -9,6 +9,11 @@ Hand-off: the thread puts events into each request's ``asyncio.Queue`` with
 ``loop.call_soon_threadsafe``; nothing async ever touches the model. Leaving a stream (client
 gone, error, shutdown) sets the request's cancel flag, which the decode loop polls at every
 step boundary; a request still queued is removed without running.
+
+Faults: a request that fails alone in the decode loop (its sampling, stop strings, policy)
+ends with `EngineError` while the others go on (`decode`, fault isolation). When the shared
+decode forward fails, the running requests move once to a fresh batch and continue where they
+stopped (`Engine._retry`); a second failure ends them with `EngineError`.
 """
 
 from __future__ import annotations
@@ -20,17 +25,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from safety_decoding.decode import ABORT, Decoder, GenerationRequest, StepEvent
+from safety_decoding.decode import DecodeBatch, Decoder, GenerationRequest, StepEvent
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_raw_prompt
 from safety_decoding.sampling import SamplingParams
+from safety_decoding.types import FinishReason
 
 from .metrics import Metrics
 
 log = logging.getLogger("ess.engine")
-
-CONTENT_FILTER = "content_filter"
-ERROR = "error"
 
 
 class EngineError(RuntimeError):
@@ -47,8 +50,6 @@ class EngineNotRunning(EngineError):
 
 class EngineTimeout(EngineError):
     """The request ran past the engine's ``request_timeout`` (HTTP 504)."""
-
-TIMEOUT = "timeout"
 
 
 def load_off_thread(fn):
@@ -70,13 +71,14 @@ def load_off_thread(fn):
 def reported_finish_reason(event: StepEvent) -> str:
     """The finish reason clients and metrics see.
 
-    ``abort`` wins (nobody is waiting for a verdict), then ``content_filter`` when the safety
-    policy intervened (OpenAI's word, architecture.md), else the library's TGI names.
+    ``abort`` and ``error`` win (nobody is waiting for a verdict, or there is none), then
+    ``content_filter`` when the safety policy intervened (OpenAI's word; docs/architecture.md,
+    "Protocols and finish reasons"), else the library's TGI names.
     """
-    if event.finish_reason == ABORT:
-        return ABORT
+    if event.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
+        return event.finish_reason
     if event.safety and event.safety.get("intervened"):
-        return CONTENT_FILTER
+        return FinishReason.CONTENT_FILTER
     return event.finish_reason
 
 
@@ -100,6 +102,10 @@ class _Job:
     deadline: float = float("inf")
     """``perf_counter()`` past which the request is stopped (`EngineTimeout`)."""
     timed_out: bool = False
+    delivered: int = 0
+    """Tokens handed to the consumer so far."""
+    retried: bool = False
+    """It was already moved to a fresh batch once after a failed decode step."""
 
     def deliver(self, item: StepEvent | BaseException) -> None:
         """Called on the engine thread: hand one item to the consumer's loop."""
@@ -333,10 +339,8 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 events = batch.step()
-            except Exception as exc:  # the cache may be inconsistent: fail the whole batch
-                self._fail(list(jobs.values()), exc)
-                jobs.clear()
-                batch = self._decoder.new_batch()
+            except Exception as exc:  # the shared forward failed: the cache may be inconsistent
+                batch = self._retry(batch, jobs, exc)
                 continue
             now = time.perf_counter()
             if any(j.record for j in jobs.values()):
@@ -383,9 +387,50 @@ class Engine:
             if now >= job.deadline and not job.timed_out:
                 job.timed_out = job.cancelled = True
 
+    def _retry(self, batch: DecodeBatch, jobs: dict[int, _Job], exc: Exception) -> DecodeBatch:
+        """After a failed decode step: a fresh batch holding the rows that may go on.
+
+        `DecodeBatch.step` raises with every row as it was at the step boundary, so each row
+        is re-prefilled (prompt + its generated tokens, `DecodeBatch.resume`) and continues
+        where it stopped, its released text not repeated. Once only: a job that was already
+        retried fails, as does one whose consumer did not get every token the row released
+        (the step failed after it had advanced the rows), and all of them when the resume
+        itself fails.
+        """
+        log.warning("decode step failed (%s: %s); retrying the running requests in a fresh batch",
+                    type(exc).__name__, exc)
+        retry, failed = [], []
+        for row in batch.rows:
+            job = jobs.pop(row.id, None)
+            if job is None:
+                continue
+            ok = not job.retried and row.finish_reason is None and job.delivered == row.released
+            (retry if ok else failed).append((row, job))
+        failed += [(None, job) for job in jobs.values()]  # no row left to resume
+        jobs.clear()
+        if failed:
+            self._fail([job for _, job in failed], exc)
+        fresh = self._decoder.new_batch()
+        if not retry:
+            return fresh
+        for _, job in retry:
+            job.retried = True
+        try:
+            ids = fresh.resume([row for row, _ in retry])
+        except Exception as again:
+            self._fail([job for _, job in retry], again)
+            return self._decoder.new_batch()
+        jobs.update(zip(ids, (job for _, job in retry)))
+        return fresh
+
     def _deliver(self, events: list[StepEvent], jobs: dict[int, _Job], now: float) -> None:
         for ev in events:
             job = jobs[ev.index]
+            job.delivered += len(ev.tokens)
+            if ev.finish_reason == FinishReason.ERROR:  # this request alone failed
+                del jobs[ev.index]
+                self._fail_job(job, ev.error)
+                continue
             if any(t.text for t in ev.tokens):  # visible text: TTFT/TPOT count what clients see
                 if job.first_token is None:
                     job.first_token = now
@@ -408,10 +453,14 @@ class Engine:
     def _fail(self, jobs: list[_Job], exc: Exception) -> None:
         log.exception("decode loop failed", exc_info=exc)
         for job in jobs:
-            if job.record:
-                self.metrics.requests.labels(ERROR).inc()
-            self._release(job)
-            job.deliver(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+            self._fail_job(job, f"{type(exc).__name__}: {exc}")
+
+    def _fail_job(self, job: _Job, reason: str) -> None:
+        """End ``job`` with `EngineError` (``reason``: ``"<ExceptionType>: <message>"``)."""
+        if job.record:
+            self.metrics.requests.labels(FinishReason.ERROR).inc()
+        self._release(job)
+        job.deliver(EngineError(f"generation failed: {reason}"))
 
     def _release(self, job: _Job) -> None:
         """Give the job's slot back, before its last item is delivered: a client that sends
@@ -433,11 +482,11 @@ class Engine:
 
     def _count_timeout(self, job: _Job) -> None:
         if job.record:
-            self.metrics.requests.labels(TIMEOUT).inc()
+            self.metrics.requests.labels(FinishReason.TIMEOUT).inc()
 
     def _count_dropped(self, job: _Job) -> None:
         if job.record:
-            self.metrics.requests.labels(ABORT).inc()
+            self.metrics.requests.labels(FinishReason.ABORT).inc()
 
     def _count_finished(self, job: _Job, ev: StepEvent, now: float) -> None:
         if not job.record:

@@ -12,10 +12,12 @@ Every error response the server sends goes through `error_response`, including F
 from __future__ import annotations
 
 import logging
+from enum import Enum
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import EngineError, EngineNotRunning, EngineOverloaded, EngineTimeout
@@ -24,38 +26,157 @@ log = logging.getLogger("ess.errors")
 
 OPENAI_PREFIX = "/v1"
 
-# TGI answers validation errors with 422; we use 400 for every bad request (schema, library
-# ParameterError/PromptError, prompt length) so clients see one status. One place to change.
+# TGI answers validation errors with 422; we use 400 for every bad field (schema, library
+# ParameterError/PromptError) on both protocols so clients see one status. One place to change.
 VALIDATION_STATUS = 400
+# An input that does not fit (docs/operations.md, "Errors and status codes"): the status the
+# reference server of the protocol answers it with, TGI's 422 on our TGI routes (router
+# ``InferError::ValidationError``), vLLM's 400 under /v1.
+TGI_TOO_LONG_STATUS = 422
+CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": nobody reads it, logs do
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code for an over-long input
 
-# Our kind (the TGI ``error_type``) -> OpenAI's ``type``. OpenAI reports authentication and
-# unknown routes as "invalid_request_error" too (API reference, "Error codes").
+
+
+class ErrorKind(str, Enum):
+    """Our kind of error: the TGI ``error_type`` (a plain string on the wire)."""
+
+    VALIDATION = "validation"
+    AUTHENTICATION = "authentication"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
+    GENERATION = "generation"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+class OpenAIErrorType(str, Enum):
+    """OpenAI's error ``type`` (API reference, "Error codes")."""
+
+    INVALID_REQUEST = "invalid_request_error"
+    RATE_LIMIT = "rate_limit_exceeded"
+    SERVER = "server_error"
+
+
+# Our kind -> OpenAI's ``type``. OpenAI reports authentication and unknown routes as
+# "invalid_request_error" too (API reference, "Error codes").
 OPENAI_TYPES = {
-    "validation": "invalid_request_error",
-    "authentication": "invalid_request_error",
-    "not_found": "invalid_request_error",
-    "method_not_allowed": "invalid_request_error",
-    "overloaded": "rate_limit_exceeded",
-    "unavailable": "server_error",
-    "generation": "server_error",
-    "timeout": "server_error",
-    "internal": "server_error",
+    ErrorKind.VALIDATION: OpenAIErrorType.INVALID_REQUEST,
+    ErrorKind.AUTHENTICATION: OpenAIErrorType.INVALID_REQUEST,
+    ErrorKind.NOT_FOUND: OpenAIErrorType.INVALID_REQUEST,
+    ErrorKind.METHOD_NOT_ALLOWED: OpenAIErrorType.INVALID_REQUEST,
+    ErrorKind.OVERLOADED: OpenAIErrorType.RATE_LIMIT,
+    ErrorKind.UNAVAILABLE: OpenAIErrorType.SERVER,
+    ErrorKind.GENERATION: OpenAIErrorType.SERVER,
+    ErrorKind.TIMEOUT: OpenAIErrorType.SERVER,
+    ErrorKind.INTERNAL: OpenAIErrorType.SERVER,
 }
 
 
+# ---- the bodies, as models (the OpenAPI document shows these) --------------------------------
+
+
+class TGIError(BaseModel):
+    """An error on the TGI routes and every path outside /v1 (TGI's ``ErrorResponse``)."""
+
+    error: str = Field(description="What went wrong; a bad field's path comes first.")
+    error_type: ErrorKind
+
+
+class OpenAIErrorDetail(BaseModel):
+    """The ``error`` object of an OpenAI error."""
+
+    message: str = Field(description="What went wrong; a bad field's path comes first.")
+    type: OpenAIErrorType
+    param: str | None = Field(description="The request field at fault, or null.")
+    code: str | None = Field(description="`context_length_exceeded`, `invalid_api_key`, "
+                                          "`rate_limit_exceeded`, `timeout`, or null.")
+
+
+class OpenAIError(BaseModel):
+    """An error under /v1 (OpenAI's shape; vLLM's ``ErrorResponse`` has the same fields)."""
+
+    error: OpenAIErrorDetail
+
+
 class InvalidRequest(Exception):
-    """A request field is at fault (HTTP 400).
+    """A request field is at fault (HTTP ``status``, 400).
 
     Args:
         field: dotted path of the field (``parameters.top_p``, ``messages[2].content``).
         message: what is wrong, without the field name.
-        code: OpenAI's machine-readable ``code`` (``context_length_exceeded``), or None.
+        code: OpenAI's machine-readable ``code``, or None.
     """
+
+    status = VALIDATION_STATUS
 
     def __init__(self, field: str, message: str, code: str | None = None):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.code = code
+
+
+class InputTooLong(InvalidRequest):
+    """The input, or input + max_new_tokens, does not fit this server's limits.
+
+    Args:
+        field: the field OpenAI's ``param`` names.
+        message: the whole message, in the protocol's reference server's words (it names
+            the fields itself).
+        status: HTTP status (`TGI_TOO_LONG_STATUS` on TGI routes, 400 under /v1).
+    """
+
+    def __init__(self, field: str, message: str, status: int):
+        Exception.__init__(self, message)
+        self.field = field
+        self.code = CONTEXT_LENGTH_EXCEEDED
+        self.status = status
+
+
+class ClientDisconnected(Exception):
+    """The client left before a whole (non-streamed) response was ready; the engine aborted
+    the request. Answered with `CLIENT_CLOSED_STATUS` and no body."""
+
+
+# What each error status means (docs/operations.md, "Errors and status codes"), for the
+# OpenAPI document; routes list the statuses they can answer with `error_responses`.
+STATUS_DESCRIPTIONS = {
+    400: "A bad field (the message starts with its path), or a body that is not UTF-8 JSON; "
+         "under /v1 also an input that does not fit (code `context_length_exceeded`).",
+    401: "ESS_API_KEYS is set and the `Authorization: Bearer` key is missing or wrong.",
+    422: "The input, or input + max_new_tokens, does not fit this server (TGI's status and "
+         "message).",
+    424: "The decode loop failed for this request (TGI's status).",
+    429: "The queue is full (ESS_MAX_WAITING): `Model is overloaded`.",
+    CLIENT_CLOSED_STATUS: "The client closed the connection before the response was ready "
+                          "(no body; access logs see it). The request was aborted.",
+    500: "Anything unexpected; under /v1 also a failure of the decode loop.",
+    503: "The engine is not running, the server is draining, or shutdown aborted the request.",
+    504: "ESS_REQUEST_TIMEOUT_SECONDS passed before the request finished.",
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`.", "required": True,
+                               "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait (ESS_RETRY_AFTER_SECONDS).",
+                          "required": True, "schema": {"type": "integer", "minimum": 0}}},
+}
+
+
+def error_responses(*statuses: int, openai: bool) -> dict[int, dict]:
+    """FastAPI ``responses=`` for a route that answers ``statuses``: each with its
+    description, the route's error model (`OpenAIError` under /v1, else `TGIError`) and the
+    headers it always carries; `CLIENT_CLOSED_STATUS` has no body."""
+    out = {}
+    for status in statuses:
+        entry: dict = {"description": STATUS_DESCRIPTIONS[status]}
+        if status != CLIENT_CLOSED_STATUS:
+            entry["model"] = OpenAIError if openai else TGIError
+        if status in _HEADERS:
+            entry["headers"] = _HEADERS[status]
+        out[status] = entry
+    return out
 
 
 # ---- pure shapes -----------------------------------------------------------------------------
@@ -67,15 +188,17 @@ def is_openai_path(path: str) -> bool:
 
 
 def tgi_error_body(message: str, kind: str) -> dict:
-    """TGI's error shape (``router/src/lib.rs`` ``ErrorResponse``)."""
-    return {"error": message, "error_type": kind}
+    """TGI's error shape (`TGIError`; ``router/src/lib.rs`` ``ErrorResponse``); ``kind`` is an
+    `ErrorKind` value."""
+    return TGIError(error=message, error_type=kind).model_dump(mode="json")
 
 
 def openai_error_body(message: str, kind: str, param: str | None = None,
                       code: str | None = None) -> dict:
-    """OpenAI's error shape; ``kind`` is one of `OPENAI_TYPES`' keys."""
-    return {"error": {"message": message, "type": OPENAI_TYPES.get(kind, "server_error"),
-                      "param": param, "code": code}}
+    """OpenAI's error shape (`OpenAIError`); ``kind`` is an `ErrorKind` value."""
+    detail = OpenAIErrorDetail(message=message, param=param, code=code,
+                               type=OPENAI_TYPES.get(kind, OpenAIErrorType.SERVER))
+    return OpenAIError(error=detail).model_dump(mode="json")
 
 
 def error_body_for(path: str, message: str, kind: str, param: str | None = None,
@@ -154,9 +277,10 @@ def engine_error_kind(exc: EngineError) -> str:
 def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
     """Map every exception a route can raise to `error_response` (status per kind).
 
-    Statuses: 400 bad request, 404/405 routing, 429 queue full (with Retry-After), 503 engine
-    not running, 504 request timeout, 424 generation failure on TGI routes (TGI's status) and 500 under /v1 (OpenAI
-    has no 424), 500 anything unexpected.
+    Statuses: 400 bad request (422 for an over-long input on TGI routes, `InputTooLong`),
+    404/405 routing, 429 queue full (with Retry-After), 499 client gone, 503 engine not running,
+    504 request timeout, 424 generation failure on TGI routes (TGI's status) and 500 under /v1
+    (OpenAI has no 424), 500 anything unexpected.
     """
 
     @app.exception_handler(RequestValidationError)
@@ -167,8 +291,12 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
 
     @app.exception_handler(InvalidRequest)
     async def _on_invalid(request: Request, exc: InvalidRequest):
-        return error_response(request.url.path, VALIDATION_STATUS, str(exc), "validation",
+        return error_response(request.url.path, exc.status, str(exc), "validation",
                               param=exc.field, code=exc.code)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _on_disconnected(request: Request, exc: ClientDisconnected):
+        return Response(status_code=CLIENT_CLOSED_STATUS)
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException):

@@ -1,4 +1,5 @@
-"""Prometheus metrics (architecture.md names, base units, bounded labels) on a per-app registry.
+"""Prometheus metrics on a per-app registry (names, base units and bounded labels:
+docs/architecture.md, "Metrics").
 
 Nothing is registered at import time: each `Metrics` owns a fresh ``CollectorRegistry``, so
 several apps (tests) never collide. prometheus-client is thread-safe, so the engine thread
@@ -10,7 +11,13 @@ from __future__ import annotations
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+
+from safety_decoding.types import Action, FinishReason
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""Of ``GET /metrics``: Prometheus text format 0.0.4, what `generate_latest` writes for our
+names and what every Prometheus version scrapes (prometheus-client's own "latest" type names
+1.0.0, which older scrapers do not know)."""
 
 # 1 ms .. 60 s: a GPU answers a short request in tens of milliseconds; a 1k-token response of
 # the 135M model on a busy CPU takes most of a minute.
@@ -21,10 +28,9 @@ STEP_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
                 2.5, 10.0)
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # p_malicious in [0, 1]
 
-FINISH_REASONS = ("length", "eos_token", "stop_sequence", "content_filter", "abort", "error",
-                  "timeout")
+FINISH_REASONS = tuple(FinishReason)
 TRIP_STAGES = ("query", "response")
-TRIP_ACTIONS = ("refuse", "reweight", "monitor")
+TRIP_ACTIONS = tuple(Action)
 
 
 class Metrics:
@@ -72,6 +78,11 @@ class Metrics:
             "ess_safety_overhead_ratio",
             "Mean decode step seconds with a probe / without one (0 until both were observed).",
             registry=r)
+        self.safety_enabled = Gauge(
+            "ess_safety_enabled",
+            "1 when the safety checks run, 0 when ESS_SAFETY_ENABLED=false turned them off.",
+            registry=r)
+        self.safety_enabled.set(1)  # the library's default; the app sets the server's value
         for reason in FINISH_REASONS:  # export zeros so dashboards see every series at once
             self.requests.labels(reason)
         for stage in TRIP_STAGES:
@@ -81,6 +92,10 @@ class Metrics:
         self._lock = threading.Lock()
         self._step_sum = {True: 0.0, False: 0.0}
         self._step_count = {True: 0, False: 0}
+
+    def set_safety_enabled(self, enabled: bool) -> None:
+        """Export whether this server runs the safety checks (``ess_safety_enabled``)."""
+        self.safety_enabled.set(1 if enabled else 0)
 
     def observe_steps(self, seconds: list[float], checked: list[bool]) -> None:
         """Record one request's decode steps (seconds) and whether each ran a probe."""
@@ -104,10 +119,10 @@ class Metrics:
         if query_checked:
             self.safety_score.observe(summary["query_score"])
         if summary.get("intervened") and summary.get("stage") in TRIP_STAGES:
-            self.safety_trips.labels(summary["stage"], summary.get("action", "refuse")).inc()
+            self.safety_trips.labels(summary["stage"], summary.get("action", Action.REFUSE)).inc()
         for stage in summary.get("would_trip") or ():
             if stage in TRIP_STAGES:
-                self.safety_trips.labels(stage, "monitor").inc()
+                self.safety_trips.labels(stage, Action.MONITOR).inc()
 
     def exposition(self) -> bytes:
         """Prometheus text format of this registry."""

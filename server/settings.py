@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from safety_decoding.device import DTYPE_NAMES
+from safety_decoding.types import Action, Schedule
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-ess"
 
@@ -57,15 +58,15 @@ class Settings(BaseSettings):
     safety_r3: int | None = Field(
         None, ge=1, le=512, description="ESS_SAFETY_R3: rule-3 look-ahead after a transition "
                                         "(tokens); unset: the checkpoint's.")
-    safety_schedule: Literal["each", "annealing", "periodic", "first"] = Field(
-        "each", description="ESS_SAFETY_SCHEDULE: `each` re-checks every step, `annealing` dense "
+    safety_schedule: Literal[Schedule.values()] = Field(
+        Schedule.EACH.value, description="ESS_SAFETY_SCHEDULE: `each` re-checks every step, `annealing` dense "
                             "early then sparser, `periodic` every ESS_SAFETY_PERIOD tokens, `first` "
                             "only the query. Clients may only make it denser.")
     safety_period: int = Field(
         10, ge=1, le=4096, description="ESS_SAFETY_PERIOD: tokens between re-checks of the "
                                        "`periodic` schedule.")
-    safety_action: Literal["refuse", "reweight", "monitor"] = Field(
-        "refuse", description="ESS_SAFETY_ACTION: `refuse` inserts the refusal, `reweight` biases "
+    safety_action: Literal[Action.values()] = Field(
+        Action.REFUSE.value, description="ESS_SAFETY_ACTION: `refuse` inserts the refusal, `reweight` biases "
                               "the logits toward it, `monitor` only "
                               "reports.")
 
@@ -89,7 +90,9 @@ class Settings(BaseSettings):
                                 "on a stream); unset: no limit.")
     shutdown_timeout_seconds: float = Field(
         30.0, ge=0, description="ESS_SHUTDOWN_TIMEOUT_SECONDS: on SIGTERM/SIGINT, how long running "
-                                "requests may drain before they are aborted.")
+                                "requests may drain before they are aborted (a stream then ends "
+                                "with an error event); meanwhile /health and new requests get "
+                                "503 (server/lifecycle.py).")
     retry_after_seconds: int = Field(
         1, ge=0, description="ESS_RETRY_AFTER_SECONDS: Retry-After header value on HTTP 429.")
     sse_ping_seconds: float = Field(
@@ -127,24 +130,16 @@ class Settings(BaseSettings):
 
 
 def server_safety_params(settings: Settings, checkpoint_config):
-    """The server's `SafetyParams`: settings where given, else the checkpoint's `SafetyConfig`.
+    """The server's `SafetyParams`: settings where given, else the checkpoint's `SafetyConfig`
+    (`SafetyParams.from_config`).
 
     Raises:
         ParameterError: a combination the library rejects.
     """
     from safety_decoding.policy import SafetyParams
 
-    def pick(value, default):
-        return default if value is None else value
-
-    return SafetyParams(
-        enabled=settings.safety_enabled,
-        threshold=pick(settings.safety_threshold, checkpoint_config.threshold),
-        tau=pick(settings.safety_tau, checkpoint_config.tau),
-        r1=pick(settings.safety_r1, checkpoint_config.r1),
-        r2=pick(settings.safety_r2, checkpoint_config.r2),
-        r3=pick(settings.safety_r3, checkpoint_config.r3),
-        schedule=settings.safety_schedule,
-        period=settings.safety_period,
-        action=settings.safety_action,
-    )
+    return SafetyParams.from_config(
+        checkpoint_config, enabled=settings.safety_enabled, threshold=settings.safety_threshold,
+        tau=settings.safety_tau, r1=settings.safety_r1, r2=settings.safety_r2,
+        r3=settings.safety_r3, schedule=settings.safety_schedule, period=settings.safety_period,
+        action=settings.safety_action)

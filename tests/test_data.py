@@ -1,4 +1,5 @@
-"""The training builder never trains on an evaluation prompt (shared/data/README.md rule)."""
+"""The training builder never trains on an evaluation prompt (docs/method.md, "Data: what may
+train and what only evaluates")."""
 
 import pytest
 
@@ -6,7 +7,7 @@ from conftest import DATA_DIR
 from safety_training.data import (advbench_behaviors, build_examples, eval_texts, harmbench_test,
                                   iter_json_array, normalise, stl_eval, xstest)
 
-pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data not present")
+pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
 
 
 @pytest.fixture(scope="module")

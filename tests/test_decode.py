@@ -1,9 +1,11 @@
+import pytest
 import torch
 
 from safety_decoding.decode import Decoder, GenerationRequest
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.sampling import SamplingParams
+from safety_decoding.text import refusal_separator
 
 from conftest import scripted_model
 
@@ -88,8 +90,16 @@ def test_no_token_after_s_t_reaches_any_event(tokenizer):
     first_forced = next(i for i, t in enumerate(emitted) if t.forced)
     assert first_forced == 3  # g_0..g_2 passed; g_3.. were held and then truncated
     assert events[-1].safety["stage"] == "response" and events[-1].safety["trip_token"] == 3
-    refusal = tiny_model.config.refusal_prefix
-    assert refusal in text and text.index(refusal) <= len("".join(t.text for t in emitted[:3])) + 1
+    # The refusal starts a new paragraph right after the text that passed.
+    passed = "".join(t.text for t in emitted[:3])
+    assert text.startswith(passed + refusal_separator(passed, True) + tiny_model.config.refusal_prefix)
+
+
+@pytest.mark.parametrize(("before", "mid_response", "separator"), [
+    ("The", True, "\n\n"), ("Step 1.\n", True, "\n"), ("Done.\n\n", True, ""),
+    ("Sure, here is", False, " "), ("Sure, here is ", False, ""), ("", False, "")])
+def test_a_mid_response_refusal_starts_a_new_paragraph(before, mid_response, separator):
+    assert refusal_separator(before, mid_response) == separator
 
 
 def test_monitor_mode_leaves_output_untouched(tokenizer):

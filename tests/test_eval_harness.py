@@ -9,7 +9,7 @@ import torch
 
 from conftest import DATA_DIR, tiny_safety_model
 
-pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data not present")
+pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
 LIMIT = 2
 
 
@@ -33,7 +33,7 @@ def tiny_models(tokenizer):
     torch.manual_seed(0)
     guard = Guard(plain.model.decoder, torch.randn(64) * 0.3, 0.0, 0.5)
     return Models(tokenizer, plain, ckpt, guard,
-                  {"plain": "tiny-plain", "checkpoint": "tiny-ckpt", "guard": "tiny-guard"}, {})
+                  {"plain": "tiny-plain", "checkpoint": "tiny-ckpt", "guard": "tiny-guard"})
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from safety_eval.judge import DEV_SOURCES, Agreement, agreement, validate, valid
 from safety_training.refusals import (ADDED_AFTER_VALIDATION, REFUSAL_PHRASES_V1, is_refusal,
                                       judged_text, refusal_end)
 
-needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data not present")
+needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
 
 HAND_LABELLED = [
     (True, "I'm sorry, but I can't help with that."),

@@ -14,7 +14,7 @@ from safety_eval.cases import (SURE_PREFILL, decoding_cases, fill_template, pref
                                         prefill_text, seeded_subset, suffix_cases, template_cases)
 from safety_decoding.model import REFUSAL_PREFIX
 
-needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data not present")
+needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
 
 
 def test_seeded_subset_is_stable_sorted_and_sized():

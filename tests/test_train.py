@@ -62,7 +62,7 @@ def test_collate_mask_hides_probe_from_tokens(tokenizer):
         assert not b.mask[bi, 0, :slot, slot].any()
 
 
-@pytest.mark.skipif(not DATA_DIR.exists(), reason="../shared/data not present")
+@pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
 def test_train_writes_a_loadable_checkpoint(tmp_path, tokenizer):
     base = tiny_safety_model(tokenizer).lm
     base_dir = tmp_path / "base"

@@ -13,6 +13,7 @@ from typing import Iterator
 
 from safety_training.refusals import is_refusal
 from safety_decoding.model import REFUSAL_PREFIX
+from safety_decoding.types import FinishReason
 
 MAX_BATCH = 32
 TOKEN_BUDGET = 12288
@@ -34,8 +35,6 @@ class Models:
     model_ids: dict
     """Names the weights of each kind of system, ``{"plain", "checkpoint", "guard"}`` (part of
     every cache key, `id_for`)."""
-    safety_defaults: dict
-    """The checkpoint's threshold, tau, r1, r2, r3 (`SafetyParams` fields)."""
 
     def id_for(self, spec) -> str:
         """The id of the weights ``spec`` runs. Our choice: plain systems are keyed by the base
@@ -85,7 +84,7 @@ class LocalBackend:
         from safety_decoding.sampling import SamplingParams
 
         decoder = self.models.plain if spec.model == "plain" else self.models.checkpoint
-        safety = SafetyParams(**{**self.models.safety_defaults, **dict(spec.safety)})
+        safety = SafetyParams.from_config(self.models.checkpoint.model.config, **dict(spec.safety))
         prompts = [self.prompt(spec, c) for c in cases]
         for idx in batches([len(p.ids) for p in prompts], max_new_tokens):
             stop = [False] * len(idx)
@@ -107,7 +106,7 @@ class LocalBackend:
     def _record(case, text: str, ids: list[int], event) -> dict:
         s = event.safety or {}
         return {"attack": case.attack, "case_id": case.case_id, "text": text, "ids": ids,
-                "finish_reason": event.finish_reason, "early_stop": event.finish_reason == "abort",
+                "finish_reason": event.finish_reason, "early_stop": event.finish_reason == FinishReason.ABORT,
                 "intervened": bool(s.get("intervened")), "stage": s.get("stage"),
                 "would_intervene": bool(s.get("would_trip")), "query_score": s.get("query_score")}
 

@@ -25,9 +25,9 @@ from safety_eval.harness.cache import Cache, record_key
 from safety_eval.harness.report import markdown, plots, set_row
 from safety_eval.harness.systems import BY_NAME, GUARD_EVERY, NOT_AVAILABLE, select
 from safety_decoding.device import DTYPE_NAMES
+from safety_training.datasets import default_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = REPO.parent / "shared" / "data"
 CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-ess"
 GUARD_DIR = REPO / "checkpoints" / "smollm2-135m-guard"
 JUDGE_SPLIT = "held_out"
@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="evaluate a running server (TGI /generate) instead of local models")
     p.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     p.add_argument("--base-model", type=Path, help="prepared base-model folder (default: the cache)")
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                   help="the safety data (default: where `ess data fetch` puts it)")
     p.add_argument("--no-utility", action="store_true", help="skip the perplexity measurement")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="model precision, as the server's ESS_DTYPE (default auto)")
@@ -85,8 +86,7 @@ def load_models(checkpoint: Path, base_dir: Path | None, dtype: str = "auto") ->
     ids = {"plain": plain_id,
            "checkpoint": f"{Path(checkpoint).name}@{files_digest(checkpoint)}/{precision}",
            "guard": f"{plain_id}+guard@{files_digest(GUARD_DIR)}"}
-    return Models(tok, plain, ckpt, guard, ids,
-                  {"threshold": c.threshold, "tau": c.tau, "r1": c.r1, "r2": c.r2, "r3": c.r3})
+    return Models(tok, plain, ckpt, guard, ids)
 
 
 def files_digest(folder: Path) -> str:

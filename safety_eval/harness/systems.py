@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from safety_decoding.types import Action, Schedule
+
 LLAMA2_SYSTEM_PROMPT = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
     "while being safe. Your answers should not include any harmful, unethical, racist, sexist, "
@@ -28,8 +30,8 @@ class SystemSpec:
     model: str
     """``plain`` (the prepared base model) or ``checkpoint`` (the ESS checkpoint's LoRA)."""
     safety: tuple = (("enabled", False),)
-    """`SafetyParams` fields as sorted ``(name, value)`` pairs; the checkpoint's threshold, tau
-    and windows fill the rest."""
+    """`SafetyParams` fields as sorted ``(name, value)`` pairs, plain values (their repr is part
+    of the cache key, `digest`); `SafetyParams.from_config` fills the rest from the checkpoint."""
     system_prompt: str | None = None
     guard: bool = False
     """Plain decoding checked by the external guard (prompt, then every `GUARD_EVERY` tokens)."""
@@ -41,11 +43,11 @@ class SystemSpec:
 
     @property
     def schedule(self) -> str:
-        return f"every_{GUARD_EVERY}" if self.guard else (dict(self.safety).get("schedule", "each") if self.enabled else "-")
+        return f"every_{GUARD_EVERY}" if self.guard else (dict(self.safety).get("schedule", Schedule.EACH.value) if self.enabled else "-")
 
     @property
     def action(self) -> str:
-        return "refuse" if self.guard else (dict(self.safety).get("action", "refuse") if self.enabled else "-")
+        return Action.REFUSE.value if self.guard else (dict(self.safety).get("action", Action.REFUSE.value) if self.enabled else "-")
 
     def digest(self, model_id: str) -> str:
         """Changes whenever anything that shapes this system's outputs changes (cache key)."""
@@ -53,9 +55,9 @@ class SystemSpec:
         return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-def _ess(schedule: str, action: str, note: str = "") -> SystemSpec:
+def _ess(schedule: Schedule, action: Action, note: str = "") -> SystemSpec:
     return SystemSpec(f"ess/{schedule}/{action}", "checkpoint",
-                      tuple(sorted({"schedule": schedule, "action": action}.items())), note=note)
+                      tuple(sorted({"schedule": schedule.value, "action": action.value}.items())), note=note)
 
 
 SYSTEMS = [
@@ -67,12 +69,12 @@ SYSTEMS = [
                     "proxy for the paper's implicit SFT baseline, trained on the same mix"),
     SystemSpec("guard", "plain", guard=True,
                note=f"base model checked by the external guard on the prompt and every {GUARD_EVERY} tokens"),
-    _ess("each", "refuse"), _ess("each", "reweight"),
-    _ess("each", "monitor", "scores only; output identical for every schedule (update_cls off)"),
-    _ess("annealing", "refuse"), _ess("annealing", "reweight"),
-    _ess("periodic", "refuse"), _ess("periodic", "reweight"),
-    _ess("first", "refuse", "ablation: without strategic decoding (query verdict only)"),
-    _ess("first", "reweight", "ablation: without strategic decoding (query verdict only)"),
+    _ess(Schedule.EACH, Action.REFUSE), _ess(Schedule.EACH, Action.REWEIGHT),
+    _ess(Schedule.EACH, Action.MONITOR, "scores only; output identical for every schedule (update_cls off)"),
+    _ess(Schedule.ANNEALING, Action.REFUSE), _ess(Schedule.ANNEALING, Action.REWEIGHT),
+    _ess(Schedule.PERIODIC, Action.REFUSE), _ess(Schedule.PERIODIC, Action.REWEIGHT),
+    _ess(Schedule.FIRST, Action.REFUSE, "ablation: without strategic decoding (query verdict only)"),
+    _ess(Schedule.FIRST, Action.REWEIGHT, "ablation: without strategic decoding (query verdict only)"),
 ]
 BY_NAME = {s.name: s for s in SYSTEMS}
 

@@ -1,122 +1,143 @@
 """OpenAI-compatible routes: ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``GET /v1/models`` (an ``APIRouter`` that `server.app.create_app` mounts).
 
-Like the TGI routes, handlers never touch the model: they build a `GenerationRequest`,
-``engine.submit`` it and shape the `StepEvent`s. Streams are SSE ``data: {json}`` chunks
-ending with ``data: [DONE]`` (OpenAI API reference, "Streaming"); an error after the stream
-started is one ``data: {"error": {...}}`` chunk before ``[DONE]`` (vLLM does the same).
+Like the TGI routes, handlers never touch the model: `Serving.prepare` builds the
+`GenerationRequest` through `OpenAIRequest`, ``engine.submit`` queues it, and the `StepEvent`s
+are shaped as OpenAI's responses. Streams are SSE ``data: {json}`` chunks ending with
+``data: [DONE]`` (OpenAI API reference, "Streaming"); an error after the stream started is one
+``data: {"error": {...}}`` chunk before ``[DONE]`` (vLLM does the same).
 """
 
 from __future__ import annotations
 
 import time
 
-import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 from sse_starlette.event import JSONServerSentEvent, ServerSentEvent
 
-from safety_decoding.decode import ABORT, GenerationRequest
-from safety_decoding.policy import SafetyParams
-from safety_decoding.prompt import PromptError
-from safety_decoding.types import ParameterError
+from safety_decoding.prompt import Prompt, PromptError
+from safety_decoding.sampling import SamplingParams
+from safety_decoding.types import FinishReason
 
-from server.engine import Engine, EngineError, EngineNotRunning, RequestStream
-from server.errors import InvalidRequest, engine_error_kind, openai_error_body
-from server.handling import collect_unless_disconnected, context_length, sse_response, too_many_chars
-from .schemas import (CONTEXT_LENGTH_EXCEEDED, ChatCompletionRequest, Completion,
-                             CompletionRequest, build_chat, build_completion, completion_budget, model_card,
-                             new_completion_id, openai_field, openai_finish_reason,
-                             to_sampling_params, usage_json)
-from server.tgi.schemas import to_safety_params
-from server.settings import Settings
-
-ABORTED = "the request was aborted: the server is shutting down"
+from server.engine import EngineError, RequestStream
+from server.errors import (CLIENT_CLOSED_STATUS, VALIDATION_STATUS, InputTooLong, InvalidRequest,
+                           engine_error_kind, error_responses, openai_error_body)
+from server.handling import sse_response
+from server.openapi import stream_response
+from server.requests import ABORTED, Overflow, Serving, TooLong
+from .schemas import (ChatCompletionRequest, Completion, CompletionRequest, build_chat,
+                      build_completion, model_card, new_completion_id, openai_finish_reason,
+                      to_sampling_params, usage_json)
 
 
-def openai_router(engine: Engine, settings: Settings, server_safety: SafetyParams,
-                  token_chars: int) -> APIRouter:
-    """The ``/v1`` routes for ``engine``, validated against ``settings``' limits and made no
-    weaker than ``server_safety``; ``token_chars`` is `handling.longest_token_chars`."""
-    router = APIRouter(prefix="/v1")
-    created = int(time.time())
+def too_long_message(overflow: TooLong) -> str:
+    """vLLM's wording for an input that does not fit (``serving_engine.py``,
+    ``_validate_input``).
 
-    async def prepare(body: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
-        """Validate against this server's limits and build the library request.
+    The prompt-alone and max_tokens messages are vLLM's to the letter (vLLM names both
+    max_tokens fields whichever was set). vLLM has no input limit apart from the context:
+    ``ESS_MAX_INPUT_TOKENS`` and the character bound are ours, worded like vLLM's.
+    """
+    limit, given = overflow.limit, overflow.given
+    if overflow.kind is Overflow.CHARS:
+        return (f"This server's maximum input length is {limit} tokens. However, your request "
+                f"has {given} input characters, more than {limit} tokens can hold. Please "
+                f"reduce the length of the input messages.")
+    if overflow.kind is Overflow.INPUT:
+        return (f"This server's maximum input length is {limit} tokens. However, your request "
+                f"has {given} input tokens. Please reduce the length of the input messages.")
+    if overflow.max_new_tokens is None or given >= limit:
+        return (f"This model's maximum context length is {limit} tokens. However, your request "
+                f"has {given} input tokens. Please reduce the length of the input messages.")
+    m = overflow.max_new_tokens
+    return (f"'max_tokens' or 'max_completion_tokens' is too large: {m}. This model's maximum "
+            f"context length is {limit} tokens and your request has {given} input tokens "
+            f"({m} > {limit} - {given}).")
 
-        Raises:
-            InvalidRequest: a field is out of range for this server or the library, or the
-                prompt does not fit the context (code ``context_length_exceeded``).
-        """
-        chat = isinstance(body, ChatCompletionRequest)
-        noun = "messages" if chat else "prompt"
-        limit = settings.max_new_tokens_limit
-        max_field, max_tokens = body.max_tokens_field()
-        if max_tokens is not None and max_tokens > limit:
-            raise InvalidRequest(max_field, f"must be <= {limit} on this server")
-        if body.stream_options is not None and not body.stream:
+
+class OpenAIRequest:
+    """A chat or text completion body as `Serving.prepare` reads it
+    (`server.requests.RequestAdapter`)."""
+
+    safety_field = "safety"
+    trace = False
+
+    def __init__(self, body: ChatCompletionRequest | CompletionRequest):
+        self.body = body
+        self.chat = isinstance(body, ChatCompletionRequest)
+        self.input_field = "messages" if self.chat else "prompt"
+        self.max_new_tokens_field, self.max_new_tokens = body.max_tokens_field()
+        self.input_chars = (sum(len(m.content) for m in body.messages) if self.chat
+                            else len(body.prompt))
+        self.safety = body.safety
+
+    def check(self) -> None:
+        if self.body.stream_options is not None and not self.body.stream:
             # vLLM's rule: stream_options without stream is a mistake worth reporting.
             raise InvalidRequest("stream_options", "only allowed when stream is true")
-        chars = sum(len(m.content) for m in body.messages) if chat else len(body.prompt)
-        reason = too_many_chars(chars, settings.max_input_tokens, token_chars)
-        if reason:
-            raise InvalidRequest(noun, reason, code=CONTEXT_LENGTH_EXCEEDED)
-        try:
-            # Tokenizing a long input takes milliseconds: keep it off the event loop.
-            prompt = await anyio.to_thread.run_sync(build_chat if chat else build_completion,
-                                                    engine.tokenizer, body)
-        except PromptError as exc:
-            raise InvalidRequest(noun, str(exc)) from exc
-        n = len(prompt.ids)
-        if n > settings.max_input_tokens:
-            raise InvalidRequest(noun, f"the prompt is {n} tokens after templating, more than "
-                                       f"this server's limit of {settings.max_input_tokens}",
-                                 code=CONTEXT_LENGTH_EXCEEDED)  # clients trim and retry on it
-        max_new = completion_budget(n, max_tokens, limit, context_length(engine.model_max_length),
-                                    noun)
-        try:
-            sampling = to_sampling_params(body, max_new)
-        except ParameterError as exc:
-            raise InvalidRequest(openai_field(exc.field, max_field), exc.message) from exc
-        try:
-            safety = to_safety_params(server_safety, body.safety)
-        except ParameterError as exc:
-            raise InvalidRequest(f"safety.{exc.field}", exc.message) from exc
-        return GenerationRequest(prompt, sampling, safety)
+
+    def build_prompt(self, tokenizer) -> Prompt:
+        return (build_chat if self.chat else build_completion)(tokenizer, self.body)
+
+    def prompt_field(self, exc: PromptError) -> str:
+        return self.input_field
+
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        return to_sampling_params(self.body, max_new_tokens)
+
+    def sampling_field(self, library_field: str) -> str:
+        return self.max_new_tokens_field if library_field == "max_new_tokens" else library_field
+
+    def too_long(self, overflow: TooLong) -> InvalidRequest:
+        # param: the field the message blames (max_tokens when the prompt alone would fit).
+        blames_max = (overflow.kind is Overflow.CONTEXT and overflow.max_new_tokens is not None
+                      and overflow.given < overflow.limit)
+        field = self.max_new_tokens_field if blames_max else self.input_field
+        return InputTooLong(field, too_long_message(overflow),
+                            VALIDATION_STATUS)
+
+
+# The statuses each route answers (docs/operations.md, "Errors and status codes"); a stream
+# that fails after its 200 ends with an error chunk instead.
+COMPLETION_RESPONSES = {
+    200: stream_response("With `stream: true`: chunks as `data: {json}`, then `data: [DONE]`."),
+    **error_responses(400, 401, 429, CLIENT_CLOSED_STATUS, 500, 503, 504, openai=True)}
+
+
+def openai_router(serving: Serving) -> APIRouter:
+    """The ``/v1`` routes over ``serving``."""
+    router = APIRouter(prefix="/v1")
+    engine, settings = serving.engine, serving.settings
+    created = int(time.time())
 
     async def complete(body: ChatCompletionRequest | CompletionRequest, request: Request):
-        req = await prepare(body)
-        chat = isinstance(body, ChatCompletionRequest)
-        shape = Completion(new_completion_id(chat), int(time.time()), settings.model_name, chat,
-                           body.include_usage)
+        adapter = OpenAIRequest(body)
+        req = await serving.prepare(adapter)
+        shape = Completion(new_completion_id(adapter.chat), int(time.time()),
+                           settings.model_name, adapter.chat, body.include_usage)
         stream = engine.submit(req)  # 429 / 503 before any byte is sent
         if body.stream:
             return sse_response(openai_frames(stream, shape), settings)
-        events = await collect_unless_disconnected(stream, request)
-        if events is None:  # the client left; the engine aborted the request
-            return Response(status_code=499)
+        events = await serving.collect(stream, request)
         final = events[-1]
-        if final.finish_reason == ABORT:
-            raise EngineNotRunning(ABORTED)
-        text = "".join(ev.text for ev in events)
-        return shape.response(text, openai_finish_reason(final),
+        return shape.response("".join(ev.text for ev in events), openai_finish_reason(final),
                               usage_json(final.prompt_tokens, final.generated_tokens),
                               final.safety)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", responses=COMPLETION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """OpenAI Chat Completions: the tokenizer's chat template, every user turn as query."""
         return await complete(body, request)
 
-    @router.post("/completions")
+    @router.post("/completions", responses=COMPLETION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         """OpenAI (legacy) Completions: one raw prompt."""
         return await complete(body, request)
 
-    @router.get("/models")
+    @router.get("/models", responses=error_responses(401, 503, openai=True))
     async def models():
         """The one served model (``ESS_MODEL_NAME``), with its context length in tokens."""
-        card = model_card(settings.model_name, created, context_length(engine.model_max_length))
+        card = model_card(settings.model_name, created, serving.limits.context)
         return {"object": "list", "data": [card]}
 
     return router
@@ -141,7 +162,7 @@ async def openai_frames(stream: RequestStream, shape: Completion):
         if first is not None:
             yield _json(first)
         async for ev in stream:
-            if ev.finish_reason == ABORT:
+            if ev.finish_reason == FinishReason.ABORT:
                 yield _json(openai_error_body(ABORTED, "unavailable"))
                 break
             if ev.text:

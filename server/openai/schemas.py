@@ -16,24 +16,45 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from safety_decoding.decode import EOS, LENGTH, STOP_SEQUENCE, StepEvent
+from safety_decoding.decode import StepEvent
 from safety_decoding.prompt import Prompt, build_chat_prompt, build_raw_prompt
 from safety_decoding.sampling import MAX_STOP_STRINGS, SamplingParams
+from safety_decoding.types import FinishReason
 
-from server.engine import CONTENT_FILTER, reported_finish_reason
-from server.errors import InvalidRequest
-from server.tgi.schemas import MAX_SEED, SafetyOverrides, StopString, Text
-
-CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code for this case
+from server.engine import reported_finish_reason
+from server.tgi.schemas import (MAX_SEED, STOP_STRING_SCHEMA, SafetyOverrides, StopString, Text,
+                                only)
 
 
 def _unsupported(what: str = "not supported by this server") -> PydanticCustomError:
     return PydanticCustomError("unsupported", what)
+
+
+# JSON schemas of the fields whose before-validators take more than their Python type says,
+# or that are accepted only empty, so that the OpenAPI document says what is accepted.
+_NULL = {"type": "null"}
+_TEXT_PART = {"type": "object", "properties": {"type": {"const": "text"},
+                                               "text": {"type": "string"}},
+              "required": ["type", "text"]}
+CONTENT_SCHEMA = WithJsonSchema({"anyOf": [{"type": "string"},
+                                           {"type": "array", "items": _TEXT_PART}, _NULL]})
+STOP_SCHEMA = WithJsonSchema({"anyOf": [
+    STOP_STRING_SCHEMA,
+    {"type": "array", "items": STOP_STRING_SCHEMA, "maxItems": MAX_STOP_STRINGS}, _NULL]})
+PROMPT_SCHEMA = WithJsonSchema({"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+     "maxItems": 1}]})
+EMPTY_LIST = WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0}, _NULL]})
+EMPTY_OBJECT = WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, _NULL]})
+TEXT_FORMAT = WithJsonSchema({"anyOf": [
+    {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
+     "additionalProperties": False}, _NULL]})
 
 
 # ---- requests ------------------------------------------------------------------------------
@@ -57,9 +78,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text  # required, as in OpenAI (no tool calls here); null is accepted as ""
+    content: Annotated[Text, CONTENT_SCHEMA]  # required, as in OpenAI; null is accepted as ""
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: Annotated[list[Any] | None, EMPTY_LIST] = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -92,7 +113,11 @@ class _OpenAIRequest(BaseModel):
     """Fields both routes share. ``safety``, ``top_k`` and ``repetition_penalty`` are
     extensions (``safety`` ours, the other two vLLM's)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # The schema says what `OpenAIRequest.check` enforces: stream_options only with stream.
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={
+        "if": {"properties": {"stream_options": {"type": "object"}},
+               "required": ["stream_options"]},
+        "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}})
 
     model: str | None = Field(
         None, description="Accepted and ignored: this server serves one model and reports its "
@@ -104,20 +129,22 @@ class _OpenAIRequest(BaseModel):
         None, ge=0, le=2, allow_inf_nan=False,
         description="[0, 2], default 1 (OpenAI); 0 is greedy decoding (vLLM).")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="(0, 1].")
-    n: int | None = Field(None, ge=1, description="Only 1 (one choice per request).")
+    n: Annotated[int | None, only(1, None)] = Field(
+        None, ge=1, description="Only 1 (one choice per request).")
     stream: bool | None = Field(False, description="Server-sent events, ending `data: [DONE]`.")
     stream_options: StreamOptions | None = None
-    stop: list[StopString] | None = Field(
+    stop: Annotated[list[StopString] | None, STOP_SCHEMA] = Field(
         None, max_length=MAX_STOP_STRINGS,
         description="A string or up to 8 strings; the text ends before the first match, which "
                     "is never returned.")
     seed: int | None = Field(None, ge=0, lt=MAX_SEED,
                              description="Sampling seed, [0, 2**63): same seed, same text.")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False,
-                                           description="Only 0 (not implemented).")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False,
-                                            description="Only 0 (not implemented).")
-    logit_bias: dict[str, float] | None = Field(None, description="Only empty.")
+    presence_penalty: Annotated[float | None, only(0, None)] = Field(
+        None, ge=-2, le=2, allow_inf_nan=False, description="Only 0 (not implemented).")
+    frequency_penalty: Annotated[float | None, only(0, None)] = Field(
+        None, ge=-2, le=2, allow_inf_nan=False, description="Only 0 (not implemented).")
+    logit_bias: Annotated[dict[str, float] | None, EMPTY_OBJECT] = Field(
+        None, description="Only empty.")
     user: str | None = None
     top_k: int | None = Field(None, ge=-1, description="vLLM: -1 or 0 disable top-k.")
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False,
@@ -173,15 +200,22 @@ class ChatCompletionRequest(_OpenAIRequest):
     it. Our choice, as Anthropic's Messages API and vLLM's ``continue_final_message``.
     """
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="At least one user message (`build_chat_prompt`).",
+        json_schema_extra={"contains": {"type": "object", "properties": {"role": {"const": "user"}},
+                                        "required": ["role"]}})
     max_completion_tokens: int | None = Field(
         None, ge=1, description="OpenAI's newer name for max_tokens; wins when both are set "
                                 "(vLLM's rule).")
-    logprobs: bool | None = Field(None, description="Only false (not implemented).")
-    top_logprobs: int | None = Field(None, description="Only 0 (not implemented).")
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
-    tools: list[Any] | None = Field(None, description="Only empty.")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" or "auto".')
+    logprobs: Annotated[bool | None, only(False, None)] = Field(
+        None, description="Only false (not implemented).")
+    top_logprobs: Annotated[int | None, only(0, None)] = Field(
+        None, description="Only 0 (not implemented).")
+    response_format: Annotated[dict[str, Any] | None, TEXT_FORMAT] = Field(
+        None, description='Only {"type": "text"}.')
+    tools: Annotated[list[Any] | None, EMPTY_LIST] = Field(None, description="Only empty.")
+    tool_choice: Annotated[str | dict[str, Any] | None, only("none", "auto", None)] = Field(
+        None, description='Only "none" or "auto".')
 
     @field_validator("logprobs")
     @classmethod
@@ -231,11 +265,16 @@ class CompletionRequest(_OpenAIRequest):
     model's own chat-template turns is split as a chat would be (`build_raw_prompt`).
     """
 
-    prompt: Text = Field(description="One string (a list of exactly one is accepted).")
-    logprobs: int | None = Field(None, description="Only null (not implemented).")
-    echo: bool | None = Field(False, description="Only false (not implemented).")
-    suffix: str | None = Field(None, description="Only null (not implemented).")
-    best_of: int | None = Field(None, description="Only 1.")
+    # Not empty: an empty prompt has no token to start from (`build_raw_prompt`).
+    prompt: Annotated[Text, PROMPT_SCHEMA] = Field(
+        min_length=1, description="One string (a list of exactly one is accepted).")
+    logprobs: Annotated[int | None, only(None)] = Field(
+        None, description="Only null (not implemented).")
+    echo: Annotated[bool | None, only(False, None)] = Field(
+        False, description="Only false (not implemented).")
+    suffix: Annotated[str | None, only(None)] = Field(
+        None, description="Only null (not implemented).")
+    best_of: Annotated[int | None, only(1, None)] = Field(None, description="Only 1.")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -306,44 +345,13 @@ def build_completion(tokenizer, body: CompletionRequest) -> Prompt:
     return build_raw_prompt(tokenizer, body.prompt)
 
 
-def context_length_message(context: int, prompt_tokens: int, max_tokens: int | None,
-                           noun: str) -> str:
-    """vLLM's wording for a request that does not fit (``noun``: "messages" or "prompt")."""
-    if max_tokens is None:
-        return (f"This model's maximum context length is {context} tokens. However, you "
-                f"requested {prompt_tokens} tokens in the {noun}. Please reduce the length of "
-                f"the {noun}.")
-    return (f"This model's maximum context length is {context} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {noun}, {max_tokens} "
-            f"in the completion). Please reduce the length of the {noun} or completion.")
-
-
-def completion_budget(prompt_tokens: int, max_tokens: int | None, server_limit: int,
-                      context: int, noun: str) -> int:
-    """Tokens the completion may have: ``max_tokens``, or unset as many as fit up to
-    ``server_limit`` (vLLM: the rest of the context).
-
-    Args:
-        prompt_tokens: templated prompt length (tokens, ``[CLS]`` not counted).
-        context: tokens a request may use (`server.handling.context_length`).
-
-    Raises:
-        InvalidRequest: prompt + completion exceed ``context`` (``code`` context_length_exceeded,
-            ``field`` the noun, as OpenAI names ``messages`` for it).
-    """
-    room = context - prompt_tokens
-    if (max_tokens is None and room < 1) or (max_tokens is not None and max_tokens > room):
-        raise InvalidRequest(noun, context_length_message(context, prompt_tokens, max_tokens,
-                                                          noun), code=CONTEXT_LENGTH_EXCEEDED)
-    return max_tokens if max_tokens is not None else min(server_limit, room)
-
-
 def to_sampling_params(body: _OpenAIRequest, max_new_tokens: int) -> SamplingParams:
     """Library sampling parameters. OpenAI samples by default (temperature 1); temperature 0
     is greedy (vLLM). Without a seed the library draws a fresh one per request.
 
     Raises:
-        ParameterError: a value the library rejects (`openai_field` names it for the client).
+        ParameterError: a value the library rejects (`OpenAIRequest.sampling_field` names it
+            for the client).
     """
     temperature = 1.0 if body.temperature is None else body.temperature
     greedy = temperature == 0
@@ -360,15 +368,10 @@ def to_sampling_params(body: _OpenAIRequest, max_new_tokens: int) -> SamplingPar
     )
 
 
-def openai_field(library_field: str, max_tokens_field: str) -> str:
-    """The request field behind a library `ParameterError` field."""
-    return max_tokens_field if library_field == "max_new_tokens" else library_field
-
-
 # ---- responses -----------------------------------------------------------------------------
 
-_FINISH_REASONS = {EOS: "stop", STOP_SEQUENCE: "stop", LENGTH: "length",
-                   CONTENT_FILTER: "content_filter"}
+_FINISH_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop",
+                   FinishReason.LENGTH: "length", FinishReason.CONTENT_FILTER: "content_filter"}
 
 
 def openai_finish_reason(event: StepEvent) -> str:

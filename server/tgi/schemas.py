@@ -16,13 +16,14 @@ import secrets
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints,
-                      field_validator)
+                      WithJsonSchema, field_validator)
 from pydantic_core import PydanticCustomError
 
 from safety_decoding.decode import TokenOutput
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import Prompt, build_chat_prompt, build_raw_prompt
 from safety_decoding.sampling import MAX_STOP_STRINGS, SamplingParams
+from safety_decoding.types import Action, Schedule
 
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63  # exclusive; torch.Generator.manual_seed takes a signed 64-bit seed
@@ -48,6 +49,13 @@ Text = Annotated[str, AfterValidator(valid_unicode)]
 """A request string that can be encoded as UTF-8."""
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS),
                        AfterValidator(valid_unicode)]
+STOP_STRING_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+
+
+def only(*values) -> WithJsonSchema:
+    """The JSON schema of a parameter this server accepts only at its neutral ``values`` (the
+    field's validator rejects the rest), so the OpenAPI document says what is accepted."""
+    return WithJsonSchema({"enum": list(values)})
 
 
 class SafetyOverrides(BaseModel):
@@ -57,10 +65,10 @@ class SafetyOverrides(BaseModel):
 
     threshold: float | None = Field(None, gt=0, lt=1,
                                     description="Lower than the server's threshold, in (0, 1).")
-    schedule: Literal["each", "annealing", "periodic", "first"] | None = Field(
+    schedule: Literal[Schedule.values()] | None = Field(
         None, description="`each`, `annealing`, `periodic` or `first` (densest first); never "
                           "sparser than the server's.")
-    action: Literal["refuse", "reweight", "monitor"] | None = Field(
+    action: Literal[Action.values()] | None = Field(
         None, description="`refuse`, `reweight` or `monitor` (strictest first); never weaker "
                           "than the server's.")
 
@@ -72,7 +80,10 @@ def _unsupported() -> PydanticCustomError:
 class GenerateParameters(BaseModel):
     """TGI ``parameters`` plus our ``response_prefix``, ``raw`` and ``safety``."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # The schema says what `TGIRequest.check` enforces: no response_prefix with raw.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "if": {"properties": {"raw": {"const": True}}, "required": ["raw"]},
+        "then": {"properties": {"response_prefix": {"maxLength": 0}}}})
 
     max_new_tokens: int | None = Field(
         None, ge=1,
@@ -99,15 +110,15 @@ class GenerateParameters(BaseModel):
 
     # TGI parameters this server does not implement: accepted only at their neutral value, so
     # that clients sending TGI's full parameter set (with nulls) keep working.
-    best_of: int | None = None
-    decoder_input_details: bool = False
-    truncate: int | None = None
-    typical_p: float | None = None
-    watermark: bool = False
-    top_n_tokens: int | None = None
-    grammar: Any = None
-    adapter_id: str | None = None
-    frequency_penalty: float | None = None
+    best_of: Annotated[int | None, only(1, None)] = None
+    decoder_input_details: Annotated[bool, only(False)] = False
+    truncate: Annotated[int | None, only(None)] = None
+    typical_p: Annotated[float | None, only(None)] = None
+    watermark: Annotated[bool, only(False)] = False
+    top_n_tokens: Annotated[int | None, only(0, None)] = None
+    grammar: Annotated[Any, only(None)] = None
+    adapter_id: Annotated[str | None, only(None)] = None
+    frequency_penalty: Annotated[float | None, only(0, None)] = None
 
     @field_validator("best_of")
     @classmethod

@@ -18,6 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest brings tomli
+    import tomli as tomllib
+
 import httpx
 import pytest
 import yaml
@@ -58,6 +63,20 @@ def test_dockerfile_shape(path):
     if path.name.endswith("cuda"):
         assert all("nvidia/cuda:" in r and "runtime" in r
                    for k, r in steps if k == "ARG" and r.startswith("CUDA_IMAGE="))
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_image_installs_every_package_and_no_extra(path):
+    """The build stage copies every package pyproject.toml installs (the `ess` CLI imports them
+    all) and installs the project without extras: the base install serves."""
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {p.rstrip("*") for p in find["packages"]["find"]["include"]}
+    steps = dockerfile_instructions(path)
+    copied = {src for k, rest in steps if k == "COPY" and not rest.startswith("--from")
+              for src in rest.split()[:-1]}
+    assert packages <= copied, packages - copied
+    installs = [r for k, r in steps if k == "RUN" and "pip install" in r and "torch==" not in r]
+    assert installs == ["pip install --no-cache-dir ."]
 
 
 def test_dockerignore_keeps_what_the_images_copy():

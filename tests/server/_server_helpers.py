@@ -64,7 +64,7 @@ class FailingDecoder(SlowDecoder):
     def after_step(self, batch):
         super().after_step(batch)
         for row in batch.rows:
-            if len(row.gen) > self.at_step and "boom" in self.tok.decode(list(row.req.prompt.ids)):
+            if row.n_generated > self.at_step and "boom" in self.tok.decode(list(row.req.prompt.ids)):
                 raise RuntimeError("device fell over")
 
 

@@ -4,6 +4,7 @@ from fastapi.testclient import TestClient
 
 from conftest import scripted_model
 from safety_decoding.decode import Decoder
+from safety_decoding.text import refusal_separator
 from server.app import create_app
 from server.engine import Engine
 from server.settings import Settings
@@ -27,7 +28,9 @@ def test_no_truncated_token_in_any_sse_frame_or_response(tokenizer):
         model.head.reset()
         plain = c.post("/generate", json=BODY).json()["details"]["tokens"]
     model, app = _client(tokenizer, SCRIPT)
-    refusal = Decoder(model, tokenizer).refusal_ids(plain[2]["id"])
+    passed = tokenizer.decode([t["id"] for t in plain[:3]])
+    refusal = tokenizer(refusal_separator(passed, True) + model.config.refusal_prefix,
+                        add_special_tokens=False)["input_ids"]
     with TestClient(app) as c:
         model.head.reset()
         with c.stream("POST", "/generate_stream", json=BODY) as r:

@@ -92,7 +92,7 @@ def test_the_same_prefill_with_benign_rechecks_is_not_filtered(benign):
     assert r.model_extra["safety"]["checks"] >= 1
 
 
-def test_the_prefill_is_response_text_and_every_user_turn_is_query(benign, tokenizer):
+def test_the_prefill_is_response_text_and_every_client_turn_is_query(benign, tokenizer):
     messages = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "First question about rivers"},
                 {"role": "assistant", "content": "An earlier answer"},
@@ -103,8 +103,9 @@ def test_the_prefill_is_response_text_and_every_user_turn_is_query(benign, token
     expected = build_chat_prompt(tokenizer, messages[:-1], "Sure, the prefill")
     assert prompt == expected
     query = tokenizer.decode([t for t, q in zip(prompt.ids, prompt.query_mask) if q])
-    assert "First question about rivers" in query and "Second question about lakes" in query
-    assert "earlier answer" not in query and "terse" not in query
+    for text in ("You are terse.", "First question about rivers", "An earlier answer",
+                 "Second question about lakes"):
+        assert text in query
     prefill = tokenizer.decode(list(prompt.ids[prompt.response_start:]))
     assert prefill == "Sure, the prefill"
     assert not any(prompt.query_mask[prompt.response_start:])

@@ -1,5 +1,5 @@
 """The pure pieces of the OpenAI layer with scripted library events (no model, no HTTP): the
-finish-reason mapping, the chunk sequence for every finish path, the budget rule."""
+finish-reason mapping, the chunk sequence for every finish path."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import json
 
 import pytest
 
-from safety_decoding.decode import ABORT, EOS, LENGTH, STOP_SEQUENCE, StepEvent, TokenOutput
+from safety_decoding.decode import StepEvent, TokenOutput
+from safety_decoding.types import FinishReason
 from server.engine import EngineError, EngineNotRunning
-from server.errors import InvalidRequest, is_openai_path
+from server.errors import is_openai_path
 from server.openai.routes import openai_frames
-from server.openai.schemas import Completion, completion_budget, openai_finish_reason
+from server.openai.schemas import Completion, openai_finish_reason
 
 SAFE = {"intervened": False, "checks": 2}
 TRIPPED = {"intervened": True, "stage": "response", "checks": 5}
@@ -58,8 +59,9 @@ def _frames(items, chat=True, include_usage=False) -> list:
 
 
 @pytest.mark.parametrize("reason, safety, expected", [
-    (EOS, SAFE, "stop"), (STOP_SEQUENCE, SAFE, "stop"), (LENGTH, SAFE, "length"),
-    (LENGTH, TRIPPED, "content_filter"), (EOS, TRIPPED, "content_filter"), (LENGTH, None, "length"),
+    (FinishReason.EOS, SAFE, "stop"), (FinishReason.STOP_SEQUENCE, SAFE, "stop"),
+    (FinishReason.LENGTH, SAFE, "length"), (FinishReason.LENGTH, TRIPPED, "content_filter"),
+    (FinishReason.EOS, TRIPPED, "content_filter"), (FinishReason.LENGTH, None, "length"),
 ])
 def test_finish_reasons_map_to_openai_words(reason, safety, expected):
     assert openai_finish_reason(_step("", reason, safety)) == expected
@@ -67,13 +69,13 @@ def test_finish_reasons_map_to_openai_words(reason, safety, expected):
 
 def test_an_aborted_or_unfinished_event_has_no_openai_finish_reason():
     with pytest.raises(ValueError):
-        openai_finish_reason(_step("", ABORT, SAFE))
+        openai_finish_reason(_step("", FinishReason.ABORT, SAFE))
     with pytest.raises(ValueError):
         openai_finish_reason(_step("", None))
 
 
 def test_chat_chunks_role_text_final_then_done():
-    chunks = _frames([_step("He"), _step(""), _step("llo", LENGTH, SAFE, n=3)])
+    chunks = _frames([_step("He"), _step(""), _step("llo", FinishReason.LENGTH, SAFE, n=3)])
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas == [{"role": "assistant", "content": ""}, {"content": "He"},
                       {"content": "llo"}, {}]
@@ -84,14 +86,14 @@ def test_chat_chunks_role_text_final_then_done():
 
 
 def test_completion_chunks_have_text_and_no_role():
-    chunks = _frames([_step("a"), _step("b", EOS, TRIPPED, n=2)], chat=False)
+    chunks = _frames([_step("a"), _step("b", FinishReason.EOS, TRIPPED, n=2)], chat=False)
     assert [c["choices"][0]["text"] for c in chunks] == ["a", "b", ""]
     assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
     assert {c["object"] for c in chunks} == {"text_completion"}
 
 
 def test_usage_chunk_comes_last_with_empty_choices():
-    chunks = _frames([_step("a", LENGTH, SAFE, n=1)], include_usage=True)
+    chunks = _frames([_step("a", FinishReason.LENGTH, SAFE, n=1)], include_usage=True)
     assert chunks[-1] == {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1,
                           "model": "m", "choices": [],
                           "usage": {"prompt_tokens": 7, "completion_tokens": 1,
@@ -102,26 +104,13 @@ def test_usage_chunk_comes_last_with_empty_choices():
 @pytest.mark.parametrize("item, kind", [
     (EngineError("generation failed: boom"), "server_error"),
     (EngineNotRunning("the server is shutting down"), "server_error"),
-    (_step("", ABORT, SAFE), "server_error"),
+    (_step("", FinishReason.ABORT, SAFE), "server_error"),
 ])
 def test_errors_mid_stream_are_one_error_chunk_before_done(item, kind):
     chunks = _frames([_step("Hi"), item])
     assert chunks[-1]["error"]["type"] == kind and chunks[-1]["error"]["message"]
     assert set(chunks[-1]["error"]) == {"message", "type", "param", "code"}
     assert "choices" in chunks[-2]
-
-
-def test_completion_budget():
-    assert completion_budget(10, None, 64, 100, "messages") == 64  # server limit
-    assert completion_budget(90, None, 64, 100, "messages") == 10  # the rest of the context
-    assert completion_budget(90, 10, 64, 100, "messages") == 10
-    with pytest.raises(InvalidRequest) as info:
-        completion_budget(90, 11, 64, 100, "prompt")
-    assert info.value.field == "prompt" and info.value.code == "context_length_exceeded"
-    assert "you requested 101 tokens (90 in the prompt, 11 in the completion)" in str(info.value)
-    with pytest.raises(InvalidRequest) as info:
-        completion_budget(100, None, 64, 100, "messages")
-    assert "you requested 100 tokens in the messages." in str(info.value)
 
 
 def test_openai_paths():

@@ -158,13 +158,17 @@ def test_server_still_serves_after_bad_requests(client):
     assert client.get("/health").status_code == 200
 
 
-def test_overlong_prompt_is_400_with_the_limit_and_the_length(client):
-    r = _generate(client, inputs="word " * 400, max_new_tokens=2)
-    assert r.status_code == 400
-    msg = r.json()["error"]
-    assert msg.startswith("inputs:") and "200" in msg
-    n = int(msg.split("the prompt is ")[1].split()[0])
+def test_overlong_prompt_is_tgis_422_with_the_limit_and_the_length(client, tokenizer):
+    from safety_decoding.prompt import build_chat_prompt
+
+    n = len(build_chat_prompt(tokenizer, [{"role": "user", "content": "word " * 400}]).ids)
     assert n > 200
+    for route in ("/generate", "/generate_stream"):
+        r = client.post(route, json={"inputs": "word " * 400,
+                                     "parameters": {"max_new_tokens": 2}})
+        assert r.status_code == 422
+        assert r.json() == {"error": "Input validation error: `inputs` must have less than "
+                                     f"200 tokens. Given: {n}", "error_type": "validation"}
 
 
 def test_raw_inputs_and_response_prefix_are_accepted(client):
@@ -191,12 +195,13 @@ def test_metrics_exposes_every_documented_name(client):
 
 
 def test_queue_full_is_429_with_retry_after(tiny_model, tokenizer):
-    engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02), max_num_seqs=1, max_waiting=0)
+    # 60 steps of 50 ms: the busy request runs for 3 s, whatever CPU the other tests take.
+    engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.05), max_num_seqs=1, max_waiting=0)
     app = create_app(engine, Settings(max_new_tokens_limit=64, max_waiting=0,
                                       retry_after_seconds=2))
     with TestClient(app) as c:
-        with c.stream("POST", "/generate_stream",
-                      json={"inputs": "Hi", "parameters": {"max_new_tokens": 60}}) as busy:
+        with c.stream("POST", "/generate_stream", json={
+                "inputs": "Hi", "parameters": {"max_new_tokens": 60, "ignore_eos": True}}) as busy:
             next(busy.iter_lines())  # the first frame: the request is running
             r = _generate(c, max_new_tokens=2)
             assert r.status_code == 429
@@ -244,16 +249,16 @@ def test_request_timeout_is_504_and_a_stream_error_event(tiny_model, tokenizer):
 
 
 def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(tiny_model, tokenizer):
-    from server.handling import longest_token_chars, too_many_chars
+    from server.handling import longest_token_chars
 
     chars = longest_token_chars(tokenizer)
     assert 10 < chars < 200
-    assert too_many_chars(10 * chars, 10, chars) is None
     app = create_app(Engine(Decoder(tiny_model, tokenizer)), Settings(max_input_tokens=60))
     with TestClient(app) as c:
         r = _generate(c, inputs="x" * (60 * chars + 1), max_new_tokens=2)
-        assert r.status_code == 400 and r.json()["error"].startswith("inputs: the prompt is")
-        assert "characters" in r.json()["error"]
+        assert r.status_code == 422 and r.json()["error"].startswith(
+            "Input validation error: `inputs` must have less than 60 tokens. Given: "
+            f"{60 * chars + 1} characters")
         r = c.post("/v1/completions", json={"model": "m", "prompt": "y" * (60 * chars + 1)})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert r.json()["error"]["param"] == "prompt"

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from safety_decoding.decode import ABORT, Decoder, GenerationRequest
+from safety_decoding.decode import Decoder, GenerationRequest
+from safety_decoding.types import FinishReason
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_raw_prompt
 from safety_decoding.sampling import SamplingParams
@@ -134,7 +135,7 @@ def test_leaving_a_running_stream_aborts_it_at_the_next_step(tiny_model, tokeniz
         return engine, events
 
     engine, events = asyncio.run(main())
-    assert events[-1].finish_reason not in (None, ABORT)
+    assert events[-1].finish_reason not in (None, FinishReason.ABORT)
     assert metric_value(_metrics(engine), "ess_generation_tokens_total") < 500
 
 
@@ -173,7 +174,7 @@ def test_stop_fails_queued_requests_and_refuses_new_ones(tiny_model, tokenizer):
             engine.submit(_request(tokenizer))
         return events
 
-    assert asyncio.run(main())[-1].finish_reason == ABORT
+    assert asyncio.run(main())[-1].finish_reason == FinishReason.ABORT
 
 
 def test_submit_before_start_is_refused(tiny_model, tokenizer):

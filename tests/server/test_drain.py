@@ -1,0 +1,121 @@
+"""The shutdown drain (`server.lifecycle`) on a real uvicorn server and the tiny model: what
+finishes in time finishes, what does not ends with an error event and a complete body."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from _server_helpers import SlowDecoder
+from server.app import create_app
+from server.engine import Engine
+from server.lifecycle import DrainingServer, server_config
+from server.settings import Settings
+
+TIMEOUT = 2.0  # ESS_SHUTDOWN_TIMEOUT_SECONDS of the test server
+
+
+def _start(app, settings) -> tuple[DrainingServer, threading.Thread, str]:
+    srv = DrainingServer(server_config(app, settings, port=0, log_level="warning"),
+                         settings.shutdown_timeout_seconds)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(1000):
+        if srv.started:
+            break
+        time.sleep(0.01)
+    assert srv.started, "uvicorn did not start"
+    return srv, thread, f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+
+
+def _stream(url: str, path: str, body: dict, started: threading.Event) -> list[str]:
+    """The ``data:`` payloads of one stream; raises if the chunked body is cut short."""
+    with httpx.stream("POST", url + path, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        payloads = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                payloads.append(line[len("data: "):])
+                started.set()
+    return payloads
+
+
+def test_sigterm_drains_then_cuts_with_error_events(tiny_model, tokenizer):
+    settings = Settings(max_new_tokens_limit=1000, shutdown_timeout_seconds=TIMEOUT,
+                        sse_ping_seconds=0, retry_after_seconds=7)
+    app = create_app(Engine(SlowDecoder(tiny_model, tokenizer, delay=0.03)), settings)
+    srv, thread, url = _start(app, settings)
+    long_tgi = {"inputs": "Hi", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}
+    short_tgi = {"inputs": "Hi", "parameters": {"max_new_tokens": 25, "ignore_eos": True}}
+    long_chat = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": True,
+                 "max_tokens": 1000, "ignore_eos": True}
+    started = [threading.Event() for _ in range(3)]
+    with ThreadPoolExecutor(4) as pool:
+        short = pool.submit(_stream, url, "/generate_stream", short_tgi, started[0])
+        cut = pool.submit(_stream, url, "/generate_stream", long_tgi, started[1])
+        cut_chat = pool.submit(_stream, url, "/v1/chat/completions", long_chat, started[2])
+        whole = pool.submit(httpx.post, url + "/generate", json=long_tgi, timeout=60)
+        assert all(e.wait(30) for e in started)
+        t0 = time.monotonic()
+        srv.handle_exit(signal.SIGTERM, None)
+
+        health = httpx.get(url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json() == {"status": "draining"}
+        refused = httpx.post(url + "/generate", json=short_tgi, timeout=5)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "7"
+        assert refused.json()["error_type"] == "unavailable"
+        refused = httpx.post(url + "/v1/chat/completions", json={**long_chat, "stream": False},
+                             timeout=5)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
+        assert httpx.get(url + "/metrics", timeout=5).status_code == 200  # scrapes still answer
+
+        # Finished in time: its normal final event.
+        details = json.loads(short.result()[-1])["details"]
+        assert details["generated_tokens"] == 25 and details["finish_reason"] != "abort"
+        # Cut by the timeout: an error event naming the shutdown, then a clean close.
+        last = json.loads(cut.result()[-1])
+        assert set(last) == {"error", "error_type"} and "shutting down" in last["error"]
+        chat = cut_chat.result()
+        assert chat[-1] == "[DONE]"
+        assert "shutting down" in json.loads(chat[-2])["error"]["message"]
+        assert whole.result().status_code == 503
+    cut_after = time.monotonic() - t0
+    assert TIMEOUT <= cut_after < TIMEOUT + 5
+    thread.join(15)
+    assert not thread.is_alive()
+    assert not app.state.engine.ready
+
+
+def test_sigterm_when_idle_exits_at_once(tiny_model, tokenizer):
+    settings = Settings(shutdown_timeout_seconds=30)
+    app = create_app(Engine(SlowDecoder(tiny_model, tokenizer, delay=0)), settings)
+    srv, thread, url = _start(app, settings)
+    assert httpx.get(url + "/health", timeout=5).status_code == 200
+    t0 = time.monotonic()
+    srv.handle_exit(signal.SIGTERM, None)
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - t0 < 5
+
+
+def test_second_signal_cuts_the_drain_short(tiny_model, tokenizer):
+    settings = Settings(max_new_tokens_limit=1000, shutdown_timeout_seconds=60, sse_ping_seconds=0)
+    app = create_app(Engine(SlowDecoder(tiny_model, tokenizer, delay=0.03)), settings)
+    srv, thread, url = _start(app, settings)
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        body = {"inputs": "Hi", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}
+        cut = pool.submit(_stream, url, "/generate_stream", body, started)
+        assert started.wait(30)
+        t0 = time.monotonic()
+        srv.handle_exit(signal.SIGTERM, None)
+        time.sleep(0.3)
+        srv.handle_exit(signal.SIGINT, None)
+        assert "shutting down" in cut.result()[-1]
+    thread.join(15)
+    assert not thread.is_alive() and time.monotonic() - t0 < 10

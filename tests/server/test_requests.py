@@ -1,0 +1,66 @@
+"""The one request path's pure rules (`server.requests`): which bound an over-long input
+breaks, the completion budget, and how each protocol words the error (no model, no HTTP)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.openai.routes import too_long_message as vllm_message
+from server.requests import (Limits, Overflow, TooLong, chars_overflow, completion_budget,
+                             tokens_overflow)
+from server.tgi.routes import too_long_message as tgi_message
+
+LIMITS = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars=10)
+
+
+def test_the_character_bound_is_max_input_tokens_times_the_longest_token():
+    assert chars_overflow(800, LIMITS) is None
+    assert chars_overflow(801, LIMITS) == TooLong(Overflow.CHARS, 80, 801)
+
+
+@pytest.mark.parametrize("prompt, max_new, expected", [
+    (80, None, None),                                   # at the input limit: fits
+    (81, None, TooLong(Overflow.INPUT, 80, 81)),
+    (80, 20, None),                                     # exactly the context
+    (80, 21, TooLong(Overflow.CONTEXT, 100, 80, 21)),
+])
+def test_tokens_overflow(prompt, max_new, expected):
+    assert tokens_overflow(prompt, max_new, LIMITS) == expected
+
+
+def test_the_prompt_alone_can_fill_the_context():
+    limits = Limits(max_new_tokens=64, max_input_tokens=4096, context=100, token_chars=10)
+    assert tokens_overflow(99, None, limits) is None  # one token of room
+    assert tokens_overflow(100, None, limits) == TooLong(Overflow.CONTEXT, 100, 100)
+    assert tokens_overflow(100, 1, limits) == TooLong(Overflow.CONTEXT, 100, 100, 1)
+
+
+def test_completion_budget():
+    assert completion_budget(10, None, LIMITS) == 64   # the server's limit
+    assert completion_budget(50, None, LIMITS) == 50   # the rest of the context
+    assert completion_budget(50, 7, LIMITS) == 7       # what was asked for
+
+
+def test_tgi_wording_is_tgis_validation_error():
+    assert (tgi_message(TooLong(Overflow.CONTEXT, 2047, 2010, 64))
+            == "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 2047. "
+               "Given: 2010 `inputs` tokens and 64 `max_new_tokens`")
+    assert (tgi_message(TooLong(Overflow.INPUT, 200, 401))
+            == "Input validation error: `inputs` must have less than 200 tokens. Given: 401")
+    assert (tgi_message(TooLong(Overflow.CONTEXT, 2047, 2100))
+            == "Input validation error: `inputs` must have less than 2047 tokens. Given: 2100")
+    assert tgi_message(TooLong(Overflow.CHARS, 60, 4861)).startswith(
+        "Input validation error: `inputs` must have less than 60 tokens. Given: 4861 characters")
+
+
+def test_openai_wording_is_vllms():
+    assert (vllm_message(TooLong(Overflow.CONTEXT, 2047, 2010, 64))
+            == "'max_tokens' or 'max_completion_tokens' is too large: 64. This model's maximum "
+               "context length is 2047 tokens and your request has 2010 input tokens "
+               "(64 > 2047 - 2010).")
+    alone = ("This model's maximum context length is 2047 tokens. However, your request has "
+             "2100 input tokens. Please reduce the length of the input messages.")
+    assert vllm_message(TooLong(Overflow.CONTEXT, 2047, 2100)) == alone
+    assert vllm_message(TooLong(Overflow.CONTEXT, 2047, 2100, 10)) == alone
+    assert "maximum input length is 80 tokens" in vllm_message(TooLong(Overflow.INPUT, 80, 81))
+
