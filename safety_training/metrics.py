@@ -14,3 +14,68 @@ def classification_metrics(labels, scores, threshold: float = 0.5) -> dict:
            "f1": f1_score(labels, pred, zero_division=0)}
     out["auroc"] = roc_auc_score(labels, scores) if len(set(labels)) == 2 else float("nan")
     return {k: round(float(v), 4) for k, v in out.items()}
+
+
+def threshold_at_fpr(scores_benign, fpr: float) -> float:
+    """The lowest threshold at which at most ``fpr`` of the benign scores are flagged.
+
+    A score is flagged when ``score > threshold`` (the server's rule, `policy.SafetyParams`):
+    with the scores sorted high to low and ``k = floor(fpr * n)`` false positives allowed, the
+    threshold is the ``k+1``-th highest score (ties flag none of the tied scores, so the rate
+    may fall below ``fpr``).
+
+    Args:
+        scores_benign: probabilities of benign examples (the calibration split's, never an
+            evaluation file's).
+        fpr: the target false-positive rate, in ``[0, 1)``, e.g. 0.01.
+
+    Raises:
+        ValueError: no score, or ``fpr`` outside ``[0, 1)``.
+    """
+    scores = sorted((float(s) for s in scores_benign), reverse=True)
+    if not scores:
+        raise ValueError("threshold_at_fpr: no benign score")
+    if not 0 <= fpr < 1:
+        raise ValueError(f"threshold_at_fpr: fpr must be in [0, 1), got {fpr}")
+    return scores[int(fpr * len(scores))]
+
+
+def operating_point(labels, scores, threshold: float) -> dict:
+    """``{"n", "auroc", "threshold", "fpr", "tpr"}`` of probabilities at ``threshold``
+    (flagged: ``score > threshold``); a rate or AUROC without its class is NaN."""
+    from sklearn.metrics import roc_auc_score
+
+    neg = [s for y, s in zip(labels, scores) if y == 0]
+    pos = [s for y, s in zip(labels, scores) if y == 1]
+
+    def rate(xs):
+        return sum(s > threshold for s in xs) / len(xs) if xs else float("nan")
+
+    auroc = roc_auc_score(labels, scores) if neg and pos else float("nan")
+    return {"n": len(labels), "auroc": round(float(auroc), 4), "threshold": round(float(threshold), 6),
+            "fpr": round(rate(neg), 4), "tpr": round(rate(pos), 4)}
+
+
+def held_out_metrics(calibration: tuple[list[int], list[float]], sets: dict, fpr: float = 0.01,
+                     default_threshold: float = 0.5) -> dict:
+    """AUROC, false- and true-positive rates of every set at one threshold chosen on the benign
+    side of ``calibration`` for a target ``fpr`` (`threshold_at_fpr`).
+
+    Args:
+        calibration: ``(labels, scores)`` of the calibration split; when it has no benign
+            score, ``default_threshold`` (the server's) is used and reported.
+        sets: ``{name: (labels, scores)}``, e.g. validation, source- and category-held-out.
+
+    Returns:
+        ``{"threshold", "target_fpr", "calibration": operating_point, name: operating_point}``.
+    """
+    labels, scores = calibration
+    benign = [s for y, s in zip(labels, scores) if y == 0]
+    threshold = threshold_at_fpr(benign, fpr) if benign else default_threshold
+    out = {"threshold": round(float(threshold), 6), "target_fpr": fpr}
+    if labels:
+        out["calibration"] = operating_point(labels, scores, threshold)
+    for name, (ls, ss) in sets.items():
+        if ls:
+            out[name] = operating_point(ls, ss, threshold)
+    return out

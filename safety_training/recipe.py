@@ -16,18 +16,23 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
 
+from .contrast import contrast_examples, load_pairs
 from .data import Example, build_examples
 from .datasets import default_data_dir
-from .metrics import classification_metrics
+from .formats import Format, assign_formats, example_prompt, parse_formats
+from .metrics import classification_metrics, held_out_metrics
 from .refusals import is_refusal
+from .sharegpt import Rule
+from .splits import Splits, split_examples
 from safety_decoding.layout import CLS_SLOT, sequence_layout, stack_layouts
 from safety_decoding.model import SafetyConfig, SafetyModel
 from safety_decoding.prompt import build_chat_prompt
@@ -81,7 +86,41 @@ class TrainConfig:
     """Forward and backward under CPU bfloat16 autocast (fp32 master weights and optimizer
     state). Our choice for CPUs with AMX or AVX512-BF16: 1.4x faster a step here (2.2 -> 1.55 s
     on one batch of 8)."""
+    # Off unless set: with these at their defaults the data is the shipped run's.
+    contrast_dir: str | None = None
+    """Folder of contrast pairs (``data/contrast``) to train on (`contrast`); None: none."""
+    contrast_holdout_categories: tuple = ()
+    """Contrast categories kept out of training, for the category-held-out set (`splits`)."""
+    contrast_calibration_percent: int = 0
+    """Share of contrast pairs (by a hash of the id) kept out for the calibration set."""
+    contrast_refusal_percent: int = 0
+    """Share of harmful contrast requests answered by the inserted refusal (else query-only)."""
+    holdout_sources: tuple = ()
+    """Sources (`Example.source`) kept out of training, for the source-held-out set."""
+    calibration_fpr: float = 0.01
+    """Target false-positive rate on the calibration set's benign side (`held_out_metrics`)."""
+    formats: tuple = ("chat",)
+    """Request formats (`formats.Format`) dealt to every source; a repeated name weighs more."""
+    sharegpt_filter: str = "words"
+    """ShareGPT rule (`sharegpt.Rule`): ``words`` (shipped) or ``strict``."""
+    sharegpt_max_chars: int = 400
+    """Longest ShareGPT first turn kept, in characters."""
+    save_every_steps: int = 0
+    """Write the model so far to ``<output_dir>.partial`` every so many steps (0: never), so a
+    killed run leaves a loadable checkpoint; removed once the final checkpoint is written."""
+    log_every_steps: int = 50
+    """Log the step time, elapsed minutes and losses every so many steps."""
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        parse_formats(self.formats)
+        try:
+            Rule(self.sharegpt_filter)
+        except ValueError:
+            raise ValueError(f"sharegpt_filter: unknown rule {self.sharegpt_filter!r}; "
+                             f"known: {[r.value for r in Rule]}") from None
+        if not 0 <= self.calibration_fpr < 1:
+            raise ValueError(f"calibration_fpr: must be in [0, 1), got {self.calibration_fpr}")
 
 
 @dataclass
@@ -98,8 +137,13 @@ class Batch:
 
 
 def training_examples(cfg: TrainConfig):
-    """`data.build_examples` with the config's mix: ``(examples, manifest)``."""
-    return build_examples(
+    """`data.build_examples` with the config's mix, contrast pairs included, each example given
+    its format (`formats.assign_formats`): ``(examples, manifest)``. Held-out sets are split off
+    later (`split`)."""
+    extra = []
+    if cfg.contrast_dir:
+        extra = contrast_examples(load_pairs(cfg.contrast_dir), cfg.seed, cfg.contrast_refusal_percent)
+    examples, manifest = build_examples(
         Path(cfg.data_dir), n_benign=cfg.n_benign, n_benign_query_only=cfg.n_benign_query_only,
         n_malicious=cfg.n_malicious, n_malicious_query_only=cfg.n_malicious_query_only,
         n_harmful_probe=cfg.n_harmful_probe, n_jailbreak=cfg.n_jailbreak,
@@ -107,7 +151,18 @@ def training_examples(cfg: TrainConfig):
         reframes_per_core=cfg.reframes_per_core, n_everyday=cfg.n_everyday,
         lookalikes_per_item=cfg.lookalikes_per_item, n_roleplay=cfg.n_roleplay,
         n_noisy=cfg.n_noisy, n_jailbreak_query_only=cfg.n_jailbreak_query_only,
-        n_narrative=cfg.n_narrative)
+        n_narrative=cfg.n_narrative, sharegpt_filter=Rule(cfg.sharegpt_filter),
+        sharegpt_max_chars=cfg.sharegpt_max_chars, extra=extra)
+    if list(cfg.formats) != ["chat"]:
+        manifest["formats"] = list(cfg.formats)
+    return assign_formats(examples, cfg.formats, cfg.seed), manifest
+
+
+def split(examples: list[Example], cfg: TrainConfig) -> Splits:
+    """`splits.split_examples` with the config's held-out keys."""
+    return split_examples(examples, cfg.validation_fraction, holdout_sources=cfg.holdout_sources,
+                          holdout_categories=cfg.contrast_holdout_categories,
+                          calibration_percent=cfg.contrast_calibration_percent)
 
 
 @torch.inference_mode()
@@ -181,15 +236,16 @@ def with_self_answers(examples: list[Example], answer, n_per_class: int,
         if not a or (e.query_label == 1 and is_refusal(a)):
             counts["skipped"] += 1
             continue
-        out[i] = Example(e.query, a, e.query_label, response_label=e.query_label, lm_loss=False,
+        out[i] = replace(e, response=a, response_label=e.query_label, lm_loss=False,
                          source=e.source + "-self-answer")
         counts["malicious" if e.query_label else "benign"] += 1
     return out, counts
 
 
 def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> dict:
-    """Lay out one example as slots: [CLS] + prompt + response + probes."""
-    prompt = build_chat_prompt(tok, [{"role": "user", "content": ex.query}], ex.response_prefix)
+    """Lay out one example as slots: [CLS] + prompt + response + probes; the prompt is the
+    example's format as the server builds it (`formats.example_prompt`)."""
+    prompt = example_prompt(tok, ex)
     ids = list(prompt.ids)
     qmask = list(prompt.query_mask)
     if sum(qmask) > cfg.max_query_tokens:  # keep the head and the tail of long (jailbreak) queries
@@ -262,7 +318,9 @@ def compute_loss(model: SafetyModel, batch: Batch, lambda_cls: float):
 
 
 @torch.no_grad()
-def evaluate(model, encoded, batch_size, lambda_cls):
+def scores(model, encoded, batch_size, lambda_cls):
+    """Head probabilities of encoded examples: ``(query labels, query scores, probe labels,
+    probe scores, LM losses of batches with LM targets)``, in input order."""
     model.eval()
     q_lab, q_score, p_lab, p_score, lm = [], [], [], [], []
     for i in range(0, len(encoded), batch_size):
@@ -275,6 +333,17 @@ def evaluate(model, encoded, batch_size, lambda_cls):
         if len(b.lm_targets):
             lm.append(float(lm_loss))
     model.train()
+    return q_lab, q_score, p_lab, p_score, lm
+
+
+@torch.no_grad()
+def evaluate(model, encoded, batch_size, lambda_cls):
+    """Validation metrics of the query verdict, the response-window probes and the LM loss."""
+    return summarize(*scores(model, encoded, batch_size, lambda_cls))
+
+
+def summarize(q_lab, q_score, p_lab, p_score, lm) -> dict:
+    """The metrics of `evaluate` from the output of `scores`."""
     return {"query": classification_metrics(q_lab, q_score),
             "response_window": classification_metrics(p_lab, p_score),
             "lm_loss": round(sum(lm) / max(len(lm), 1), 4)}
@@ -320,16 +389,20 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     lm = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     base_sha = recorded_weights_sha256(base_dir, lm.state_dict())
     examples, manifest = training_examples(cfg)
+    sets = split(examples, cfg)  # held-out sets leave before the self answers are drawn
+    val_ex, train_ex = sets.validation, sets.train
     if cfg.self_answers_per_class:
         t0 = time.monotonic()
-        examples, manifest["self_answers"] = with_self_answers(
-            examples, lambda qs: self_answers(lm, tok, qs, cfg.max_response_tokens,
-                                              autocast=cfg.bf16_autocast),
+        answered, manifest["self_answers"] = with_self_answers(
+            val_ex + train_ex, lambda qs: self_answers(lm, tok, qs, cfg.max_response_tokens,
+                                                       autocast=cfg.bf16_autocast),
             cfg.self_answers_per_class, rng, cfg.self_answer_sources)
+        val_ex, train_ex = answered[:len(val_ex)], answered[len(val_ex):]
         log(f"self answers: {manifest['self_answers']} in {(time.monotonic() - t0) / 60:.1f} min")
-    n_val = int(len(examples) * cfg.validation_fraction)
-    val_ex, train_ex = examples[:n_val], examples[n_val:]
     manifest.update(n_train=len(train_ex), n_validation=len(val_ex))
+    held_out = {k: v for k, v in sets.sizes().items() if k not in ("train", "validation") and v}
+    if held_out:
+        manifest["held_out"] = held_out
     log(f"data: {json.dumps(manifest)}")
     enc_train = [encode_example(tok, e, cfg, rng) for e in train_ex]
     enc_val = [encode_example(tok, e, cfg, rng) for e in val_ex]
@@ -356,37 +429,114 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     start = time.monotonic()
-    step, stopped_early = 0, False
+    step, stopped_early, interrupted = 0, False, False
+    clock = StepClock(start, total_steps)
     bar = tqdm(total=total_steps, desc="train", mininterval=5)
-    for epoch in range(cfg.epochs):
-        rng.shuffle(batches)
-        for idx in batches:
-            b = collate([enc_train[i] for i in idx])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-                loss, lm_loss, cls_loss, _ = compute_loss(model, b, cfg.lambda_cls)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(lm=f"{float(lm_loss):.3f}", cls=f"{float(cls_loss):.3f}")
-            if (time.monotonic() - start) / 60 > cfg.max_minutes:
-                stopped_early = True
+    try:
+        for epoch in range(cfg.epochs):
+            rng.shuffle(batches)
+            for idx in batches:
+                b = collate([enc_train[i] for i in idx])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+                    loss, lm_loss, cls_loss, _ = compute_loss(model, b, cfg.lambda_cls)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(lm=f"{float(lm_loss):.3f}", cls=f"{float(cls_loss):.3f}")
+                if cfg.log_every_steps and step % cfg.log_every_steps == 0:
+                    log(clock.line(step, time.monotonic(), lm=float(lm_loss), cls=float(cls_loss)))
+                if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+                    save_partial(model, scfg, cfg.output_dir, {"steps": step, "total_steps": total_steps})
+                if (time.monotonic() - start) / 60 > cfg.max_minutes:
+                    stopped_early = True
+                    break
+            if stopped_early:
                 break
-        if stopped_early:
-            break
+    except KeyboardInterrupt:  # keep what was trained: validate and save as at the time cap
+        stopped_early = interrupted = True
+        log(f"interrupted at step {step}: validating and saving what was trained")
     bar.close()
-    minutes = (time.monotonic() - start) / 60
-    metrics = evaluate(model, enc_val, cfg.batch_size, cfg.lambda_cls)
+    seconds = time.monotonic() - start
+    log(f"trained {step} of {total_steps} steps in {seconds / 60:.1f} min "
+        f"({seconds / max(step, 1):.2f} s/step)")
+    val_scores = scores(model, enc_val, cfg.batch_size, cfg.lambda_cls)
+    metrics = summarize(*val_scores)
     summary = {"steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
-               "train_minutes": round(minutes, 1), "validation": metrics}
+               "train_minutes": round(seconds / 60, 1),
+               "seconds_per_step": round(seconds / max(step, 1), 3), "validation": metrics}
+    if interrupted:
+        summary["interrupted"] = True
     log(f"validation: {json.dumps(metrics)}")
+    if held_out or len(set(cfg.formats)) > 1:
+        summary["held_out"] = held_out_report(model, tok, cfg, sets, val_ex, val_scores)
+        log(f"held out: {json.dumps(summary['held_out'])}")
     out = Path(cfg.output_dir)
     model.save_checkpoint(out, SafetyConfig(**{**asdict(scfg), "metrics": summary}))
     (out / "train_summary.json").write_text(json.dumps({"manifest": manifest, **summary}, indent=2) + "\n")
+    shutil.rmtree(partial_dir(cfg.output_dir), ignore_errors=True)  # the final one supersedes it
     return summary
+
+
+class StepClock:
+    """Per-step timing for the training log: seconds a step since the last line, minutes
+    elapsed, and minutes left at that pace."""
+
+    def __init__(self, start: float, total_steps: int):
+        self.start, self.total = start, total_steps
+        self.last_t, self.last_step = start, 0
+
+    def line(self, step: int, now: float, **losses: float) -> str:
+        per_step = (now - self.last_t) / max(step - self.last_step, 1)
+        self.last_t, self.last_step = now, step
+        left = per_step * (self.total - step) / 60
+        parts = " ".join(f"{k}={v:.3f}" for k, v in losses.items())
+        return (f"step {step}/{self.total}: {per_step:.2f} s/step, {(now - self.start) / 60:.1f} min "
+                f"elapsed, about {left:.0f} min left, {parts}")
+
+
+def partial_dir(output_dir: str | Path) -> Path:
+    """Where `save_partial` writes: ``<output_dir>.partial``, beside the final checkpoint."""
+    out = Path(output_dir)
+    return out.with_name(out.name + ".partial")
+
+
+def save_partial(model: SafetyModel, scfg: SafetyConfig, output_dir: str | Path, progress: dict) -> Path:
+    """Write the model trained so far as a loadable checkpoint (`partial_dir`), its config's
+    ``metrics`` saying how far it got. Written to a temporary folder first and then renamed, so
+    a run killed while saving still leaves the previous partial checkpoint."""
+    final = partial_dir(output_dir)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_checkpoint(tmp, SafetyConfig(**{**asdict(scfg), "metrics": {**progress, "partial": True}}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def held_out_report(model: SafetyModel, tok, cfg: TrainConfig, sets: Splits, val_ex: list[Example],
+                    val_scores) -> dict:
+    """Query-verdict AUROC and rates of validation (by format too), source- and
+    category-held-out sets at the threshold the calibration set gives for ``calibration_fpr``
+    (`metrics.held_out_metrics`)."""
+    rng = random.Random(cfg.seed + 1)  # probe windows of held-out sets; the training RNG is done
+
+    def query_scores(examples):
+        enc = [encode_example(tok, e, cfg, rng) for e in examples]
+        q_lab, q_score, *_ = scores(model, enc, cfg.batch_size, cfg.lambda_cls) if enc else ([], [])
+        return q_lab, q_score
+
+    q_lab, q_score = val_scores[0], val_scores[1]  # one query row per example, in order
+    named = {"validation": (q_lab, q_score),
+             "source_held_out": query_scores(sets.source_held_out),
+             "category_held_out": query_scores(sets.category_held_out)}
+    for fmt in dict.fromkeys(e.format for e in val_ex):
+        rows = [i for i, e in enumerate(val_ex) if e.format == fmt]
+        named[f"validation_{Format(fmt).value}"] = ([q_lab[i] for i in rows], [q_score[i] for i in rows])
+    return held_out_metrics(query_scores(sets.calibration), named, cfg.calibration_fpr)
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

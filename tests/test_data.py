@@ -5,7 +5,8 @@ import pytest
 
 from conftest import DATA_DIR
 from safety_training.data import (advbench_behaviors, build_examples, eval_texts, harmbench_test,
-                                  iter_json_array, normalise, stl_eval, xstest)
+                                  normalise, stl_eval, xstest)
+from safety_training.sharegpt import iter_json_array
 
 pytestmark = pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
 

@@ -4,7 +4,6 @@ teacher-forced likelihood."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import DATA_DIR, tiny_safety_model
 from safety_eval.harness.backends import HttpBackend, apply_guard, batches, guard_checkpoints

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from safety_eval.harness import plan as P
-from safety_eval.harness.backends import HttpBackend, LocalBackend, Models, apply_guard, batches, chat_messages
+from safety_eval.harness.backends import HttpBackend, LocalBackend, Models, apply_guard, batches
 from safety_eval.harness.cache import Cache, record_key
 from safety_eval.harness.report import markdown, plots, set_row
 from safety_eval.harness.systems import BY_NAME, GUARD_EVERY, NOT_AVAILABLE, select

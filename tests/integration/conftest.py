@@ -21,6 +21,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    """Wait until ``proc`` (an ``ess serve``) answers ``/health`` with 200; fail the test if it
+    exits first or takes longer than ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ess serve exited with {proc.returncode}; see its log")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"ess serve did not become healthy in {timeout:.0f} s")
+
+
 @pytest.fixture(scope="session")
 def server_url():
     port = _free_port()
@@ -29,18 +45,7 @@ def server_url():
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"ess serve exited with {proc.returncode}; see tests/integration/server.log")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("ess serve did not become healthy in 300 s")
+        wait_healthy(proc, url)
         yield url
     finally:
         proc.terminate()

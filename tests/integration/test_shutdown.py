@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .conftest import REPO, _free_port
+from .conftest import REPO, _free_port, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -50,19 +50,6 @@ def _bodies(n: int) -> dict[str, tuple[str, dict]]:
     }
 
 
-def _wait_healthy(proc, url: str) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "ess serve exited before it was healthy"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail("ess serve did not become healthy in 300 s")
-
-
 def test_sigterm_drains_then_cuts_and_exits_0(tmp_path):
     port = _free_port()
     env = {**os.environ, "ESS_SHUTDOWN_TIMEOUT_SECONDS": str(TIMEOUT), "ESS_SSE_PING_SECONDS": "0"}
@@ -72,7 +59,7 @@ def test_sigterm_drains_then_cuts_and_exits_0(tmp_path):
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, url)
+        wait_healthy(proc, url)
         jobs = [(kind, n, *body) for n in (SHORT, LONG) for kind, body in _bodies(n).items()
                 if n == LONG or kind != "completions"]
         started = [threading.Event() for _ in jobs]

@@ -94,11 +94,13 @@ class RecordingDecoder(SlowDecoder):
         super().__init__(model, tokenizer, delay=0.0)
 
 
-def start_server(app, **config) -> tuple[uvicorn.Server, threading.Thread, str]:
+def start_server(app, server: uvicorn.Server | None = None,
+                 **config) -> tuple[uvicorn.Server, threading.Thread, str]:
     """Start uvicorn for ``app`` on a free localhost port in a thread (``config``: more
-    `uvicorn.Config` options); returns the server, its thread and its URL."""
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                        **config))
+    `uvicorn.Config` options; ``server``: an already configured one to run instead); returns
+    the server, its thread and its URL."""
+    srv = server or uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                                  log_level="warning", **config))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     for _ in range(1000):
@@ -176,3 +178,17 @@ def sse_payloads(body: str) -> list[str]:
     """The raw ``data:`` payloads of an SSE body, ``[DONE]`` included (comments skipped)."""
     return [line[len("data: "):] for frame in body.split("\n\n") for line in frame.splitlines()
             if line.startswith("data: ")]
+
+
+def stream_payloads(url: str, path: str, body: dict, started: threading.Event) -> list[str]:
+    """The ``data:`` payloads of one SSE stream (``started`` set at the first); httpx raises
+    when the chunked body is cut short."""
+    with httpx.stream("POST", url + path, json=body, timeout=120) as r:
+        assert r.status_code == 200
+        payloads = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                payloads.append(line[len("data: "):])
+                started.set()
+    return payloads
+

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from _server_helpers import SlowDecoder
+from _server_helpers import SlowDecoder, start_server, stream_payloads
 from server.app import create_app
 from server.engine import Engine
 from server.lifecycle import DrainingServer, server_config
@@ -21,28 +21,8 @@ TIMEOUT = 2.0  # ESS_SHUTDOWN_TIMEOUT_SECONDS of the test server
 
 
 def _start(app, settings) -> tuple[DrainingServer, threading.Thread, str]:
-    srv = DrainingServer(server_config(app, settings, port=0, log_level="warning"),
-                         settings.shutdown_timeout_seconds)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(1000):
-        if srv.started:
-            break
-        time.sleep(0.01)
-    assert srv.started, "uvicorn did not start"
-    return srv, thread, f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
-
-
-def _stream(url: str, path: str, body: dict, started: threading.Event) -> list[str]:
-    """The ``data:`` payloads of one stream; raises if the chunked body is cut short."""
-    with httpx.stream("POST", url + path, json=body, timeout=60) as r:
-        assert r.status_code == 200
-        payloads = []
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                payloads.append(line[len("data: "):])
-                started.set()
-    return payloads
+    return start_server(app, DrainingServer(server_config(app, settings, port=0, log_level="warning"),
+                                            settings.shutdown_timeout_seconds))
 
 
 def test_sigterm_drains_then_cuts_with_error_events(tiny_model, tokenizer):
@@ -56,9 +36,9 @@ def test_sigterm_drains_then_cuts_with_error_events(tiny_model, tokenizer):
                  "max_tokens": 1000, "ignore_eos": True}
     started = [threading.Event() for _ in range(3)]
     with ThreadPoolExecutor(4) as pool:
-        short = pool.submit(_stream, url, "/generate_stream", short_tgi, started[0])
-        cut = pool.submit(_stream, url, "/generate_stream", long_tgi, started[1])
-        cut_chat = pool.submit(_stream, url, "/v1/chat/completions", long_chat, started[2])
+        short = pool.submit(stream_payloads, url, "/generate_stream", short_tgi, started[0])
+        cut = pool.submit(stream_payloads, url, "/generate_stream", long_tgi, started[1])
+        cut_chat = pool.submit(stream_payloads, url, "/v1/chat/completions", long_chat, started[2])
         whole = pool.submit(httpx.post, url + "/generate", json=long_tgi, timeout=60)
         assert all(e.wait(30) for e in started)
         t0 = time.monotonic()
@@ -110,7 +90,7 @@ def test_second_signal_cuts_the_drain_short(tiny_model, tokenizer):
     started = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         body = {"inputs": "Hi", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}
-        cut = pool.submit(_stream, url, "/generate_stream", body, started)
+        cut = pool.submit(stream_payloads, url, "/generate_stream", body, started)
         assert started.wait(30)
         t0 = time.monotonic()
         srv.handle_exit(signal.SIGTERM, None)

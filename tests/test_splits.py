@@ -1,0 +1,202 @@
+"""Held-out sets and their metrics (safety_training.splits, metrics), the shipped data kept at
+the new keys' defaults, and what a training run leaves when it stops (recipe.train)."""
+
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA_DIR, tiny_safety_model
+from safety_decoding.base_model import weights_sha256
+from safety_decoding.model import load_safety_model
+from safety_training.data import Example
+from safety_training.formats import Format
+from safety_training.metrics import held_out_metrics, operating_point, threshold_at_fpr
+from safety_training.recipe import (TrainConfig, encode_example, partial_dir, save_partial, split,
+                                    train, training_examples)
+from safety_training.splits import in_calibration, split_examples
+
+CONTRAST = Path(__file__).resolve().parents[1] / "data" / "contrast"
+needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
+
+# ---- the shipped data at the new keys' defaults ----------------------------------------------
+
+SMALL = dict(seed=3, n_benign=20, n_benign_query_only=30, n_malicious=20, n_malicious_query_only=30,
+             n_harmful_probe=6, n_jailbreak=4, n_jailbreak_query_only=4, sharegpt_limit=0,
+             reframes_per_core=1, n_everyday=10, lookalikes_per_item=1, n_roleplay=5, n_noisy=5,
+             n_narrative=5)
+# Fingerprints of the small config's examples and encodings, taken with the builder before
+# contrast pairs, formats, held-out sets and the ShareGPT rules existed (the data files are
+# pinned by hash). A change here changes the data of the shipped train.yaml as well.
+EXAMPLES_SHA256 = "3e6c8369d295af26333ab7f868d56d677181c1cf5f61480068b93919543079ca"
+ENCODED_SHA256 = "c68508541533a016abe5be0e86ed3b4283ee9167483c644369326abb2aa3d2b8"
+
+
+def _sha(rows) -> str:
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+@needs_data
+def test_the_new_keys_at_their_defaults_build_the_same_data(tokenizer):
+    cfg = TrainConfig(data_dir=str(DATA_DIR), **SMALL)
+    assert (cfg.contrast_dir, cfg.formats, cfg.sharegpt_filter, cfg.holdout_sources) == (None, ("chat",), "words", ())
+    ex, manifest = training_examples(cfg)
+    rows = [[e.query, e.response, e.query_label, e.response_label, e.lm_loss, e.response_prefix, e.source]
+            for e in ex]
+    assert len(ex) == 594 and _sha(rows) == EXAMPLES_SHA256
+    assert {e.format for e in ex} == {Format.CHAT} and "formats" not in manifest
+    sets = split(ex, cfg)
+    n_val = int(len(ex) * cfg.validation_fraction)
+    assert (sets.validation, sets.train) == (ex[:n_val], ex[n_val:])  # the shipped split
+    assert sets.sizes()["calibration"] == sets.sizes()["category_held_out"] == 0
+    rng = random.Random(0)
+    enc = [encode_example(tokenizer, e, cfg, rng) for e in ex]
+    assert _sha([[list(e["slots"]), list(e["kinds"]), e["lm_rows"], e["lm_targets"], e["cls_targets"],
+                  e["windows"]] for e in enc]) == ENCODED_SHA256
+
+
+# ---- splits ------------------------------------------------------------------------------------
+
+def _pairs(category: str, n: int):
+    out = []
+    for i in range(n):
+        meta = dict(source="contrast", category=category, pair=f"{category}-{i:03d}")
+        out += [Example(f"bad {category} {i}", "", 1, **meta), Example(f"good {category} {i}", "", 0, **meta)]
+    return out
+
+
+def _mix():
+    other = [Example(f"q{i}", "", i % 2, source=f"s{i % 3}") for i in range(60)]
+    return other + _pairs("hate", 50) + _pairs("privacy", 50)
+
+
+def test_held_out_sets_leave_training_whole():
+    ex = _mix()
+    s = split_examples(ex, 0.1, holdout_sources=["s2"], holdout_categories=["privacy"],
+                       calibration_percent=20)
+    parts = [s.train, s.validation, s.source_held_out, s.category_held_out, s.calibration]
+    assert sorted(e.query for p in parts for e in p) == sorted(e.query for e in ex)  # disjoint, complete
+    assert {e.source for e in s.source_held_out} == {"s2"}
+    assert {e.category for e in s.category_held_out} == {"privacy"}
+    fitted = s.train + s.validation
+    assert not {e.source for e in fitted} & {"s2"} and "privacy" not in {e.category for e in fitted}
+    # calibration takes whole pairs, by a stable hash of the id, from the categories that train
+    cal_pairs = {e.pair for e in s.calibration}
+    assert 5 <= len(cal_pairs) <= 20 and len(s.calibration) == 2 * len(cal_pairs)
+    assert all(in_calibration(p, 20) for p in cal_pairs) and not cal_pairs & {e.pair for e in fitted}
+    assert {e.category for e in s.calibration} == {"hate"}
+    rest = [e for e in ex if e in fitted]
+    assert s.validation == rest[:int(len(rest) * 0.1)]
+
+
+def test_nothing_held_out_is_the_plain_split():
+    ex = _mix()
+    s = split_examples(ex, 0.25)
+    n = int(len(ex) * 0.25)
+    assert (s.validation, s.train) == (ex[:n], ex[n:])
+    assert s.source_held_out == s.category_held_out == s.calibration == []
+
+
+def test_an_unknown_held_out_name_is_an_error_naming_the_key():
+    with pytest.raises(ValueError, match="contrast_holdout_categories"):
+        split_examples(_mix(), 0.1, holdout_categories=["hat"])
+    with pytest.raises(ValueError, match="holdout_sources"):
+        split_examples(_mix(), 0.1, holdout_sources=["nope"])
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+def test_threshold_at_fpr_flags_at_most_that_share_of_benign_scores():
+    benign = [i / 100 for i in range(100)]  # 0.00 .. 0.99
+    t = threshold_at_fpr(benign, 0.05)
+    assert t == 0.94 and sum(s > t for s in benign) == 5
+    assert threshold_at_fpr(benign, 0.0) == 0.99  # nothing benign is flagged
+    assert sum(s > threshold_at_fpr(benign, 0.011) for s in benign) == 1
+    with pytest.raises(ValueError):
+        threshold_at_fpr([], 0.01)
+    with pytest.raises(ValueError):
+        threshold_at_fpr(benign, 1.0)
+
+
+def test_held_out_metrics_use_the_calibration_threshold_everywhere():
+    cal = ([0] * 100 + [1] * 4, [i / 100 for i in range(100)] + [0.2, 0.95, 0.97, 0.99])
+    held = ([0, 0, 1, 1], [0.1, 0.96, 0.5, 0.999])
+    out = held_out_metrics(cal, {"category_held_out": held, "empty": ([], [])}, fpr=0.02)
+    assert out["threshold"] == 0.97 and out["target_fpr"] == 0.02
+    assert out["calibration"]["fpr"] == 0.02 and out["calibration"]["tpr"] == 0.25
+    assert out["category_held_out"] == {"n": 4, "auroc": 0.75, "threshold": 0.97, "fpr": 0.0, "tpr": 0.5}
+    assert "empty" not in out
+    no_cal = held_out_metrics(([], []), {"v": held})
+    assert no_cal["threshold"] == 0.5 and no_cal["v"]["fpr"] == 0.5
+    assert math.isnan(operating_point([1, 1], [0.3, 0.9], 0.5)["auroc"])
+
+
+# ---- the run: held-out report, timing, partial checkpoints -------------------------------------
+
+def _base(tmp_path, tokenizer):
+    base = tiny_safety_model(tokenizer).lm
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    (base_dir / "WEIGHTS_SHA256").write_text(weights_sha256(base.state_dict()))
+    return base_dir
+
+
+def _contrast_subset(tmp_path) -> Path:
+    d = tmp_path / "contrast"
+    d.mkdir()
+    for name in ("hate", "privacy", "elections"):
+        lines = (CONTRAST / f"{name}.jsonl").read_text().splitlines()[:8]
+        (d / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def _tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(data_dir=str(DATA_DIR), output_dir=str(tmp_path / "ckpt"), n_benign=4,
+                       n_benign_query_only=4, n_malicious=4, n_malicious_query_only=4,
+                       n_harmful_probe=2, n_jailbreak=1, sharegpt_limit=0, reframes_per_core=0,
+                       validation_fraction=0.2, batch_size=8, lora_r=2, max_response_tokens=6,
+                       contrast_dir=str(_contrast_subset(tmp_path)),
+                       contrast_holdout_categories=("elections",), contrast_calibration_percent=30,
+                       formats=("chat", "raw", "qa", "multi_turn"), **kw)
+
+
+@needs_data
+def test_a_run_reports_held_out_sets_and_times_its_steps(tmp_path, tokenizer):
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("step 2/"):
+            raise KeyboardInterrupt  # as Ctrl-C: what was trained is validated and saved
+
+    cfg = _tiny_cfg(tmp_path, log_every_steps=1, save_every_steps=1, holdout_sources=("jailbreak-template",))
+    summary = train(cfg, _base(tmp_path, tokenizer), log=log)
+    assert summary["interrupted"] and summary["stopped_early"] and summary["steps"] == 2
+    assert summary["seconds_per_step"] > 0 and any(" s/step" in line for line in lines)
+    held = summary["held_out"]
+    assert held["category_held_out"]["n"] == 16 and held["source_held_out"]["n"] == 1
+    assert held["calibration"]["n"] > 0 and 0 <= held["threshold"] <= 1
+    assert {"validation_chat", "validation_raw", "validation_qa", "validation_multi_turn"} <= set(held)
+    saved = json.loads((tmp_path / "ckpt" / "train_summary.json").read_text())
+    assert saved["manifest"]["held_out"]["category_held_out"] == 16
+    assert not partial_dir(cfg.output_dir).exists()  # the final checkpoint supersedes it
+
+
+def test_a_partial_checkpoint_is_loadable(tmp_path, tokenizer):
+    from safety_decoding.model import SafetyConfig
+
+    base_dir = _base(tmp_path, tokenizer)
+    model = tiny_safety_model(tokenizer)
+    scfg = SafetyConfig("tiny", (base_dir / "WEIGHTS_SHA256").read_text(), 64, len(tokenizer))
+    out = tmp_path / "ckpt"
+    for step in (1, 2):  # the second save replaces the first
+        path = save_partial(model, scfg, out, {"steps": step, "total_steps": 9})
+    assert path == tmp_path / "ckpt.partial" and not (tmp_path / "ckpt.partial.tmp").exists()
+    saved = json.loads((path / "ess_config.json").read_text())
+    assert saved["metrics"] == {"steps": 2, "total_steps": 9, "partial": True}
+    loaded = load_safety_model(path, base_dir)
+    assert (loaded.head.weight == model.head.weight).all()
