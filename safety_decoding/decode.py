@@ -33,7 +33,7 @@ import torch
 
 from .attention import use_ess_attention
 from .kv_cache import SlotCache
-from .layout import SlotLayout, sequence_layout, stack_layouts
+from .layout import NOT_RESPONSE, SlotLayout, sequence_layout, stack_layouts
 from .masks import PAD, PROBE, TOKEN, strategic_attention_mask
 from .model import SafetyModel
 from .policy import SafetyParams, SafetyState, Trip
@@ -137,7 +137,8 @@ class RowState:
         Raises:
             whatever building them raises for this request's parameters.
         """
-        return cls(id, req, SafetyState(req.safety), logits_processors(req.sampling),
+        prefill = len(req.prompt.ids) - req.prompt.response_start
+        return cls(id, req, SafetyState(req.safety, prefill=prefill), logits_processors(req.sampling),
                    make_generator(req.sampling), IncrementalDetokenizer(tokenizer),
                    StopStringBuffer(req.sampling.stop))
 
@@ -169,7 +170,7 @@ class RowState:
         """What this row's cache holds at a step boundary: ``[CLS]`` + prompt + every generated
         token but the newest (the next step feeds that one)."""
         p = self.req.prompt
-        return sequence_layout(p.ids, p.query_mask, self.generated_ids[:-1],
+        return sequence_layout(p.ids, p.query_mask, self.generated_ids[:-1], response_start=p.response_start,
                                cls=self.req.safety.enabled)
 
     def truncate(self, t: int) -> None:
@@ -311,7 +312,7 @@ class _Slots:
         B = self.kind.shape[0]
         return _Slots(torch.cat([torch.full((B, width), PAD, dtype=torch.long), self.kind], 1),
                       torch.cat([torch.zeros(B, width, dtype=torch.bool), self.in_query], 1),
-                      torch.cat([torch.full((B, width), -1, dtype=torch.long), self.gen], 1))
+                      torch.cat([torch.full((B, width), NOT_RESPONSE, dtype=torch.long), self.gen], 1))
 
     def drop_from(self, b: int, t: int) -> None:
         """Row ``b``'s slots of ``g_t`` on become ``PAD`` (a truncation to ``t`` tokens)."""
@@ -534,7 +535,7 @@ class DecodeBatch:
         step_pos = torch.zeros(B, q, dtype=torch.long)
         window = torch.zeros(B, q, kv + q, dtype=torch.bool)
         step_reads = torch.zeros(B, q, dtype=torch.bool)
-        new_gen = torch.full((B, q), -1, dtype=torch.long)
+        new_gen = torch.full((B, q), NOT_RESPONSE, dtype=torch.long)
         for b, row in enumerate(rows):
             n = row.n_generated
             step_ids[b, 0] = row.records[-1].id

@@ -25,6 +25,9 @@ from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
 CLS_SLOT = 0
 """Slot of ``[CLS]`` in an unpadded sequence."""
 
+NOT_RESPONSE = -(1 << 30)
+"""`SlotLayout.gen` of a slot that holds no response token (below any window's start)."""
+
 
 def reads_cls_from(query_mask: Sequence[bool]) -> int:
     """First prompt index whose row attends to ``[CLS]``: the token after the last query token
@@ -53,8 +56,9 @@ class SlotLayout:
     positions: tuple[int, ...]
     """Rotary positions."""
     gen: tuple[int, ...]
-    """Index of the response token a slot holds, -1 elsewhere (the decoder's probe windows and
-    truncations address generated tokens by this index)."""
+    """Index of the response token a slot holds: ``0, 1, ...`` for generated tokens, ``-k .. -1``
+    for the ``k`` tokens of a client's prefill, `NOT_RESPONSE` elsewhere (the decoder's probe
+    windows and truncations address response tokens by this index)."""
     prompt_len: int
     """Prompt tokens (``[CLS]`` not counted)."""
     response_len: int
@@ -81,12 +85,12 @@ class SlotLayout:
         return replace(self, ids=self.ids + (0,) * n, kinds=self.kinds + (PROBE,) * n,
                        in_query=self.in_query + (False,) * n,
                        reads_cls=self.reads_cls + (False,) * n,
-                       positions=self.positions + (0,) * n, gen=self.gen + (-1,) * n)
+                       positions=self.positions + (0,) * n, gen=self.gen + (NOT_RESPONSE,) * n)
 
 
 def sequence_layout(prompt_ids: Sequence[int], query_mask: Sequence[bool],
                     response_ids: Sequence[int] = (), *, cls: bool = True,
-                    probes: int = 0) -> SlotLayout:
+                    probes: int = 0, response_start: int | None = None) -> SlotLayout:
     """``[CLS]`` + prompt + response + ``probes`` probe slots.
 
     Args:
@@ -98,6 +102,9 @@ def sequence_layout(prompt_ids: Sequence[int], query_mask: Sequence[bool],
             off: plain decoding with unchanged positions).
         probes: ``PROBE`` slots to append (training's response-window probes; the caller gives
             each its window in the mask).
+        response_start: first prompt index of a client's prefill (`prompt.Prompt.response_start`);
+            its tokens get response indices ``-k .. -1`` so the decoder's probe windows read them,
+            as training's windows do. None: no prefill.
 
     Raises:
         ValueError: ``query_mask`` and ``prompt_ids`` differ in length.
@@ -106,6 +113,7 @@ def sequence_layout(prompt_ids: Sequence[int], query_mask: Sequence[bool],
         raise ValueError(f"query_mask has {len(query_mask)} entries for {len(prompt_ids)} prompt tokens")
     P, R = len(prompt_ids), len(response_ids)
     n = P + R
+    start_response = P if response_start is None else response_start
     start = reads_cls_from(query_mask)
     return SlotLayout(
         ids=(0, *map(int, prompt_ids), *map(int, response_ids)),
@@ -113,14 +121,14 @@ def sequence_layout(prompt_ids: Sequence[int], query_mask: Sequence[bool],
         in_query=(False, *map(bool, query_mask)) + (False,) * R,
         reads_cls=(False,) + tuple(cls and i >= start for i in range(n)),
         positions=tuple(range(1 + n)),
-        gen=(-1,) * (1 + P) + tuple(range(R)),
+        gen=(NOT_RESPONSE,) * (1 + start_response) + tuple(range(start_response - P, R)),
         prompt_len=P, response_len=R).with_probes(probes)
 
 
 @dataclass(frozen=True)
 class SlotBatch:
     """Padded layouts as ``(B, L)`` CPU tensors; padding is ``PAD`` (never attended), id 0,
-    position 0, gen -1."""
+    position 0, gen `NOT_RESPONSE`."""
 
     ids: torch.Tensor
     kinds: torch.Tensor
@@ -156,7 +164,7 @@ def stack_layouts(layouts: Sequence[SlotLayout], left: bool = False) -> SlotBatc
     in_query = torch.zeros(B, L, dtype=torch.bool)
     reads = torch.zeros(B, L, dtype=torch.bool)
     pos = torch.zeros(B, L, dtype=torch.long)
-    gen = torch.full((B, L), -1, dtype=torch.long)
+    gen = torch.full((B, L), NOT_RESPONSE, dtype=torch.long)
     offsets = []
     for b, x in enumerate(layouts):
         o = L - len(x) if left else 0

@@ -184,6 +184,10 @@ class SafetyState:
     """Per-sequence policy state."""
 
     params: SafetyParams
+    prefill: int = 0
+    """Response tokens the client supplied before ``g_0`` (a prefill), indexed ``-prefill .. -1``:
+    the probe windows read them as they read generated tokens (training's windows cover the
+    prefill too), so a harmful prefill after a benign query cannot pass unchecked."""
     query_score: float | None = None
     refused: bool = False
     streak: int = 0
@@ -221,14 +225,15 @@ class SafetyState:
         return self.active and n_generated >= 1 and is_check_step(self.params, n_generated)
 
     def window(self, n_generated: int) -> tuple[int, int]:
-        """Generated-index span ``[lo, hi)`` the probe reads besides the query (rules 1-3)."""
-        p = self.params
+        """Response-index span ``[lo, hi)`` the probe reads besides the query (rules 1-3); a
+        prefill's tokens have the indices ``-prefill .. -1`` before ``g_0``."""
+        p, first = self.params, -self.prefill
         if self.query_score is not None and self.query_score > p.threshold:
-            return 0, min(p.r1, n_generated)  # rule 1 (reached in monitor and reweight modes)
+            return first, min(first + p.r1, n_generated)  # rule 1 (reached in monitor and reweight modes)
         if self.streak:  # rule 3: around the transition S_t until the streak ends
             s = self.streak_start
-            return max(0, s - p.r2), min(n_generated, s + p.r3 + 1)
-        return max(0, n_generated - p.r2), n_generated  # rule 2
+            return max(first, s - p.r2), min(n_generated, s + p.r3 + 1)
+        return max(first, n_generated - p.r2), n_generated  # rule 2
 
     def on_check(self, score: float, n_generated: int) -> Trip | None:
         """Re-check verdict covering ``g_0 .. g_{n_generated-1}``."""

@@ -171,3 +171,12 @@ def test_reweight_bias_grows_with_confidence_and_repeats_then_falls_back():
     assert s2.steer_bias > 1.9 * 8.0 * 0.97 and s2.steering
     s2.on_check(0.99, 3)
     assert s2.on_check(0.99, 4) and s2.refused and not s2.steering  # fourth trip: insert
+
+
+def test_probe_windows_reach_back_into_a_prefill():
+    s = SafetyState(SafetyParams(r1=4, r2=3, r3=2), prefill=5)
+    assert s.window(0) == (-3, 0)  # rule 2 before any generated token: the prefill's tail
+    assert s.window(10) == (7, 10)
+    s.on_query(0.9)  # rule 1: the first r1 response tokens, the prefill's first
+    assert s.window(10) == (-5, -1)
+    assert SafetyState(SafetyParams(r2=3)).window(1) == (0, 1)  # no prefill: as before

@@ -2,7 +2,7 @@
 
 import torch
 
-from safety_decoding.layout import CLS_SLOT, reads_cls_from, sequence_layout, stack_layouts
+from safety_decoding.layout import CLS_SLOT, NOT_RESPONSE, reads_cls_from, sequence_layout, stack_layouts
 from safety_decoding.masks import CLS, PAD, PROBE, TOKEN
 from safety_decoding.prompt import build_chat_prompt
 
@@ -18,10 +18,18 @@ def test_cls_prompt_response_and_probes_take_their_slots():
     assert x.in_query == (False, False, True, True, False, False, False, False, False, False)
     # rows after the last query token (template tail and response) read [CLS]; nothing else
     assert x.reads_cls == (False, False, False, False, True, True, True, True, False, False)
-    assert x.gen == (-1, -1, -1, -1, -1, -1, 0, 1, -1, -1)
+    N = NOT_RESPONSE
+    assert x.gen == (N, N, N, N, N, N, 0, 1, N, N)
     assert [x.prompt_slot(i) for i in range(5)] == [1, 2, 3, 4, 5]
     assert [x.response_slot(j) for j in range(2)] == [6, 7] and list(x.probe_slots) == [8, 9]
     assert sequence_layout(PROMPT, QUERY, RESPONSE).with_probes(2) == x
+
+
+def test_a_prefill_gets_negative_response_indices_before_g0():
+    # prompt tokens 3 and 4 are a client's prefill: response tokens -2, -1, then g_0, g_1
+    x = sequence_layout(PROMPT, QUERY, RESPONSE, response_start=3)
+    N = NOT_RESPONSE
+    assert x.gen == (N, N, N, N, -2, -1, 0, 1)
 
 
 def test_safety_off_masks_the_cls_slot_and_nobody_reads_it():
@@ -42,7 +50,7 @@ def test_padding_left_for_the_decoder_and_right_for_training():
     assert left.ids[0, 5:].tolist() == [0, 11, 12] and left.positions[0, 5:].tolist() == [0, 1, 2]
     right = stack_layouts([short, long])
     assert right.offsets == (0, 0) and right.kinds[0, 3:].tolist() == [PAD] * 5
-    assert (right.gen[0, 3:] == -1).all() and not right.reads_cls[0, 3:].any()
+    assert (right.gen[0, 3:] == NOT_RESPONSE).all() and not right.reads_cls[0, 3:].any()
 
 
 def test_mask_follows_the_layout(tokenizer):
