@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from _http import stream_payloads
+
 from .conftest import REPO, _free_port, wait_healthy
 
 pytestmark = pytest.mark.integration
@@ -22,18 +24,6 @@ pytestmark = pytest.mark.integration
 TIMEOUT = 10  # ESS_SHUTDOWN_TIMEOUT_SECONDS
 # New tokens: well within the timeout even on 2 busy cores (6 steps) / far past it.
 SHORT, LONG = 6, 1000
-
-
-def _stream(url: str, path: str, body: dict, started: threading.Event) -> list[str]:
-    """``data:`` payloads of one stream; httpx raises on a chunked body cut short."""
-    with httpx.stream("POST", url + path, json=body, timeout=120) as r:
-        assert r.status_code == 200
-        payloads = []
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                payloads.append(line[len("data: "):])
-                started.set()
-    return payloads
 
 
 def _bodies(n: int) -> dict[str, tuple[str, dict]]:
@@ -64,7 +54,7 @@ def test_sigterm_drains_then_cuts_and_exits_0(tmp_path):
                 if n == LONG or kind != "completions"]
         started = [threading.Event() for _ in jobs]
         with ThreadPoolExecutor(len(jobs) + 1) as pool:
-            streams = [pool.submit(_stream, url, path, body, ev)
+            streams = [pool.submit(stream_payloads, url, path, body, ev)
                        for (_, _, path, body), ev in zip(jobs, started)]
             whole = pool.submit(httpx.post, url + "/generate", timeout=120,
                                 json=_bodies(LONG)["tgi"][1])

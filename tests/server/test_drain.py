@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from _server_helpers import SlowDecoder, start_server, stream_payloads
+from _http import stream_payloads
+from _server_helpers import SlowDecoder, start_server
 from server.app import create_app
 from server.engine import Engine
 from server.lifecycle import DrainingServer, server_config
