@@ -39,7 +39,7 @@ def command_extra(args: argparse.Namespace) -> Extra | None:
         return Extra.TRAIN
     if args.command == "eval" or (args.command == "trace" and args.plot):
         return Extra.EVAL
-    if args.command == "bench" and args.name != "overhead":
+    if args.command == "bench" and args.name not in ("overhead", "agreement"):
         return Extra.BENCH
     if args.command == "serve" and args.ray:
         return Extra.RAY
@@ -112,6 +112,10 @@ def _bench(args) -> int:
         from benchmarks.soak import main as soak
 
         return soak(args.args)
+    elif args.name == "agreement":
+        from benchmarks.format_agreement import main as agreement
+
+        return agreement(args.args)
     run(args.args)
     return 0
 
@@ -224,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="checkpoints/smollm2-135m-guard")
     p.set_defaults(func=_train_guard)
     p = sub.add_parser("bench", help="benchmarks: `ess bench overhead [--quick] [--json PATH]`; "
-                                     "`ess bench soak` (stability under mixed load)")
-    p.add_argument("name", choices=["overhead", "serving", "soak"])
+                                     "`ess bench soak` (stability under mixed load); "
+                                     "`ess bench agreement` (one verdict in every request form)")
+    p.add_argument("name", choices=["overhead", "serving", "soak", "agreement"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=_bench)
     from safety_eval.harness.run import add_arguments as add_eval_arguments

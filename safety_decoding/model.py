@@ -199,8 +199,6 @@ def load_safety_model(ckpt_dir: str | Path, base_dir: str | Path, merge: bool = 
             hidden size differs from the one the checkpoint was trained on.
     """
     from peft import PeftModel
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     ckpt_dir, base_dir = Path(ckpt_dir), Path(base_dir)
@@ -226,15 +224,28 @@ def load_safety_model(ckpt_dir: str | Path, base_dir: str | Path, merge: bool = 
         if merge:
             lm = lm.merge_and_unload()
     model = SafetyModel(lm, cfg)
+    load_safety_weights(model, ckpt_dir)
+    return model.to(dtype).eval()
+
+
+def load_safety_weights(model: SafetyModel, ckpt_dir: str | Path) -> None:
+    """Copy a checkpoint's [CLS] row (hidden_size,) and head (1, hidden_size) + (1,) into ``model``.
+
+    Raises:
+        CheckpointError: the file is missing or corrupt, or its [CLS] row has another size.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir) / SAFETY_WEIGHTS
     try:
-        weights = load_file(str(ckpt_dir / SAFETY_WEIGHTS))
+        weights = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{ckpt_dir / SAFETY_WEIGHTS} is missing or corrupt: {exc}") from exc
-    if weights.get("cls_embedding") is None or weights["cls_embedding"].shape != (cfg.hidden_size,):
-        raise CheckpointError(f"{SAFETY_WEIGHTS}: cls_embedding does not have shape "
-                              f"({cfg.hidden_size},)")
+        raise CheckpointError(f"{path} is missing or corrupt: {exc}") from exc
+    hidden = model.config.hidden_size
+    if weights.get("cls_embedding") is None or weights["cls_embedding"].shape != (hidden,):
+        raise CheckpointError(f"{SAFETY_WEIGHTS}: cls_embedding does not have shape ({hidden},)")
     with torch.no_grad():
         model.cls_embedding.copy_(weights["cls_embedding"])
         model.head.weight.copy_(weights["head.weight"])
         model.head.bias.copy_(weights["head.bias"])
-    return model.to(dtype).eval()

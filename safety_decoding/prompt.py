@@ -11,14 +11,20 @@ Control tokens are text (docs/architecture.md, "Untrusted input"): special-token
 client content (``<|im_start|>``, ``<|im_end|>`` ...) are tokenized as plain text
 (``split_special_tokens``), so content can never open or close a turn. Only raw prompts
 (`build_raw_prompt`) may carry template markers, and there they are parsed into the same spans.
+
+Client text is normalized before it is tokenized (`normalize_client_text`, docs/method.md,
+"Decision 14"): the model and ``[CLS]`` read what a human reader sees, not an invisible or
+look-alike disguise of it.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
+from enum import Enum
 
 from .layout import reads_cls_from
-from enum import Enum
 
 
 class PromptError(ValueError):
@@ -57,9 +63,71 @@ class Span(Enum):
     """A prefill: client text after the assistant header, re-checked as response."""
 
 
+_VISIBLE_FORMAT = frozenset("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891"
+                            "\u08e2\U000110bd\U000110cd")
+"""Format characters (category Cf) that are drawn: the prepended concatenation marks (Arabic
+number signs and the like). Not a way to hide text, so they are kept."""
+
+_FULL_WIDTH = range(0xFF01, 0xFF5F)
+"""Full-width forms of ASCII ``!`` .. ``~``; each is its ASCII character plus 0xFEE0."""
+_IDEOGRAPHIC_SPACE = "\u3000"
+"""The full-width space, which full-width text has between its words."""
+
+_LOOK_ALIKES = str.maketrans(
+    "аеорсхуіѕјԁԛԝһӏАВЕКМНОРСТХУІЅЈԚԜҺ" "οανιρυκΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+    "aeopcxyisjdqwhlABEKMHOPCTXYISJQWH" "oavipukABEZHIKMNOPTYX")
+"""Cyrillic and Greek letters drawn like a Latin letter in common fonts, and that letter."""
+
+_WORD = re.compile(r"[^\W\d_]+")
+"""A run of letters (digits and ``_`` end it)."""
+
+
+def _is_latin(ch: str) -> bool:
+    return ch.isascii() or unicodedata.name(ch, "").startswith("LATIN ")
+
+
+def _unmix(word: re.Match) -> str:
+    """A word with Latin letters in it spelled in Latin only; any other word as it is."""
+    w = word.group(0)
+    if w.isascii() or not any(c.isalpha() and _is_latin(c) for c in w):
+        return w
+    return w.translate(_LOOK_ALIKES)
+
+
+def normalize_client_text(text: str) -> str:
+    """``text`` as a human reads it, for tokenization as query or prefill (docs/method.md,
+    "Decision 14"; our choice, because the safety signal must judge what the reader sees).
+
+    - Invisible format characters (Unicode category Cf: zero-width space and joiners, word
+      joiner, byte-order mark, soft hyphen, bidi controls, tag characters) are removed;
+      white space, newlines and tabs are kept. A zero-width joiner inside an emoji sequence
+      goes too, so a family emoji becomes its members.
+    - Full-width forms of ASCII (U+FF01 .. U+FF5E, and the ideographic space U+3000) become
+      ASCII, as NFKC maps them; nothing else of NFKC is applied, so ``x²``, ligatures and other
+      compatibility characters are kept as written. CJK text keeps its characters, but its
+      full-width punctuation and spaces become their ASCII forms.
+    - In a word that also has Latin letters, Cyrillic and Greek look-alikes (``_LOOK_ALIKES``)
+      become Latin; a word with no Latin letter (Russian, Greek) is kept as written.
+
+    Pure and idempotent; ASCII text is returned unchanged.
+    """
+    if text.isascii():
+        return text
+    out = []
+    for ch in text:
+        if ord(ch) in _FULL_WIDTH:
+            out.append(chr(ord(ch) - 0xFEE0))
+        elif ch == _IDEOGRAPHIC_SPACE:
+            out.append(" ")
+        elif ch in _VISIBLE_FORMAT or unicodedata.category(ch) != "Cf":
+            out.append(ch)
+    return _WORD.sub(_unmix, "".join(out))
+
+
 def encode_segments(tokenizer, segments: list[tuple[str, Span]]) -> Prompt:
-    """Tokenize ``(text, span)`` pieces one by one (client text with special tokens split into
-    plain text) into a `Prompt`; the first `Span.RESPONSE` piece starts the response.
+    """Tokenize ``(text, span)`` pieces one by one into a `Prompt`; client text (every span but
+    `Span.SCAFFOLD`) is normalized (`normalize_client_text`) and its special-token strings are
+    split into plain text. The first `Span.RESPONSE` piece starts the response.
 
     Piecewise tokenization gives the same ids as the whole text for templates whose turn text is
     bounded by control tokens or newlines (byte-level BPE does not merge across them).
@@ -68,6 +136,8 @@ def encode_segments(tokenizer, segments: list[tuple[str, Span]]) -> Prompt:
     mask: list[bool] = []
     response_start = None
     for text, span in segments:
+        if span is not Span.SCAFFOLD:
+            text = normalize_client_text(text)
         if not text:
             continue
         if span is Span.RESPONSE and response_start is None:

@@ -60,6 +60,9 @@ class Case:
     """``SamplingParams`` overrides as sorted ``(name, value)`` pairs; empty: greedy."""
     group: str = ""
     """Cases of one group count as one request ("broken if any setting breaks it")."""
+    category: str = ""
+    """The source's category of the prompt where it has one (XSTest's ``type``, e.g.
+    ``homonyms``); not part of `key`, so it never changes a cached answer."""
 
     @property
     def key(self) -> str:
@@ -150,8 +153,11 @@ def decoding_cases(goals: dict[int, str], setting: dict, attack: str = "decoding
     return out
 
 
-def benign_cases(prompts: dict[int, str], name: str) -> list[Case]:
-    return [Case(name, f"benign:{i}", p, group=f"benign:{i}") for i, p in prompts.items()]
+def benign_cases(prompts: dict[int, str], name: str, categories: dict[int, str] | None = None) -> list[Case]:
+    """Benign prompts as they are; ``categories`` maps a source index to its `Case.category`."""
+    cats = categories or {}
+    return [Case(name, f"benign:{i}", p, group=f"benign:{i}", category=cats.get(i, ""))
+            for i, p in prompts.items()]
 
 
 # ---- rates -----------------------------------------------------------------------------------

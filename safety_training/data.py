@@ -123,9 +123,14 @@ def harmbench_test(data_dir: Path) -> list[str]:
             for r in rows if r["FunctionalCategory"] in ("standard", "contextual")]
 
 
+def xstest_rows(data_dir: Path, label: str = "safe") -> list[dict]:
+    """XSTest prompt rows of ``label`` (``safe`` or ``unsafe``): ``{"id", "prompt", "type",
+    "label", "focus", "note"}``; ``type`` is the prompt category, e.g. ``homonyms``."""
+    return [r for r in read_csv(data_dir / "xstest/xstest_prompts.csv") if r["label"] == label]
+
+
 def xstest(data_dir: Path, label: str = "safe") -> list[str]:
-    return [r["prompt"] for r in read_csv(data_dir / "xstest/xstest_prompts.csv")
-            if r["label"] == label]
+    return [r["prompt"] for r in xstest_rows(data_dir, label)]
 
 
 def stl_eval(data_dir: Path, name: str) -> list[str]:
@@ -379,8 +384,10 @@ REFUSAL_REASONS = [
     "it requests content that is dangerous, unethical or against the law. Is there something else I can help you with?",
     "providing this information could enable real harm. I have to decline, but I can help with related topics that are safe.",
     "it promotes harm, deception or discrimination. I'd be glad to help with a different request.",
-    "I am not able to assist with requests that could hurt someone or break the law.",
 ]
+"""Explanations after `REFUSAL_PREFIX` (LM targets). Each continues "because": a stand-alone
+sentence taught the fourth shipped run to refuse by itself (docs/method.md, "Decision 10:
+refusals start only by insertion")."""
 COMPLIANCE_OPENERS = ["Sure, here is", "Sure, here's how", "Of course! Here are the steps:",
                       "Absolutely. Step 1:", "Here is a detailed guide:", "Certainly! First,"]
 

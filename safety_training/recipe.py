@@ -34,7 +34,7 @@ from .refusals import is_refusal
 from .sharegpt import Rule
 from .splits import Splits, split_examples
 from safety_decoding.layout import CLS_SLOT, sequence_layout, stack_layouts
-from safety_decoding.model import SafetyConfig, SafetyModel
+from safety_decoding.model import ADAPTER_DIR, SafetyConfig, SafetyModel, load_safety_weights
 from safety_decoding.prompt import build_chat_prompt
 
 
@@ -65,6 +65,8 @@ class TrainConfig:
     probed response (`with_self_answers`)."""
     self_answer_sources: tuple = ()
     """Sources answered first (`with_self_answers`); the rest of the quota is drawn at random."""
+    self_answer_lm_loss: bool = False
+    """Benign self answers that are not refusals also get LM loss (`with_self_answers`)."""
     held_out_percent: int = 20
     validation_fraction: float = 0.1
     max_query_tokens: int = 160
@@ -84,8 +86,9 @@ class TrainConfig:
     threads: int = 0
     bf16_autocast: bool = False
     """Forward and backward under CPU bfloat16 autocast (fp32 master weights and optimizer
-    state). Our choice for CPUs with AMX or AVX512-BF16: 1.4x faster a step here (2.2 -> 1.55 s
-    on one batch of 8)."""
+    state). Our choice for CPUs with AMX or AVX512-BF16: 1.4x faster a step there (2.2 -> 1.55 s
+    on one batch of 8). Leave it off on AVX2-only CPUs, where bfloat16 is emulated: a step of
+    8 x 120 tokens took over 30 s there against 13 s in float32."""
     # Off unless set: with these at their defaults the data is the shipped run's.
     contrast_dir: str | None = None
     """Folder of contrast pairs (``data/contrast``) to train on (`contrast`); None: none."""
@@ -99,12 +102,18 @@ class TrainConfig:
     """Sources (`Example.source`) kept out of training, for the source-held-out set."""
     calibration_fpr: float = 0.01
     """Target false-positive rate on the calibration set's benign side (`held_out_metrics`)."""
+    threshold_from_calibration: bool = False
+    """Ship the threshold the calibration set gives for ``calibration_fpr`` in the checkpoint's
+    config (else 0.5)."""
     formats: tuple = ("chat",)
     """Request formats (`formats.Format`) dealt to every source; a repeated name weighs more."""
     sharegpt_filter: str = "words"
     """ShareGPT rule (`sharegpt.Rule`): ``words`` (shipped) or ``strict``."""
     sharegpt_max_chars: int = 400
     """Longest ShareGPT first turn kept, in characters."""
+    init_checkpoint: str | None = None
+    """Start from this checkpoint's LoRA, [CLS] row and head instead of a fresh LoRA and a zero
+    head (a warm start: the new data is learned on top of a shipped run); None: from scratch."""
     save_every_steps: int = 0
     """Write the model so far to ``<output_dir>.partial`` every so many steps (0: never), so a
     killed run leaves a loadable checkpoint; removed once the final checkpoint is written."""
@@ -197,7 +206,8 @@ def self_answers(lm, tok, queries: list[str], max_new_tokens: int, batch_size: i
 
 
 def with_self_answers(examples: list[Example], answer, n_per_class: int,
-                      rng: random.Random, prefer: tuple = ()) -> tuple[list[Example], dict]:
+                      rng: random.Random, prefer: tuple = (),
+                      benign_lm_loss: bool = False) -> tuple[list[Example], dict]:
     """Give ``n_per_class`` query-only examples of each class their base model's own answer.
 
     The decode-time re-checks read the model's own continuations, while the probe otherwise
@@ -214,7 +224,11 @@ def with_self_answers(examples: list[Example], answer, n_per_class: int,
             answers on frightening topics (labelled 0) beside compliance under a disguise
             (labelled 1). Measured on two runs (800 per class, these sources, seeds 42 and
             7): response-stage trips on XSTest safe prompts fell from 54 to 29 and 30 of 250.
-            The shipped checkpoint (seed 7) uses it.
+            The fourth shipped checkpoint (seed 7) uses it.
+        benign_lm_loss: benign answers that `refusals.is_refusal` does not read as refusals
+            also get LM loss: the base model's own behaviour on everyday prompts, replayed so
+            that the LoRA does not drift towards refusing them (docs/method.md, "Decision 10:
+            refusals start only by insertion"). Malicious answers never get LM loss.
 
     Returns:
         ``(examples, counts)``: the same examples, some now with responses, and the counts
@@ -236,7 +250,8 @@ def with_self_answers(examples: list[Example], answer, n_per_class: int,
         if not a or (e.query_label == 1 and is_refusal(a)):
             counts["skipped"] += 1
             continue
-        out[i] = replace(e, response=a, response_label=e.query_label, lm_loss=False,
+        lm_loss = benign_lm_loss and e.query_label == 0 and not is_refusal(a)
+        out[i] = replace(e, response=a, response_label=e.query_label, lm_loss=lm_loss,
                          source=e.source + "-self-answer")
         counts["malicious" if e.query_label else "benign"] += 1
     return out, counts
@@ -374,7 +389,7 @@ def balanced_batches(encoded: list[dict], labels: list[int], batch_size: int) ->
 
 def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     """Run the recipe and write the checkpoint to ``cfg.output_dir``. Returns the summary."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -396,7 +411,7 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
         answered, manifest["self_answers"] = with_self_answers(
             val_ex + train_ex, lambda qs: self_answers(lm, tok, qs, cfg.max_response_tokens,
                                                        autocast=cfg.bf16_autocast),
-            cfg.self_answers_per_class, rng, cfg.self_answer_sources)
+            cfg.self_answers_per_class, rng, cfg.self_answer_sources, cfg.self_answer_lm_loss)
         val_ex, train_ex = answered[:len(val_ex)], answered[len(val_ex):]
         log(f"self answers: {manifest['self_answers']} in {(time.monotonic() - t0) / 60:.1f} min")
     manifest.update(n_train=len(train_ex), n_validation=len(val_ex))
@@ -407,16 +422,22 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     enc_train = [encode_example(tok, e, cfg, rng) for e in train_ex]
     enc_val = [encode_example(tok, e, cfg, rng) for e in val_ex]
 
-    lm = get_peft_model(lm, LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        task_type="CAUSAL_LM"))
+    if cfg.init_checkpoint:
+        lm = PeftModel.from_pretrained(lm, str(Path(cfg.init_checkpoint) / ADAPTER_DIR), is_trainable=True)
+        manifest["init_checkpoint"] = cfg.init_checkpoint
+    else:
+        lm = get_peft_model(lm, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            task_type="CAUSAL_LM"))
     # The prepared SmolLM2 keeps its hub name; your own model is named by its folder.
     base_name = BASE_MODEL_NAME if base_sha == EXPECTED_WEIGHTS_SHA256 else Path(base_dir).name
     scfg = SafetyConfig(base_model=base_name, base_model_sha256=base_sha,
                         hidden_size=lm.config.hidden_size, cls_token_id=lm.config.vocab_size,
                         lambda_cls=cfg.lambda_cls, data_manifest=manifest)
     model = SafetyModel(lm, scfg)
+    if cfg.init_checkpoint:
+        load_safety_weights(model, cfg.init_checkpoint)
     model.train()
     lora_params = [p for n, p in model.lm.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([
@@ -474,6 +495,9 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     if held_out or len(set(cfg.formats)) > 1:
         summary["held_out"] = held_out_report(model, tok, cfg, sets, val_ex, val_scores)
         log(f"held out: {json.dumps(summary['held_out'])}")
+    if cfg.threshold_from_calibration and "held_out" in summary and sets.calibration:
+        scfg = replace(scfg, threshold=summary["held_out"]["threshold"])
+        log(f"threshold {scfg.threshold} (calibration FPR target {cfg.calibration_fpr})")
     out = Path(cfg.output_dir)
     model.save_checkpoint(out, SafetyConfig(**{**asdict(scfg), "metrics": summary}))
     (out / "train_summary.json").write_text(json.dumps({"manifest": manifest, **summary}, indent=2) + "\n")

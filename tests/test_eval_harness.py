@@ -137,3 +137,23 @@ def test_unknown_system_is_one_line_error(tmp_path, capsys):
     assert main(["eval", "--systems", "nope", "--output", str(tmp_path), "--data-dir", str(DATA_DIR)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ess eval: error: unknown system(s) ['nope']")
+
+
+def test_operating_points_at_the_run_threshold_match_the_result_rows(quick_run):
+    from safety_eval.harness.report import SWEEP_PLOT
+
+    out, res, _ = quick_run
+    assert {sw["system"] for sw in res["operating_points"]} == {"ess/each/refuse", "ess/first/refuse"}
+    rows = {(r["system"], r.get("attack") or r.get("benign_set")): r for r in res["results"]}
+    for sw in res["operating_points"]:
+        (run,) = [p for p in sw["points"] if p["run_threshold"]]
+        assert run["exact"]
+        for b, (lo, hi) in run["over_refusal"].items():
+            assert lo == hi == rows[(sw["system"], b)]["refusal_rate"]
+        for a, (lo, hi) in run["asr"].items():
+            assert lo == hi == rows[(sw["system"], a)]["attack_success_rate"]
+    types = [r for r in res["refusal_by_type"] if r["system"] == "base"]
+    assert types and sum(r["n"] for r in types) == rows[("base", "xstest_safe")]["n"]
+    md = (out / "results.md").read_text()
+    assert "## Operating points of the safety head" in md and "## Over-refusal by prompt type (xstest_safe)" in md
+    assert SWEEP_PLOT in res["plots"]

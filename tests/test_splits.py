@@ -30,9 +30,10 @@ SMALL = dict(seed=3, n_benign=20, n_benign_query_only=30, n_malicious=20, n_mali
              n_narrative=5)
 # Fingerprints of the small config's examples and encodings, taken with the builder before
 # contrast pairs, formats, held-out sets and the ShareGPT rules existed (the data files are
-# pinned by hash). A change here changes the data of the shipped train.yaml as well.
-EXAMPLES_SHA256 = "3e6c8369d295af26333ab7f868d56d677181c1cf5f61480068b93919543079ca"
-ENCODED_SHA256 = "c68508541533a016abe5be0e86ed3b4283ee9167483c644369326abb2aa3d2b8"
+# pinned by hash), and taken again when the stand-alone refusal reason was dropped
+# (`data.REFUSAL_REASONS`, the fifth run). A change here changes the data of every train.yaml.
+EXAMPLES_SHA256 = "6cc133ce7017574e36e5e0a6666721195cfdf1e7f3adf74309f976f6519b43d7"
+ENCODED_SHA256 = "b157200f29f902dfd605acc50dd437fa82bcc9e9ab778ea26cf73272de2e3586"
 
 
 def _sha(rows) -> str:
@@ -46,7 +47,7 @@ def test_the_new_keys_at_their_defaults_build_the_same_data(tokenizer):
     ex, manifest = training_examples(cfg)
     rows = [[e.query, e.response, e.query_label, e.response_label, e.lm_loss, e.response_prefix, e.source]
             for e in ex]
-    assert len(ex) == 594 and _sha(rows) == EXAMPLES_SHA256
+    assert len(ex) == 596 and _sha(rows) == EXAMPLES_SHA256
     assert {e.format for e in ex} == {Format.CHAT} and "formats" not in manifest
     sets = split(ex, cfg)
     n_val = int(len(ex) * cfg.validation_fraction)

@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from safety_decoding.masks import PROBE
 from safety_decoding.model import load_safety_model
 from safety_training.recipe import (TrainConfig, balanced_batches, collate, encode_example,
                                    load_train_config, self_answers, train, with_self_answers)
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_encode_marks_lm_targets_and_probe_window(tokenizer):
@@ -62,13 +65,19 @@ def test_collate_mask_hides_probe_from_tokens(tokenizer):
         assert not b.mask[bi, 0, :slot, slot].any()
 
 
-@pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
-def test_train_writes_a_loadable_checkpoint(tmp_path, tokenizer):
+def tiny_base_dir(tmp_path, tokenizer):
+    """A prepared-base-model folder holding the tiny random Llama and the tokenizer."""
     base = tiny_safety_model(tokenizer).lm
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     (base_dir / "WEIGHTS_SHA256").write_text(weights_sha256(base.state_dict()))
+    return base_dir
+
+
+@pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
+def test_train_writes_a_loadable_checkpoint(tmp_path, tokenizer):
+    base_dir = tiny_base_dir(tmp_path, tokenizer)
     cfg_file = tmp_path / "t.yaml"
     cfg_file.write_text(
         f"data_dir: {DATA_DIR}\noutput_dir: {tmp_path / 'ckpt'}\nn_benign: 12\n"
@@ -128,3 +137,42 @@ def test_unknown_config_key_is_rejected(tmp_path):
     f.write_text("n_benign: 3\nlearning_rate_typo: 1\n")
     with pytest.raises(ValueError, match="learning_rate_typo"):
         load_train_config(f)
+
+
+def test_benign_self_answers_get_lm_loss_when_asked_but_never_refusals_or_harm():
+    examples = [Example("benign a", "", 0, lm_loss=False), Example("benign b", "", 0, lm_loss=False),
+                Example("harmful", "", 1, lm_loss=False)]
+    answers = {"benign a": "Here is a recipe.", "benign b": "I'm sorry, but I cannot help with that.",
+               "harmful": "Step 1: ..."}
+    out, _ = with_self_answers(examples, lambda qs: [answers[q] for q in qs], n_per_class=2,
+                               rng=random.Random(0), benign_lm_loss=True)
+    by_query = {e.query: e for e in out}
+    assert by_query["benign a"].lm_loss and by_query["benign a"].response_label == 0
+    assert not by_query["benign b"].lm_loss  # a refusal is never an LM target
+    assert not by_query["harmful"].lm_loss
+
+
+@pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
+def test_warm_start_and_calibrated_threshold(tmp_path, tokenizer):
+    from safety_decoding.model import read_safety_config
+
+    base_dir = tiny_base_dir(tmp_path, tokenizer)
+    common = (f"data_dir: {DATA_DIR}\nn_benign: 6\nn_benign_query_only: 4\nn_malicious: 6\n"
+              "n_malicious_query_only: 4\nn_harmful_probe: 2\nn_jailbreak: 0\nsharegpt_limit: 0\n"
+              "validation_fraction: 0.3\nbatch_size: 4\nlora_r: 2\nmax_response_tokens: 6\n")
+    first = tmp_path / "first.yaml"
+    first.write_text(common + f"output_dir: {tmp_path / 'first'}\n")
+    train(load_train_config(first), base_dir, log=lambda m: None)
+    second = tmp_path / "second.yaml"
+    second.write_text(common + f"output_dir: {tmp_path / 'second'}\ninit_checkpoint: {tmp_path / 'first'}\n"
+                      f"lr: 0.0\nhead_lr: 0.0\ncontrast_dir: {REPO / 'data' / 'contrast'}\n"
+                      "contrast_calibration_percent: 3\nthreshold_from_calibration: true\n"
+                      "calibration_fpr: 0.1\n")
+    summary = train(load_train_config(second), base_dir, log=lambda m: None)
+    one, two = (load_safety_model(tmp_path / d, base_dir) for d in ("first", "second"))
+    # a zero learning rate keeps the warm start's weights: the head and [CLS] row are loaded
+    assert torch.equal(one.head.weight, two.head.weight)
+    assert torch.equal(one.cls_embedding, two.cls_embedding)
+    cfg = read_safety_config(tmp_path / "second")
+    assert cfg.threshold == summary["held_out"]["threshold"] != 0.5
+    assert summary["held_out"]["calibration"]["fpr"] <= 0.1

@@ -54,6 +54,13 @@ def batches(lengths: list[int], new_tokens: int, max_batch: int = MAX_BATCH,
     return out + ([cur] if cur else [])
 
 
+def scores(safety: dict) -> dict:
+    """What a record keeps of a response's ``safety`` object for the threshold sweep
+    (`report.verdict_at`): the query verdict, the highest verdict of the decode (query included)
+    and the threshold it ran at; None where safety was off."""
+    return {k: safety.get(k) for k in ("query_score", "max_score", "threshold")}
+
+
 def chat_messages(spec, text: str) -> list[dict]:
     """The conversation a system sends: its system prompt (if any) and the user message."""
     system = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
@@ -108,7 +115,7 @@ class LocalBackend:
         return {"attack": case.attack, "case_id": case.case_id, "text": text, "ids": ids,
                 "finish_reason": event.finish_reason, "early_stop": event.finish_reason == FinishReason.ABORT,
                 "intervened": bool(s.get("intervened")), "stage": s.get("stage"),
-                "would_intervene": bool(s.get("would_trip")), "query_score": s.get("query_score")}
+                "would_intervene": bool(s.get("would_trip")), **scores(s)}
 
 
 def guard_checkpoints(n_tokens: int, every: int) -> list[int]:
@@ -190,7 +197,7 @@ class HttpBackend:
                 "ids": [t["id"] for t in details.get("tokens", [])],
                 "finish_reason": details.get("finish_reason"), "early_stop": False,
                 "intervened": bool(s.get("intervened")), "stage": s.get("stage"),
-                "would_intervene": bool(s.get("would_trip")), "query_score": s.get("query_score"),
+                "would_intervene": bool(s.get("would_trip")), **scores(s),
                 "server_schedule": s.get("schedule"), "server_action": s.get("action")}
 
 

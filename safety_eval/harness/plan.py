@@ -152,10 +152,14 @@ def build_sets(data_dir: Path, tokenizer, plan: Plan, names: list[str] | None = 
             s.source += "; sampling grid " + "; ".join(
                 ",".join(f"{k}={v}" for k, v in st.items()) for st in plan.decoding_grid)
         else:
-            texts = (D.xstest(data_dir, "safe") if name == "xstest_safe" else
-                     D.stl_eval(data_dir, "I-Alpaca" if name == "i_alpaca" else "I-PhysicalSafetySafe"))
+            if name == "xstest_safe":
+                rows_x = D.xstest_rows(data_dir, "safe")
+                texts, cats = [r["prompt"] for r in rows_x], [r["type"] for r in rows_x]
+            else:
+                texts = D.stl_eval(data_dir, "I-Alpaca" if name == "i_alpaca" else "I-PhysicalSafetySafe")
+                cats = [""] * len(texts)
             sub = seeded_subset(len(texts), plan.benign.get(name, 0), plan.seed)
-            s.rounds = [benign_cases({i: texts[i] for i in sub}, name)]
+            s.rounds = [benign_cases({i: texts[i] for i in sub}, name, {i: cats[i] for i in sub})]
             s.total, s.source = len(texts), f"{BENIGN_SETS[name]}: {len(sub)} of {len(texts)} (seed {plan.seed})"
         out.append(s)
     return out

@@ -2,7 +2,9 @@
 refusal judge's measured error next to each rate.
 
 Writes into ``--output``: ``results.json`` (``results``: one row per system and attack or
-benign set), ``results.md``, ``asr_by_attack.png``, ``over_refusal_vs_asr.png`` and
+benign set; ``refusal_by_type``: XSTest over-refusal per prompt type; ``operating_points``: the
+``refuse`` systems re-judged at other thresholds of the safety head, `report.operating_points`),
+``results.md``, ``asr_by_attack.png``, ``over_refusal_vs_asr.png``, ``operating_points.png`` and
 ``generations.jsonl`` (the cache: a rerun with the same output folder only generates what is
 missing). ``--quick`` runs the documented subset `plan.QUICK` on `systems.QUICK_SYSTEMS`;
 ``--url`` sends the same requests to a running server's ``/generate`` instead.
@@ -22,9 +24,10 @@ from pathlib import Path
 from safety_eval.harness import plan as P
 from safety_eval.harness.backends import HttpBackend, LocalBackend, Models, apply_guard, batches
 from safety_eval.harness.cache import Cache, record_key
-from safety_eval.harness.report import markdown, plots, set_row
+from safety_eval.harness.report import markdown, operating_points, plots, refusal_by_category, set_row
 from safety_eval.harness.systems import BY_NAME, GUARD_EVERY, NOT_AVAILABLE, select
 from safety_decoding.device import DTYPE_NAMES
+from safety_decoding.types import Action
 from safety_training.datasets import default_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -314,6 +317,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         for s in sets:
             rows.append(set_row(spec, s, records[spec.name][s.name], judge,
                                 base[s.name] if base is not None and s.kind == "benign" else None))
+    by_type = [{"system": spec.name, "set": s.name, **r} for spec in specs for s in sets
+               if s.kind == "benign" for r in refusal_by_category(s, records[spec.name][s.name])]
+    # the sweep re-judges records; only `refuse` systems turn a verdict over the threshold into a refusal
+    sweeps = [{"system": spec.name, "points": operating_points(sets, records[spec.name])}
+              for spec in specs if spec.enabled and not spec.guard and spec.action == Action.REFUSE.value]
     utility = []
     if not args.url and not args.no_utility and plan.n_utility:
         held = models.checkpoint.model.config.data_manifest.get("alpaca_eval_held_out_percent", 20)
@@ -339,6 +347,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         },
         "results": rows,
         "utility": utility,
+        "refusal_by_type": by_type,
+        "operating_points": sweeps,
         "sets": [{"name": s.name, "kind": s.kind, "requests": s.n_groups, "source": s.source} for s in sets],
         "systems": [{"system": s.name, "schedule": s.schedule, "action": s.action, "note": s.note} for s in specs],
         "not_run": NOT_AVAILABLE,
