@@ -140,23 +140,11 @@ def finish_reason(url: str, path: str, body: dict) -> str:
     return reasons[0]
 
 
-# Rows the shipped head gets wrong, measured on it: its head was trained on single-turn chat
-# spans of user text only, so packaging it never saw weakens the verdict. The retrain on every
-# format (docs/method.md, "Decision 6") must clear this list.
-TOPIC_WORDS = ("the shipped head judges topic words ('bank password'), not intent; the retrain on "
-               "contrast pairs (data/contrast) fixes it")
-UNSEEN_FORMAT = ("the shipped head never saw this format in training (raw text, a request split "
-                 "across turns); the retrain on every format fixes it")
-KNOWN_MISSES: dict[str, str] = {
-    **{f"harmful:{r}-untemplated-{i}": UNSEEN_FORMAT for r in RAW_ROUTES for i in (0, 1)},
-    **{f"harmful:{r}-split_across_turns-0": UNSEEN_FORMAT for r in (*RAW_ROUTES, *CHAT_ROUTES)},
-    **{f"benign:{r}-{f}-1": TOPIC_WORDS for r in TGI_ROUTES for f in ("plain", "prefill")},
-    **{f"benign:{r}-{f}-1": TOPIC_WORDS for r in (*RAW_ROUTES, *CHAT_ROUTES)
-       for f in ("plain", "prefill", "client_assistant_turn", "split_across_turns")},
-    # Normalized, these two are the plain request's tokens (the homoglyph one keeps a Cyrillic "а").
-    **{f"benign:chat-{d}-1": TOPIC_WORDS for d in ("zero_width", "full_width")},
-}
-"""Measured on the shipped checkpoint (greedy, bfloat16 on 2 CPU cores), 2026-12-02."""
+# Rows the shipped head gets wrong, each with its cause (xfail). Empty since the fifth run:
+# its head trained on every format and on contrast pairs, and the 32 rows the fourth run missed
+# (raw and split harmful requests, benign "bank password" topic words, disguised benign rows)
+# all pass (measured on 2 CPU cores, 2026-12-02). A row that starts failing goes here, with why.
+KNOWN_MISSES: dict[str, str] = {}
 
 
 def _params(texts, label):
