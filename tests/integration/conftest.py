@@ -15,6 +15,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def server_env() -> dict:
+    """The test server's environment: float32 unless ``ESS_DTYPE`` is set. Our choice: the
+    verdicts these tests assert were measured in float32, and ``auto`` picks bfloat16 on CPUs
+    with AMX or AVX512-BF16, where a score near the threshold could flip."""
+    return {**os.environ, "ESS_DTYPE": os.environ.get("ESS_DTYPE", "float32")}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,7 +49,7 @@ def server_url():
     port = _free_port()
     log = open(REPO / "tests" / "integration" / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "ess.cli", "serve", "--port", str(port)],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=server_env())
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url)

@@ -16,7 +16,7 @@ CLASS_FLOOR = 0.90
 
 
 def test_same_verdict_in_every_form():
-    decoder, _ = load()
+    decoder, _ = load(dtype="float32")  # the precision the figures were measured in
     result = measure(decoder, load_requests())
     print("\n" + report(result))
     a = result["agreement"]
