@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from safety_training.datasets import default_data_dir
@@ -53,3 +59,82 @@ def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def free_port() -> int:
+    """A free localhost TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ChildServer:
+    """An HTTP server in a child process on a free localhost port (``ess serve`` or a peer such
+    as ``llama-server``), its log in a temporary file (a pipe nobody reads would fill up and
+    block a long run).
+
+    Args:
+        argv: the command; ``{port}`` in any argument is replaced by the chosen port.
+        env: added to this process's environment (``ESS_PORT`` is set to the port too).
+        name: for messages.
+        health: the path that answers 200 once the model is loaded.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, name: str = "server",
+                 health: str = "/health"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name, self.health = name, health
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"{name}-", suffix=".log", delete=False)
+        full = {**os.environ, "ESS_HOST": "127.0.0.1", "ESS_PORT": str(self.port), **(env or {})}
+        self.proc = subprocess.Popen([a.replace("{port}", str(self.port)) for a in argv], cwd=REPO,
+                                     env=full, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @classmethod
+    def ess(cls, env: dict[str, str] | None = None) -> "ChildServer":
+        """``ess serve`` on the shipped checkpoint unless ``env`` names another."""
+        return cls([sys.executable, "-m", "ess.cli", "serve"],
+                   {"ESS_CHECKPOINT": str(CHECKPOINT), **(env or {})}, name="ess-serve")
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Poll ``health`` until 200.
+
+        Raises:
+            RuntimeError: the process exited or did not become healthy in ``timeout`` seconds.
+        """
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {self.log_tail()}")
+            try:
+                if httpx.get(self.url + self.health, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not become healthy: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-chars:]
+
+    def peak_rss_bytes(self) -> int | None:
+        """The process's peak resident memory (Linux ``VmHWM``), None where unreadable."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM (``ess serve`` drains), then the exit status; killed after ``timeout`` s (None)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None

@@ -15,9 +15,7 @@ Usage: ``python -m benchmarks.held_out --config checkpoints/smollm2-135m-ess/tra
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from pathlib import Path
 
 from benchmarks.common import CHECKPOINT, markdown_table, write_json
 

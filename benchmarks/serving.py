@@ -32,14 +32,12 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks.common import CHECKPOINT, REPO, markdown_table, write_json
+from benchmarks.common import CHECKPOINT, ChildServer, markdown_table, write_json
 from safety_decoding.device import DTYPE_NAMES
 from safety_decoding.types import Schedule
 
@@ -100,45 +98,6 @@ async def closed_loop(send, requests: list[tuple[str, int]], concurrency: int) -
 
 
 # ---- ESS over HTTP ---------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``ess serve`` in a child process; ``env`` adds ``ESS_*`` settings."""
-
-    def __init__(self, env: dict[str, str]):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full = {**os.environ, "ESS_PORT": str(self.port), "ESS_CHECKPOINT": str(CHECKPOINT), **env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "ess.cli", "serve"], cwd=REPO, env=full,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ess serve exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("ess serve did not become healthy")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
 
 def http_sender(client, url: str):
     async def send(prompt: str, n: int) -> dict:
@@ -268,7 +227,7 @@ def main(argv=None) -> dict:
         if schedule:
             env["ESS_SAFETY_SCHEDULE"] = schedule
         print(f"ess serve (safety {'on, ' + schedule if safety else 'off'}) ...", file=sys.stderr)
-        server = ServerProcess(env)
+        server = ChildServer.ess(env)
         try:
             server.wait_ready()
             for point in asyncio.run(run_http(server.url, requests_for, conc)):

@@ -37,10 +37,7 @@ import ipaddress
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,7 +45,7 @@ from enum import Enum
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from benchmarks.common import CHECKPOINT, REPO, markdown_table, write_json
+from benchmarks.common import ChildServer, markdown_table, write_json
 
 PROMPTS = ("Give me a short recipe for pancakes.", "What is the capital of France?",
            "Write a haiku about the sea.", "Explain recursion to a child.",
@@ -531,49 +528,6 @@ def summary_table(rep: dict) -> str:
 # ---- a server of our own ---------------------------------------------------------------------
 
 
-class OwnServer:
-    """``ess serve`` on a free localhost port, its log in a temporary file (a pipe nobody
-    reads would fill and block the server during a long soak)."""
-
-    def __init__(self):
-        from benchmarks.serving import _free_port
-
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="ess-soak-", suffix=".log",
-                                               delete=False)
-        env = {"ESS_CHECKPOINT": str(CHECKPOINT), **os.environ, "ESS_HOST": "127.0.0.1",
-               "ESS_PORT": str(self.port)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "ess.cli", "serve"], cwd=REPO,
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ess serve exited ({self.proc.returncode}); "
-                                   f"see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"ess serve did not become healthy; see {self.log.name}")
-
-    def stop(self) -> int | None:
-        """SIGTERM (the drain), then the exit status; killed after 60 s (None)."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ess bench soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -597,7 +551,7 @@ def main(argv=None) -> int:
         pid = listening_pid(url_port(url))
     else:
         print("starting ess serve ...", file=sys.stderr)
-        server = OwnServer()
+        server = ChildServer.ess()
         url, pid = server.url, server.proc.pid
     try:
         if server:

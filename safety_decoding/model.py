@@ -70,6 +70,23 @@ class SafetyModel(nn.Module):
         self.head = nn.Linear(H, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.fused = None
+        """A `fused.FusedBody` that replaces the body and LM head in `hidden_states` and
+        `lm_logits` while autograd is off (set by `use_fused_forward`; it copies the weights,
+        so call it again after changing them), or None."""
+
+    def use_fused_forward(self, on: bool = True) -> bool:
+        """Run the body and LM head through `fused.FusedBody` (built now from the current
+        weights) or, with ``on`` False, through transformers' modules again.
+
+        Returns:
+            Whether the fused forward is on: False where the body cannot be fused (LoRA not
+            merged, a layer that is not Llama-shaped), and the model stays as it was.
+        """
+        from .fused import FusedBody, can_fuse
+
+        self.fused = FusedBody(self.decoder, self._causal_lm().lm_head) if on and can_fuse(self.decoder) else None
+        return self.fused is not None
 
     def _causal_lm(self) -> nn.Module:
         lm = self.lm
@@ -99,6 +116,8 @@ class SafetyModel(nn.Module):
         Returns:
             ``(hidden (B, q, H) after the final norm, cache)``.
         """
+        if self.fused is not None and not torch.is_grad_enabled():  # never under autograd
+            return self.fused(self.embed(ids, kinds), attention_mask, position_ids, past_key_values), past_key_values
         out = self.decoder(
             inputs_embeds=self.embed(ids, kinds),
             attention_mask=attention_mask,
@@ -110,6 +129,8 @@ class SafetyModel(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` -> ``(..., V)`` next-token logits."""
+        if self.fused is not None and not torch.is_grad_enabled():
+            return self.fused.lm_logits(hidden)
         return self._causal_lm().lm_head(hidden)
 
     def safety_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ def build_app(settings, decoder=None):
     def load() -> Decoder:
         base = resolve_base_model(settings.base_model_dir)
         try:
-            return Decoder.from_checkpoint(settings.checkpoint, base, settings.device, settings.dtype)
+            return Decoder.from_checkpoint(settings.checkpoint, base, settings.device, settings.dtype,
+                                           fused=settings.fused_forward)
         except (CheckpointError, ValueError) as exc:
             raise ServeError(str(exc)) from exc
 
@@ -55,7 +56,8 @@ def build_app(settings, decoder=None):
         decoder = load_off_thread(load)
     engine = Engine(decoder, max_num_seqs=settings.max_num_seqs,
                     max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting,
-                    request_timeout=settings.request_timeout_seconds)
+                    request_timeout=settings.request_timeout_seconds,
+                    prefill_chunk=settings.prefill_chunk or None)
     try:
         return create_app(engine, settings)
     except ParameterError as exc:

@@ -182,6 +182,7 @@ class Engine:
             `EngineOverloaded`.
         request_timeout: seconds from submit after which a request is stopped at the next
             step boundary and fails with `EngineTimeout`; None: no limit.
+        prefill_chunk: tokens per chunk of a long join's prefill (`DecodeBatch`); None: off.
         metrics: where to record; a fresh `Metrics` (own registry) when None.
 
     Raises:
@@ -193,7 +194,7 @@ class Engine:
 
     def __init__(self, decoder: Decoder, *, max_num_seqs: int = 8, max_batched_tokens: int = 4096,
                  max_waiting: int = 64, request_timeout: float | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, prefill_chunk: int | None = None):
         if max_waiting < 0 or max_num_seqs < 1 or max_batched_tokens < 1:
             raise ValueError("need max_waiting >= 0, max_num_seqs >= 1, max_batched_tokens >= 1")
         if request_timeout is not None and request_timeout <= 0:
@@ -203,6 +204,7 @@ class Engine:
         self.max_batched_tokens = max_batched_tokens
         self.max_waiting = max_waiting
         self.request_timeout = request_timeout
+        self.prefill_chunk = prefill_chunk
         self.metrics = metrics if metrics is not None else Metrics()
         self._cv = threading.Condition()  # an RLock inside: helpers may re-enter it
         self._waiting: deque[_Job] = deque()
@@ -320,7 +322,21 @@ class Engine:
     # ---- engine thread -----------------------------------------------------------------------
 
     def _serve(self) -> None:
-        batch = self._decoder.new_batch()
+        """The thread's body. A bug that escapes the loop fails every request in flight and
+        stops the engine (health turns 503) instead of leaving clients waiting forever."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.exception("engine thread crashed")
+            with self._cv:
+                self._stopping = True
+                jobs = list(self._waiting) + list(self._running)
+                self._waiting.clear()
+            self._fail(jobs, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+            raise
+
+    def _loop(self) -> None:
+        batch = self._decoder.new_batch(self.prefill_chunk)
         jobs: dict[int, _Job] = {}  # StepEvent.index -> job
         while True:
             new = self._admit(len(batch))
@@ -410,7 +426,7 @@ class Engine:
         jobs.clear()
         if failed:
             self._fail([job for _, job in failed], exc)
-        fresh = self._decoder.new_batch()
+        fresh = self._decoder.new_batch(self.prefill_chunk)
         if not retry:
             return fresh
         for _, job in retry:

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     dtype: Literal[DTYPE_NAMES] = Field(
         "auto", description="ESS_DTYPE: weights and activations; `auto` is bfloat16 on CUDA and on "
                             "CPUs with AMX or AVX512-BF16 (native bf16 matmuls), float32 elsewhere.")
+    fused_forward: bool = Field(
+        True, description="ESS_FUSED_FORWARD: run the model through our fused forward (fused "
+                          "projections, weights prepacked for oneDNN on CPU; the same function); "
+                          "false: transformers' modules (the fallback).")
 
     safety_enabled: bool = Field(
         True, description="ESS_SAFETY_ENABLED: false serves the model without `[CLS]` and without "
@@ -81,6 +85,10 @@ class Settings(BaseSettings):
     max_batched_tokens: int = Field(
         4096, ge=1, description="ESS_MAX_BATCHED_TOKENS: prompt tokens one prefill may take; "
                                 "requests past it join at a later step (a longer prompt runs alone).")
+    prefill_chunk: int = Field(
+        64, ge=0, description="ESS_PREFILL_CHUNK: a join whose prompt is longer than this "
+                                         "(tokens) prefills in chunks of it, one per decode step, so "
+                                         "running streams are not stalled by a whole prompt; 0: off.")
     max_waiting: int = Field(
         64, ge=0, description="ESS_MAX_WAITING: requests queued behind the running batch; more "
                               "get HTTP 429.")

@@ -12,6 +12,16 @@ from conftest import scripted_model
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+@pytest.fixture(autouse=True, params=[True, False], ids=["fused", "eager"])
+def forward_path(request, monkeypatch):
+    """Every test here runs on the fused forward (the default) and on transformers' (the
+    ``ESS_FUSED_FORWARD=false`` fallback)."""
+    init = Decoder.__init__
+    monkeypatch.setattr(Decoder, "__init__",
+                        lambda self, model, tok, fused=True: init(self, model, tok, fused=request.param))
+    return request.param
+
+
 def run(decoder, prompt, sampling=None, safety=None):
     events = [e for step in decoder.generate([GenerationRequest(
         prompt, sampling or SamplingParams(max_new_tokens=24), safety or SafetyParams())]) for e in step]

@@ -37,8 +37,8 @@ class SlowDecoder(Decoder):
         self.adds: list[int] = []
         """Requests per prefill (`DecodeBatch.add` call)."""
 
-    def new_batch(self):
-        return RecordingBatch(self)
+    def new_batch(self, prefill_chunk=None):
+        return RecordingBatch(self, prefill_chunk)
 
     def after_step(self, batch):
         if self.delay:

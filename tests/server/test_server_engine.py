@@ -186,6 +186,22 @@ def test_submit_before_start_is_refused(tiny_model, tokenizer):
     asyncio.run(main())
 
 
+def test_a_crashed_engine_thread_fails_start_instead_of_hanging(tiny_model, tokenizer):
+    class Broken(Decoder):
+        def new_batch(self, prefill_chunk=None):
+            raise RuntimeError("bug outside the decode step")
+
+    async def main():
+        engine = Engine(Broken(tiny_model, tokenizer))
+        with pytest.raises(EngineError, match="bug outside"):
+            await asyncio.wait_for(engine.start(), 10)
+        assert not engine.ready
+        with pytest.raises(EngineNotRunning):
+            engine.submit(_request(tokenizer))
+
+    asyncio.run(main())
+
+
 def test_requests_join_the_running_batch_and_match_solo_runs(tiny_model, tokenizer):
     """Continuous batching: a request submitted while another decodes starts before that one
     ends, and both produce what they produce alone (greedy)."""

@@ -1,0 +1,109 @@
+"""The fused serving forward computes transformers' function (safety_decoding/fused.py)."""
+
+import pytest
+import torch
+
+from safety_decoding.decode import Decoder, GenerationRequest
+from safety_decoding.fused import FusedBody, Projection, can_fuse
+from safety_decoding.kv_cache import SlotCache
+from safety_decoding.layout import sequence_layout, stack_layouts
+from safety_decoding.masks import PROBE, TOKEN, strategic_attention_mask
+from safety_decoding.policy import SafetyParams
+from safety_decoding.prompt import build_chat_prompt
+from safety_decoding.sampling import SamplingParams
+from safety_decoding.types import Schedule
+
+from conftest import tiny_safety_model
+
+PROMPTS = ["What is the capital of France?", "Name three colours, please.", "Write a haiku about rain."]
+
+
+def _both(model, fn):
+    """``fn()`` with transformers' forward, then with the fused one."""
+    out = []
+    for on in (False, True):
+        model.use_fused_forward(on)
+        with torch.inference_mode():
+            out.append(fn())
+    model.use_fused_forward(False)
+    return out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_prefill_and_a_probe_step_match_transformers(tokenizer, bias):
+    model = tiny_safety_model(tokenizer, seed=1)
+    if bias:  # a Llama with attention biases: the fused q/k/v bias is the three concatenated
+        for layer in model.decoder.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias = torch.nn.Parameter(torch.randn(lin.out_features) * 0.1)
+    prompts = [build_chat_prompt(tokenizer, [{"role": "user", "content": t}]) for t in PROMPTS[:2]]
+    batch = stack_layouts([sequence_layout(p.ids, p.query_mask, [], response_start=p.response_start)
+                           for p in prompts], left=True)
+
+    def forward():
+        cache = SlotCache(model.decoder.config)
+        h, _ = model.hidden_states(batch.ids, batch.kinds, batch.positions, batch.mask(), cache)
+        kv = batch.kinds.shape[1]  # one step: a token row and a probe row per sequence
+        kinds = torch.cat([batch.kinds, torch.tensor([[TOKEN, PROBE]] * 2)], 1)
+        in_query = torch.cat([batch.in_query, torch.zeros(2, 2, dtype=torch.bool)], 1)
+        rows = torch.arange(kv, kv + 2).expand(2, 2)
+        mask = strategic_attention_mask(kinds, in_query, rows, torch.ones(2, 2, dtype=torch.bool))
+        step, _ = model.hidden_states(torch.tensor([[42, 0], [43, 0]]), kinds[:, kv:],
+                                      torch.tensor([[len(prompts[0].ids) + 1, 0]] * 2), mask, cache)
+        return h, step, model.lm_logits(step[:, 0])
+
+    eager, fused = _both(model, forward)
+    for a, b in zip(eager, fused):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_generation_is_the_same_on_both_paths(tiny_model, tokenizer):
+    """Greedy text, finish reasons and every verdict agree, for a batch with probe steps."""
+    def generate(fused):
+        dec = Decoder(tiny_model, tokenizer, fused=fused)
+        assert (tiny_model.fused is not None) == fused
+        reqs = [GenerationRequest(build_chat_prompt(tokenizer, [{"role": "user", "content": t}]),
+                                  SamplingParams(max_new_tokens=16),
+                                  SafetyParams(schedule=Schedule.EACH, threshold=0.99))
+                for t in PROMPTS]
+        out = {}
+        for step in dec.generate(reqs):
+            for e in step:
+                text, _ = out.get(e.index, ("", None))
+                out[e.index] = (text + e.text, e)
+        return [(out[i][0], out[i][1].finish_reason, out[i][1].safety["max_score"]) for i in range(len(PROMPTS))]
+
+    eager, fused = generate(False), generate(True)
+    tiny_model.use_fused_forward(False)
+    assert [e[:2] for e in eager] == [f[:2] for f in fused]
+    assert [e[2] for e in eager] == pytest.approx([f[2] for f in fused], abs=1e-5)
+    assert any(e[0] for e in eager)
+
+
+def test_lora_model_is_not_fused(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_safety_model(tokenizer)
+    model.lm = get_peft_model(model.lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert not can_fuse(model.decoder)
+    assert model.use_fused_forward(True) is False and model.fused is None
+    with pytest.raises(ValueError, match="merge LoRA"):
+        FusedBody(model.decoder, model._causal_lm().lm_head)
+
+
+def test_fused_forward_is_never_used_under_autograd(tokenizer):
+    """Training reads the model's own parameters: gradients must reach them."""
+    model = tiny_safety_model(tokenizer)
+    assert model.use_fused_forward(True)
+    layout = stack_layouts([sequence_layout([5, 6, 7], [True] * 3, [])])
+    h, _ = model.hidden_states(layout.ids, layout.kinds, layout.positions, layout.mask())
+    h.sum().backward()
+    assert model.decoder.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_projection_matches_linear(rows):
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    x = torch.randn(3, rows, 32)
+    torch.testing.assert_close(Projection(w, b)(x), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
