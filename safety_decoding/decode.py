@@ -709,8 +709,6 @@ class Decoder:
 
         dev = resolve_device(device)
         model = load_safety_model(checkpoint, base_dir, dtype=resolve_dtype(dtype, dev)).to(dev)
-        if fused:  # the decoder owns this model: the packed weights replace the originals
-            model.use_fused_forward(True, release=True)
         return cls(model, AutoTokenizer.from_pretrained(str(base_dir)), fused=fused)
 
     def refusal_ids(self, row: RowState) -> list[int]:

@@ -16,10 +16,7 @@ transformers' forward) with
   are transformers' own.
 
 Inference only (no dropout, no LoRA: build it from merged weights), and the weights are
-copies: a model trained further needs a new `FusedBody`. A server that owns its model builds
-it with ``release=True``, which frees each layer's own weights once they are packed, so the
-packed copy does not double the weights' memory (the transformers modules of those layers
-cannot run after that). Our choice, in the style of
+copies: a model trained further needs a new `FusedBody`. Our choice, in the style of
 gpt-fast's ``generate.py``; ``ESS_FUSED_FORWARD=false`` keeps transformers' forward.
 """
 
@@ -96,17 +93,14 @@ def _bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach()
 
 
-def _projections(layer: nn.Module) -> list[nn.Module]:
-    attn, mlp = layer.self_attn, layer.mlp
-    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-
-
 def can_fuse(body: nn.Module) -> bool:
     """True when every projection of ``body`` is a plain ``nn.Linear`` (no LoRA or quantized
     wrappers) and its layers are Llama-shaped."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
     try:
-        return all(type(lin) is nn.Linear and lin.weight.numel() for layer in body.layers
-                   for lin in _projections(layer))
+        return all(type(getattr(layer.self_attn, n)) is nn.Linear for layer in body.layers for n in names) and \
+            all(type(getattr(layer.mlp, n)) is nn.Linear for layer in body.layers
+                for n in ("gate_proj", "up_proj", "down_proj"))
     except AttributeError:
         return False
 
@@ -120,15 +114,10 @@ class FusedBody:
         ValueError: ``body`` has a projection that is not a plain ``nn.Linear`` (see `can_fuse`).
     """
 
-    def __init__(self, body: nn.Module, lm_head: nn.Linear, release: bool = False):
+    def __init__(self, body: nn.Module, lm_head: nn.Linear):
         if not can_fuse(body):
             raise ValueError("FusedBody needs merged, plain nn.Linear projections (merge LoRA first)")
-        self.layers, self.released = [], release
-        for layer in body.layers[: body.config.num_hidden_layers]:
-            self.layers.append(FusedLayer(layer))
-            if release:  # layer by layer: the peak holds one layer's copy, not the model's
-                for lin in _projections(layer):
-                    lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
+        self.layers = [FusedLayer(layer) for layer in body.layers[: body.config.num_hidden_layers]]
         self.norm, self.rotary = body.norm, body.rotary_emb
         self.lm_head = Projection(lm_head.weight.detach(), _bias(lm_head))
 

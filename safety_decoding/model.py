@@ -75,31 +75,17 @@ class SafetyModel(nn.Module):
         `lm_logits` while autograd is off (set by `use_fused_forward`; it copies the weights,
         so call it again after changing them), or None."""
 
-    def use_fused_forward(self, on: bool = True, release: bool = False) -> bool:
+    def use_fused_forward(self, on: bool = True) -> bool:
         """Run the body and LM head through `fused.FusedBody` (built now from the current
         weights) or, with ``on`` False, through transformers' modules again.
 
-        Args:
-            release: free the body's own projection weights once packed (a server that owns
-                the model: the packed copy then costs no extra memory); transformers' forward
-                cannot run after that.
-
         Returns:
             Whether the fused forward is on: False where the body cannot be fused (LoRA not
-            merged, a layer that is not Llama-shaped, weights released), and the model stays
-            as it was.
-
-        Raises:
-            RuntimeError: ``on`` False after the weights were released.
+            merged, a layer that is not Llama-shaped), and the model stays as it was.
         """
         from .fused import FusedBody, can_fuse
 
-        if not on and self.fused is not None and self.fused.released:
-            raise RuntimeError("the body's weights were released to the fused forward")
-        if on and self.fused is not None and self.fused.released:
-            return True  # nothing left to rebuild from
-        self.fused = FusedBody(self.decoder, self._causal_lm().lm_head, release) \
-            if on and can_fuse(self.decoder) else None
+        self.fused = FusedBody(self.decoder, self._causal_lm().lm_head) if on and can_fuse(self.decoder) else None
         return self.fused is not None
 
     def _causal_lm(self) -> nn.Module:

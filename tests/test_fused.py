@@ -107,19 +107,3 @@ def test_projection_matches_linear(rows):
     w, b = torch.randn(48, 32), torch.randn(48)
     x = torch.randn(3, rows, 32)
     torch.testing.assert_close(Projection(w, b)(x), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
-
-
-def test_release_frees_the_layer_weights_and_keeps_the_outputs(tokenizer):
-    model = tiny_safety_model(tokenizer, seed=2)
-    layout = stack_layouts([sequence_layout([5, 6, 7, 8], [True] * 4, [])])
-    args = (layout.ids, layout.kinds, layout.positions, layout.mask())
-    with torch.inference_mode():
-        model.use_fused_forward(True)
-        kept, _ = model.hidden_states(*args)
-        assert model.use_fused_forward(True, release=True)
-        released, _ = model.hidden_states(*args)
-    torch.testing.assert_close(released, kept)
-    assert model.decoder.layers[0].mlp.up_proj.weight.numel() == 0
-    assert model.use_fused_forward(True)  # stays on (nothing to rebuild from)
-    with pytest.raises(RuntimeError, match="released"):
-        model.use_fused_forward(False)
