@@ -333,7 +333,6 @@ class Engine:
                 jobs = list(self._waiting) + list(self._running)
                 self._waiting.clear()
             self._fail(jobs, exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
-            raise
 
     def _loop(self) -> None:
         batch = self._decoder.new_batch(self.prefill_chunk)
