@@ -92,9 +92,11 @@ class ChildServer:
 
     @classmethod
     def ess(cls, env: dict[str, str] | None = None) -> "ChildServer":
-        """``ess serve`` on the shipped checkpoint unless ``env`` names another."""
+        """``ess serve`` on the shipped checkpoint unless ``env`` or this process's environment
+        names another (``ESS_CHECKPOINT``)."""
         return cls([sys.executable, "-m", "ess.cli", "serve"],
-                   {"ESS_CHECKPOINT": str(CHECKPOINT), **(env or {})}, name="ess-serve")
+                   {"ESS_CHECKPOINT": os.environ.get("ESS_CHECKPOINT", str(CHECKPOINT)), **(env or {})},
+                   name="ess-serve")
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Poll ``health`` until 200.
