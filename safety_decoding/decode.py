@@ -33,7 +33,7 @@ import torch
 
 from .attention import use_ess_attention
 from .kv_cache import SlotCache
-from .layout import NOT_RESPONSE, SlotLayout, sequence_layout, stack_layouts
+from .layout import NOT_RESPONSE, SlotBatch, SlotLayout, sequence_layout, stack_layouts
 from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
 from .model import SafetyModel
 from .policy import SafetyParams, SafetyState, Trip
@@ -395,13 +395,11 @@ class DecodeBatch:
             except Exception as exc:
                 log.warning("request %d failed alone: %s: %s", ids[-1], type(exc).__name__, exc)
                 events.append(error_event(ids[-1], len(r.prompt.ids), 0, exc))
-        if rows and self.rows and self.prefill_chunk and max(len(r.layout()) for r in rows) > self.prefill_chunk:
+        if rows and self.rows and self.prefill_chunk and max(r.prompt_len for r in rows) > self.prefill_chunk:
             self._joining.append((rows, self._prefill_chunks(rows)))  # `step` runs it
         elif rows:
-            hidden, cache, slots = self._prefill(rows)
-            cls = torch.tensor([r.cls_slot for r in rows], device=hidden.device)
-            events += self._first_tokens(rows, hidden[:, -1], hidden[torch.arange(len(rows), device=hidden.device), cls],
-                                         slots)
+            last, cls, cache, slots = self._prefill(rows)
+            events += self._first_tokens(rows, last, cls, slots)
             self._join(rows, cache, slots)
             self._leave()
         return ids, sorted((e for e in events if e), key=lambda e: e.index)
@@ -427,27 +425,32 @@ class DecodeBatch:
         if any(r.finish_reason is not None or not r.records for r in rows):
             raise ValueError("only running rows with a generated token can resume")
         if rows:
-            _, cache, slots = self._prefill(rows)
+            _, _, cache, slots = self._prefill(rows)
             for row in rows:
                 row.id = self._new_id()
             self._join(rows, cache, slots)
         return [r.id for r in rows]
 
-    def _prefill(self, rows: list[RowState]) -> tuple[torch.Tensor, SlotCache, _Slots]:
-        """One forward over ``rows``' layouts, left-padded; sets each row's ``cls_slot``.
-
-        Returns:
-            ``(hidden (B, P, H), their own cache, their slots)``.
-        """
-        d, model = self.decoder, self.decoder.model
+    def _stack(self, rows: list[RowState]) -> tuple[SlotBatch, SlotCache]:
+        """``rows``' layouts left-padded (each row's ``cls_slot`` set) and an empty cache."""
         batch = stack_layouts([row.layout() for row in rows], left=True)
         for row, offset in zip(rows, batch.offsets):
             row.cls_slot = offset
-        cache = SlotCache(model.decoder.config)
-        dev = d.device  # bookkeeping stays on the CPU; the forward's inputs go to the model
-        hidden, _ = model.hidden_states(batch.ids.to(dev), batch.kinds.to(dev), batch.positions.to(dev),
-                                        batch.mask().to(dev), cache)
-        return hidden, cache, _Slots(batch.kinds, batch.in_query, batch.gen)
+        return batch, SlotCache(self.decoder.model.decoder.config)
+
+    def _prefill(self, rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor, SlotCache, _Slots]:
+        """One forward over ``rows``' layouts, left-padded; sets each row's ``cls_slot``.
+
+        Returns:
+            ``(last (B, H), cls (B, H), their own cache, their slots)``: the final hidden states
+            of the last prompt slot and of ``[CLS]``.
+        """
+        batch, cache = self._stack(rows)
+        dev = self.decoder.device  # bookkeeping stays on the CPU; the forward's inputs go to the model
+        hidden, _ = self.decoder.model.hidden_states(batch.ids.to(dev), batch.kinds.to(dev),
+                                                     batch.positions.to(dev), batch.mask().to(dev), cache)
+        cls = hidden[torch.arange(len(rows), device=dev), torch.tensor(batch.offsets, device=dev)]
+        return hidden[:, -1], cls, cache, _Slots(batch.kinds, batch.in_query, batch.gen)
 
     def _first_tokens(self, rows: list[RowState], last: torch.Tensor, cls: torch.Tensor,
                       slots: _Slots) -> list[StepEvent]:
@@ -481,11 +484,8 @@ class DecodeBatch:
         place of the ``[CLS]`` slot. The fresh row's K/V then replace the slot's
         (`_update_cls`) and its verdict is the query verdict: the same function as one forward.
         """
-        d, model, size = self.decoder, self.decoder.model, self.prefill_chunk
-        batch = stack_layouts([row.layout() for row in rows], left=True)
-        for row, offset in zip(rows, batch.offsets):
-            row.cls_slot = offset
-        cache, dev = SlotCache(model.decoder.config), d.device
+        model, size, dev = self.decoder.model, self.prefill_chunk, self.decoder.device
+        batch, cache = self._stack(rows)
         B, P = batch.kinds.shape
         readers = batch.reads_cls.any(0).nonzero()
         first_reader = min(int(readers[0]) if len(readers) else P, P - 1)
