@@ -183,9 +183,14 @@ class RowState:
         del self.records[t:]
 
     def insert_forced(self) -> None:
-        """Append every queued forced token at once (the response ends: no step is left)."""
-        while self.forced_tokens:
+        """Append the queued forced tokens at once (the response ends: no step is left), as
+        many as ``max_new_tokens`` leaves room for. Our choice, as in vLLM and TGI: no response
+        is longer than the client asked, so a refusal at the token cap is cut short."""
+        room = self.req.sampling.max_new_tokens - self.n_generated
+        while self.forced_tokens and room > 0:
             self.records.append(TokenRecord(self.forced_tokens.popleft(), 0.0, True))
+            room -= 1
+        self.forced_tokens.clear()
 
 
 # ---- the three per-row steps --------------------------------------------------------------
@@ -356,6 +361,8 @@ class DecodeBatch:
         self.slots: _Slots | None = None
         self._joining: deque = deque()
         """``(rows, chunks)`` of chunked prefills in progress (`_prefill_chunks` generators)."""
+        self.prefill_chunks_run = 0
+        """Chunks of chunked prefills run so far (each before one decode step's forward)."""
         self._next_id = 0
 
     def __len__(self) -> int:
@@ -517,6 +524,7 @@ class DecodeBatch:
         their join."""
         rows, chunks = self._joining[0]
         done = next(chunks)
+        self.prefill_chunks_run += 1
         if done is None:
             return []
         self._joining.popleft()

@@ -68,6 +68,20 @@ _VISIBLE_FORMAT = frozenset("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0
 """Format characters (category Cf) that are drawn: the prepended concatenation marks (Arabic
 number signs and the like). Not a way to hide text, so they are kept."""
 
+_IGNORABLE_LETTERS_AND_MARKS = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0"
+    + "".join(map(chr, range(0xFE00, 0xFE10))) + "".join(map(chr, range(0xE0100, 0xE01F0))))
+"""Default-ignorable code points (Unicode ``DerivedCoreProperties.txt``) that are not format
+characters: the combining grapheme joiner, the Hangul fillers, Khmer inherent vowels,
+Mongolian and other variation selectors. A renderer draws nothing for them, so they hide text
+as zero-width spaces do."""
+
+_BLANK_SPACES = frozenset("\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+                          "\u2009\u200a\u202f\u205f\u2800")
+"""Space separators other than the ASCII space (and the ideographic space, below), and the
+blank Braille pattern: each is drawn as a space, so it becomes one (NFKC maps all but the
+Braille blank the same way)."""
+
 _FULL_WIDTH = range(0xFF01, 0xFF5F)
 """Full-width forms of ASCII ``!`` .. ``~``; each is its ASCII character plus 0xFEE0."""
 _IDEOGRAPHIC_SPACE = "\u3000"
@@ -101,7 +115,11 @@ def normalize_client_text(text: str) -> str:
     - Invisible format characters (Unicode category Cf: zero-width space and joiners, word
       joiner, byte-order mark, soft hyphen, bidi controls, tag characters) are removed;
       white space, newlines and tabs are kept. A zero-width joiner inside an emoji sequence
-      goes too, so a family emoji becomes its members.
+      goes too, so a family emoji becomes its members. So do the other code points Unicode
+      calls default-ignorable (`_IGNORABLE_LETTERS_AND_MARKS`: Hangul fillers, the combining
+      grapheme joiner, variation selectors, so an emoji loses its presentation selector).
+    - Other spaces (no-break, en, em, thin, ..., and the blank Braille pattern) become the ASCII
+      space.
     - Full-width forms of ASCII (U+FF01 .. U+FF5E, and the ideographic space U+3000) become
       ASCII, as NFKC maps them; nothing else of NFKC is applied, so ``x²``, ligatures and other
       compatibility characters are kept as written. CJK text keeps its characters, but its
@@ -117,8 +135,10 @@ def normalize_client_text(text: str) -> str:
     for ch in text:
         if ord(ch) in _FULL_WIDTH:
             out.append(chr(ord(ch) - 0xFEE0))
-        elif ch == _IDEOGRAPHIC_SPACE:
+        elif ch == _IDEOGRAPHIC_SPACE or ch in _BLANK_SPACES:
             out.append(" ")
+        elif ch in _IGNORABLE_LETTERS_AND_MARKS:
+            continue
         elif ch in _VISIBLE_FORMAT or unicodedata.category(ch) != "Cf":
             out.append(ch)
     return _WORD.sub(_unmix, "".join(out))

@@ -351,7 +351,7 @@ class Engine:
                     self._deliver(events, jobs, time.perf_counter())
             if not len(batch):
                 continue
-            t0 = time.perf_counter()
+            t0, chunks = time.perf_counter(), batch.prefill_chunks_run
             try:
                 events = batch.step()
             except Exception as exc:  # the shared forward failed: the cache may be inconsistent
@@ -360,6 +360,7 @@ class Engine:
             now = time.perf_counter()
             if any(j.record for j in jobs.values()):
                 self.metrics.observe_steps([now - t0], [any(ev.checked for ev in events)])
+                self.metrics.prefill_chunks.inc(batch.prefill_chunks_run - chunks)
             self._deliver(events, jobs, now)
             self._expire(jobs.values(), now)
 

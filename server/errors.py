@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine import EngineError, EngineNotRunning, EngineOverloaded, EngineTimeout
 
 log = logging.getLogger("ess.errors")
+ACCESS_LOG = logging.getLogger("uvicorn.access")
 
 OPENAI_PREFIX = "/v1"
 
@@ -151,7 +152,7 @@ STATUS_DESCRIPTIONS = {
     424: "The decode loop failed for this request (TGI's status).",
     429: "The queue is full (ESS_MAX_WAITING): `Model is overloaded`.",
     CLIENT_CLOSED_STATUS: "The client closed the connection before the response was ready "
-                          "(no body; access logs see it). The request was aborted.",
+                          "(no body; the access log has its line). The request was aborted.",
     500: "Anything unexpected; under /v1 also a failure of the decode loop.",
     503: "The engine is not running, the server is draining, or shutdown aborted the request.",
     504: "ESS_REQUEST_TIMEOUT_SECONDS passed before the request finished.",
@@ -274,6 +275,17 @@ def engine_error_kind(exc: EngineError) -> str:
 # ---- handlers --------------------------------------------------------------------------------
 
 
+def log_access(request: Request, status: int) -> None:
+    """uvicorn's access-log line for a response uvicorn will not log itself: it logs when it
+    sends the response start, which it skips once the client has gone (so a 499 would be
+    missing). Same logger, format and arguments, so ``--no-access-log`` silences it too."""
+    client = request.scope.get("client")
+    addr = f"{client[0]}:{client[1]}" if client else "-"
+    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    ACCESS_LOG.info('%s - "%s %s HTTP/%s" %d', addr, request.method, path,
+                    request.scope.get("http_version", "1.1"), status)
+
+
 def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
     """Map every exception a route can raise to `error_response` (status per kind).
 
@@ -296,6 +308,7 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
 
     @app.exception_handler(ClientDisconnected)
     async def _on_disconnected(request: Request, exc: ClientDisconnected):
+        log_access(request, CLIENT_CLOSED_STATUS)
         return Response(status_code=CLIENT_CLOSED_STATUS)
 
     @app.exception_handler(StarletteHTTPException)

@@ -74,6 +74,10 @@ class Metrics:
         self.decode_step = Histogram(
             "ess_decode_step_seconds", "One decode step (prefill excluded), by whether it ran a "
             "[CLS] probe.", ["safety_check"], buckets=STEP_BUCKETS, registry=r)
+        self.prefill_chunks = Counter(
+            "ess_prefill_chunks",
+            "Chunks of chunked prefills (ESS_PREFILL_CHUNK), each run just before a decode step "
+            "and timed with it in ess_decode_step_seconds.", registry=r)
         self.overhead_ratio = Gauge(
             "ess_safety_overhead_ratio",
             "Mean decode step seconds with a probe / without one (0 until both were observed).",

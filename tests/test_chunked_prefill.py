@@ -74,9 +74,10 @@ def test_running_rows_step_while_a_long_prompt_prefills(tiny_model, tokenizer):
     assert not events and len(batch) == 2  # it joins later, counted as in flight
     chunks = len(long_prompt.ids) // chunk  # at least this many steps before its first token
     assert chunks >= 3
-    for _ in range(chunks - 1):
+    for i in range(chunks - 1):
         step = batch.step()
         assert [e.index for e in step] == [sid]  # the running row advanced alone
+        assert batch.prefill_chunks_run == i + 1  # one chunk before each step (a metric reads it)
     seen = set()
     for _ in range(4):
         seen |= {e.index for e in batch.step()}

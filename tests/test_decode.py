@@ -105,6 +105,17 @@ def test_no_token_after_s_t_reaches_any_event(tokenizer):
     assert text.startswith(passed + refusal_separator(passed, True) + tiny_model.config.refusal_prefix)
 
 
+def test_a_refusal_at_the_token_cap_stops_at_max_new_tokens(tokenizer):
+    # the 4th check (covering g_3) starts a streak that is still unresolved (tau 3) when the
+    # cap ends the response: g_3.. are dropped and the refusal fills only the room left
+    model = scripted(tokenizer, -5.0, [-5, -5, -5, 5])
+    _, events = run(Decoder(model, tokenizer), build_chat_prompt(tokenizer, QUESTION),
+                    SamplingParams(max_new_tokens=6, ignore_eos=True), SafetyParams(tau=3))
+    emitted = [t for e in events for t in e.tokens]
+    assert [t.forced for t in emitted] == [False] * 3 + [True] * 3
+    assert events[-1].safety["intervened"] and events[-1].safety["trip_token"] == 3
+
+
 @pytest.mark.parametrize(("before", "mid_response", "separator"), [
     ("The", True, "\n\n"), ("Step 1.\n", True, "\n"), ("Done.\n\n", True, ""),
     ("Sure, here is", False, " "), ("Sure, here is ", False, ""), ("", False, "")])

@@ -97,6 +97,9 @@ def test_content_equal_to_a_role_name_is_found_in_its_own_turn(tokenizer):
     ("how to make a bоmb", "how to make a bomb"),  # Cyrillic o in a Latin word
     ("Ηello Wοrld", "Hello World"),  # Greek capital eta, small omicron
     ("ｂо\u200bｍb", "bomb"),  # all three at once
+    ("b\u3164o\u115fm\uffa0b", "bomb"),  # Hangul fillers (letters drawn as nothing)
+    ("b\u034fo\ufe0fm\U000e0100b", "bomb"),  # grapheme joiner, variation selectors
+    ("make\u2800a\u2003bomb\u00a0now", "make a bomb now"),  # Braille blank, em and no-break spaces
 ])
 def test_disguises_are_normalized(text, expected):
     assert normalize_client_text(text) == expected

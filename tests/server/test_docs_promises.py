@@ -8,6 +8,7 @@ or a message the docs and the server word differently, fails.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -312,7 +313,9 @@ def test_a_full_queue_is_429_with_retry_after(tiny_model, tokenizer):
 # ---- 499: the client left ---------------------------------------------------------------------
 
 
-def test_a_client_leaving_a_whole_response_is_499_and_counted_as_an_abort(tiny_model, tokenizer):
+def test_a_client_leaving_a_whole_response_is_499_and_counted_as_an_abort(tiny_model, tokenizer,
+                                                                          caplog):
+    caplog.set_level(logging.INFO, logger="uvicorn.access")
     engine = Engine(SlowDecoder(tiny_model, tokenizer, delay=0.02))
     app = create_app(engine, Settings(sse_ping_seconds=0))
     body = b'{"inputs": "Hi", "parameters": {"max_new_tokens": 500, "ignore_eos": true}}'
@@ -342,6 +345,7 @@ def test_a_client_leaving_a_whole_response_is_499_and_counted_as_an_abort(tiny_m
         sent = c.portal.call(leave_after_start)
         assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
         assert b"".join(m.get("body", b"") for m in sent[1:]) == b""
+        assert 'test:1 - "POST /generate HTTP/1.1" 499' in caplog.text  # uvicorn logs none
         for _ in range(200):
             if metric_value(c.get("/metrics").text, "ess_requests_total",
                             'finish_reason="abort"') == 1:

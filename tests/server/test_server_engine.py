@@ -204,10 +204,10 @@ def test_a_crashed_engine_thread_fails_start_instead_of_hanging(tiny_model, toke
 
 def test_requests_join_the_running_batch_and_match_solo_runs(tiny_model, tokenizer):
     """Continuous batching: a request submitted while another decodes starts before that one
-    ends, and both produce what they produce alone (greedy)."""
+    ends (its prefill in chunks, counted), and both produce what they produce alone (greedy)."""
     async def main():
         decoder = SlowDecoder(tiny_model, tokenizer, delay=0.01)
-        engine = Engine(decoder, max_num_seqs=4)
+        engine = Engine(decoder, max_num_seqs=4, prefill_chunk=4)
         await engine.start()
         solo = [await _drain(engine.submit(_request(tokenizer, t, n=n)))
                 for t, n in (("first one", 40), ("second, longer prompt here", 10))]
@@ -222,9 +222,10 @@ def test_requests_join_the_running_batch_and_match_solo_runs(tiny_model, tokeniz
         await consume("b", engine.submit(_request(tokenizer, "second, longer prompt here", n=10)))
         await long
         await engine.stop()
-        return solo, log, decoder
+        return solo, log, _metrics(engine)
 
-    solo, log, decoder = asyncio.run(main())
+    solo, log, text = asyncio.run(main())
+    assert metric_value(text, "ess_prefill_chunks_total") >= 2  # b joined a running batch
     names = [n for n, _ in log]
     assert names.index("b") < len(names) - 1 - names[::-1].index("a")  # b ran while a was running
     assert names[-1] == "a"  # and b, shorter, left first

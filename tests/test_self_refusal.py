@@ -1,0 +1,40 @@
+"""The self-refusal benchmark (benchmarks/self_refusal.py): the trip replayed from a monitored
+trace is the one ``refuse`` makes, and the counts of early response trips."""
+
+import pytest
+
+from benchmarks.self_refusal import EARLY_TOKENS, replay_trip, self_refusals, summarize
+from safety_decoding.decode import Decoder
+from safety_decoding.policy import SafetyParams
+
+from conftest import scripted_model
+
+PARAMS = SafetyParams(threshold=0.5, tau=3)
+
+
+def _trace(query, checks):
+    return [{"tokens": 0, "score": query}] + [{"tokens": n, "score": s} for n, s in enumerate(checks, 1)]
+
+
+@pytest.mark.parametrize(("query", "checks", "expected"), [
+    (0.9, [0.9, 0.9, 0.9], ("query", 0)),
+    (0.1, [0.9, 0.9, 0.9], ("response", 3)),  # tau failing checks: decided at the third
+    (0.1, [0.9, 0.9, 0.1, 0.9, 0.9, 0.9], ("response", 6)),  # a passing check resets the streak
+    (0.1, [0.9, 0.9], (None, None)),  # unresolved at the end: no trip of a check
+    (0.1, [0.1] * 8, (None, None)),
+])
+def test_replay_finds_the_first_trip(query, checks, expected):
+    assert replay_trip(PARAMS, _trace(query, checks)) == expected
+
+
+def test_the_monitored_run_reports_early_trips_and_leaves_the_text_unchanged(tokenizer):
+    plain = self_refusals(Decoder(scripted_model(tokenizer, -5.0, [-5.0]), tokenizer), ["Hi there"], 8)
+    tripping = scripted_model(tokenizer, -5.0, [5.0])
+    monitored = self_refusals(Decoder(tripping, tokenizer), ["Hi there"], 8)
+    assert monitored[0]["text"] == plain[0]["text"]  # monitor never changes the output
+    assert (monitored[0]["trip"], monitored[0]["trip_at"]) == ("response", 3)
+    assert plain[0]["trip"] is None
+    counts = summarize(monitored + plain)
+    assert counts["n"] == 2 and counts["response_trips"] == 1
+    assert counts["early_response_trips"] == (1 if 3 <= EARLY_TOKENS else 0)
+    assert counts["early_response_trips_rate"] == 0.5
