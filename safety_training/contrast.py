@@ -37,14 +37,16 @@ class ContrastPair:
 
 
 def load_pairs(contrast_dir: str | Path) -> list[ContrastPair]:
-    """Every pair of every ``*.jsonl`` file in ``contrast_dir``, files in name order.
+    """Every pair of every ``*.jsonl`` file in the folder ``contrast_dir``, files in name
+    order, or of that one file.
 
     Raises:
         FileNotFoundError: no ``.jsonl`` file in ``contrast_dir``.
         ValueError: a line that is not a pair (missing or extra keys; the message names the
             file and line).
     """
-    files = sorted(Path(contrast_dir).glob("*.jsonl"))
+    path = Path(contrast_dir)
+    files = [path] if path.suffix == ".jsonl" and path.is_file() else sorted(path.glob("*.jsonl"))
     if not files:
         raise FileNotFoundError(f"contrast_dir: no .jsonl file in {contrast_dir}")
     out = []

@@ -90,8 +90,9 @@ class TrainConfig:
     on one batch of 8). Leave it off on AVX2-only CPUs, where bfloat16 is emulated: a step of
     8 x 120 tokens took over 30 s there against 13 s in float32."""
     # Off unless set: with these at their defaults the data is the shipped run's.
-    contrast_dir: str | None = None
-    """Folder of contrast pairs (``data/contrast``) to train on (`contrast`); None: none."""
+    contrast_dir: str | list | None = None
+    """Contrast pairs to train on (`contrast.load_pairs`): a folder (``data/contrast``), one
+    ``.jsonl`` file, or a list of both (e.g. some files of ``data/contrast_long``); None: none."""
     contrast_holdout_categories: tuple = ()
     """Contrast categories kept out of training, for the category-held-out set (`splits`)."""
     contrast_calibration_percent: int = 0
@@ -151,7 +152,9 @@ def training_examples(cfg: TrainConfig):
     later (`split`)."""
     extra = []
     if cfg.contrast_dir:
-        extra = contrast_examples(load_pairs(cfg.contrast_dir), cfg.seed, cfg.contrast_refusal_percent)
+        paths = [cfg.contrast_dir] if isinstance(cfg.contrast_dir, str) else cfg.contrast_dir
+        extra = contrast_examples([p for path in paths for p in load_pairs(path)], cfg.seed,
+                                  cfg.contrast_refusal_percent)
     examples, manifest = build_examples(
         Path(cfg.data_dir), n_benign=cfg.n_benign, n_benign_query_only=cfg.n_benign_query_only,
         n_malicious=cfg.n_malicious, n_malicious_query_only=cfg.n_malicious_query_only,

@@ -72,3 +72,13 @@ def test_contrast_dir_adds_the_pairs_to_the_mix_without_evaluation_text(pairs):
     banned = eval_texts(DATA_DIR)
     assert [e.query for e in contrast if normalise(e.query) in banned] == []
     assert ex[:len(contrast)] != contrast  # shuffled in, so validation gets its share
+
+
+@pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
+def test_contrast_dir_takes_a_list_of_folders_and_files(pairs):
+    long_file = CONTRAST.parent / "contrast_long" / "hate.jsonl"
+    assert [p.id for p in load_pairs(long_file)] == [f"hate-long-{i:03d}" for i in range(1, 21)]
+    ex, _ = training_examples(_small(contrast_dir=[str(CONTRAST), str(long_file)]))
+    queries = {e.query for e in ex if e.source == SOURCE}
+    assert {t for p in load_pairs(long_file) for t in (p.harmful, p.benign)} <= queries
+    assert {p.benign for p in pairs} & queries  # and the folder's pairs

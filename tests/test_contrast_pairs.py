@@ -1,4 +1,5 @@
-"""Our contrast pairs (data/contrast): schema, size, and zero overlap with evaluation files."""
+"""Our contrast pairs (data/contrast, and the long scenarios of data/contrast_long): schema,
+size, and zero overlap with evaluation files."""
 
 import json
 import re
@@ -11,17 +12,22 @@ from conftest import DATA_DIR
 from safety_training.data import eval_texts, normalise
 
 CONTRAST = Path(__file__).resolve().parents[1] / "data" / "contrast"
+LONG = CONTRAST.parent / "contrast_long"
 KEYS = {"id", "category", "style", "harmful", "benign", "benign_kind"}
 STYLES = {"blunt", "polite", "role_claim", "business", "household", "persuasive", "fiction",
-          "step_by_step", "euphemism", "scenario"}
+          "step_by_step", "euphemism", "scenario", "long_scenario"}
 KINDS = {"history", "explanation", "prevention", "fiction_analysis", "definition", "compliance",
          "idiom", "fictional_privacy", "public_role", "textbook", "support"}
 
 
-@pytest.fixture(scope="module")
-def pairs():
-    return [json.loads(line) for f in sorted(CONTRAST.glob("*.jsonl"))
+def _load(folder: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(folder.glob("*.jsonl"))
             for line in f.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module", params=[CONTRAST, LONG], ids=["contrast", "long"])
+def pairs(request):
+    return _load(request.param)
 
 
 def test_every_pair_has_the_schema_and_texts_are_unique(pairs):
@@ -34,10 +40,22 @@ def test_every_pair_has_the_schema_and_texts_are_unique(pairs):
     assert len(set(texts)) == len(texts)
 
 
-def test_at_least_40_pairs_per_category_and_2000_in_all(pairs):
+def test_at_least_40_pairs_per_category_and_2000_in_all():
+    pairs = _load(CONTRAST)
     per_category = Counter(p["category"] for p in pairs)
     assert len(per_category) >= 12 and min(per_category.values()) >= 40
     assert len(pairs) >= 2000
+
+
+def test_long_scenarios_are_long_in_every_category_and_twins_match_in_length():
+    pairs, short = _load(LONG), _load(CONTRAST)
+    assert Counter(p["category"] for p in pairs) == {c: 20 for c in {p["category"] for p in short}}
+    assert {p["style"] for p in pairs} == {"long_scenario"}
+    for p in pairs:
+        h, b = len(p["harmful"].split()), len(p["benign"].split())
+        assert 100 <= h <= 280 and 100 <= b <= 280 and max(h, b) <= 1.45 * min(h, b), p["id"]
+    assert not {normalise(p[k]) for p in pairs for k in ("harmful", "benign")} & {
+        normalise(p[k]) for p in short for k in ("harmful", "benign")}
 
 
 def _shingles(text: str, n: int = 10) -> set[str]:

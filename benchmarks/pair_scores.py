@@ -1,0 +1,105 @@
+"""Query verdicts of checkpoints on contrast pairs that none of them trained on.
+
+A pair is a harmful request and its benign twin with the same topic words and wrapping
+(`safety_training.contrast`). This scores both sides of every pair of a folder, each as one
+chat message and as raw text (what ``/v1/completions`` sends), and reports per checkpoint and
+form: AUROC, the flag rates at the checkpoint's own threshold (TPR on the harmful side, FPR on
+the benign side), and pair accuracy, the share of pairs whose harmful side scores above its
+twin (intent ranked above topic). Per category too, so a reader sees where the head fails.
+
+Use it on pairs written after the checkpoints were trained (``data/contrast_long``: long
+persuasive scenarios, which no shipped run saw), never to choose a threshold.
+
+Usage: ``python -m benchmarks.pair_scores --pairs data/contrast_long
+[--checkpoint DIR ...] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.common import CHECKPOINT, load, markdown_table, write_json
+
+FORMS = ("chat", "raw")
+
+
+def pair_metrics(harmful: list[tuple[float, bool]], benign: list[tuple[float, bool]]) -> dict:
+    """Metrics of paired verdicts ``(score, flagged)`` (``harmful[i]`` and ``benign[i]`` are
+    one pair's sides; flagged: the policy's query trip): ``n`` pairs, ``auroc``, ``tpr`` and
+    ``fpr`` (flag rates), ``pair_accuracy`` (harmful side strictly higher)."""
+    from sklearn.metrics import roc_auc_score
+
+    n = len(harmful)
+    scores = [s for s, _ in harmful + benign]
+    return {"n": n,
+            "auroc": round(float(roc_auc_score([1] * n + [0] * n, scores)), 4),
+            "tpr": round(sum(f for _, f in harmful) / n, 4),
+            "fpr": round(sum(f for _, f in benign) / n, 4),
+            "pair_accuracy": round(sum(h > b for (h, _), (b, _) in zip(harmful, benign)) / n, 4)}
+
+
+def score_pairs(decoder, pairs, form: str) -> tuple[list, list]:
+    """``(harmful verdicts, benign verdicts)``, each ``(score, flagged)`` at the checkpoint's
+    threshold, of ``pairs`` sent in ``form`` (``chat`` or ``raw``)."""
+    from benchmarks.format_agreement import query_verdicts
+    from safety_decoding.prompt import build_chat_prompt, build_raw_prompt
+
+    def prompt(text):
+        if form == "raw":
+            return build_raw_prompt(decoder.tok, text)
+        return build_chat_prompt(decoder.tok, [{"role": "user", "content": text}])
+
+    texts = [p.harmful for p in pairs] + [p.benign for p in pairs]
+    verdicts = query_verdicts(decoder, [prompt(t) for t in texts])
+    return verdicts[:len(pairs)], verdicts[len(pairs):]
+
+
+def measure(decoder, pairs) -> dict:
+    """`pair_metrics` per form, overall and per category, at the checkpoint's threshold."""
+    out = {"threshold": decoder.model.config.threshold, "forms": {}}
+    for form in FORMS:
+        harmful, benign = score_pairs(decoder, pairs, form)
+        by_cat = defaultdict(lambda: ([], []))
+        for p, h, b in zip(pairs, harmful, benign):
+            by_cat[p.category][0].append(h)
+            by_cat[p.category][1].append(b)
+        out["forms"][form] = {"all": pair_metrics(harmful, benign),
+                              "categories": {c: pair_metrics(h, b) for c, (h, b) in sorted(by_cat.items())}}
+    return out
+
+
+def report(results: dict) -> str:
+    """One Markdown row per checkpoint and form, then per category (chat form)."""
+    cols = ["auroc", "tpr", "fpr", "pair_accuracy"]
+    rows = [[name, form, r["threshold"]] + [m["all"][c] for c in cols]
+            for name, r in results.items() for form, m in r["forms"].items()]
+    lines = [markdown_table(["checkpoint", "form", "threshold", "AUROC", "TPR", "FPR", "pair accuracy"], rows), ""]
+    cats = sorted(next(iter(results.values()))["forms"]["chat"]["categories"])
+    lines.append(markdown_table(["category (chat)"] + [f"{n}: TPR / FPR / pair acc." for n in results],
+                                [[c] + ["{tpr} / {fpr} / {pair_accuracy}".format(**r["forms"]["chat"]["categories"][c])
+                                        for r in results.values()] for c in cats]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", default="data/contrast_long", help="folder of contrast-pair .jsonl files")
+    ap.add_argument("--checkpoint", nargs="+", default=[str(CHECKPOINT)])
+    ap.add_argument("--json", default="benchmarks/results/pair_scores.json")
+    args = ap.parse_args(argv)
+
+    from safety_training.contrast import load_pairs
+
+    pairs = load_pairs(args.pairs)
+    results = {}
+    for ckpt in args.checkpoint:
+        decoder, _ = load(Path(ckpt))
+        results[ckpt] = measure(decoder, pairs)
+    print(report(results))
+    write_json(args.json, {"pairs": args.pairs, "n_pairs": len(pairs), "results": results})
+
+
+if __name__ == "__main__":
+    main()

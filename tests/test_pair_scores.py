@@ -1,0 +1,37 @@
+"""The pair-scores benchmark (benchmarks/pair_scores.py): its arithmetic, and a run on the tiny
+model over a folder of pairs."""
+
+import json
+
+import pytest
+
+from benchmarks.pair_scores import main, pair_metrics
+from safety_decoding.decode import Decoder
+
+
+def test_pair_metrics_counts_flags_and_ranks_pairs():
+    harmful = [(0.9, True), (0.4, False), (0.8, True)]
+    benign = [(0.1, False), (0.6, True), (0.9, True)]
+    m = pair_metrics(harmful, benign)
+    assert (m["n"], m["tpr"], m["fpr"]) == (3, round(2 / 3, 4), round(2 / 3, 4))
+    assert m["pair_accuracy"] == round(1 / 3, 4)  # only the first pair ranks harmful higher
+    assert m["auroc"] == pytest.approx(5.5 / 9, abs=1e-4)  # one tie counts half
+
+
+def test_a_run_reports_every_form_and_category(tmp_path, tiny_model, tokenizer, monkeypatch, capsys):
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for cat in ("alpha", "beta"):
+        lines = [{"id": f"{cat}-{i}", "category": cat, "style": "long_scenario",
+                  "harmful": f"harmful request {cat} {i}", "benign": f"benign twin {cat} {i}",
+                  "benign_kind": "history"} for i in range(3)]
+        (pairs / f"{cat}.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    monkeypatch.setattr("benchmarks.pair_scores.load", lambda ckpt: (Decoder(tiny_model, tokenizer), tokenizer))
+    out = tmp_path / "scores.json"
+    main(["--pairs", str(pairs), "--checkpoint", "tiny", "--json", str(out)])
+    result = json.loads(out.read_text())["results"]["tiny"]
+    assert set(result["forms"]) == {"chat", "raw"}
+    for form in result["forms"].values():
+        assert form["all"]["n"] == 6 and set(form["categories"]) == {"alpha", "beta"}
+        assert 0 <= form["all"]["auroc"] <= 1
+    assert "| tiny | chat |" in capsys.readouterr().out
