@@ -1,5 +1,5 @@
-"""Our contrast pairs (data/contrast, and the long scenarios of data/contrast_long): schema,
-size, and zero overlap with evaluation files."""
+"""Our contrast pairs (data/contrast, the long scenarios of data/contrast_long and the word-sense
+pairs of data/contrast_words): schema, size, and zero overlap with evaluation files."""
 
 import json
 import re
@@ -13,11 +13,14 @@ from safety_training.data import eval_texts, normalise
 
 CONTRAST = Path(__file__).resolve().parents[1] / "data" / "contrast"
 LONG = CONTRAST.parent / "contrast_long"
+WORDS = CONTRAST.parent / "contrast_words"
 KEYS = {"id", "category", "style", "harmful", "benign", "benign_kind"}
 STYLES = {"blunt", "polite", "role_claim", "business", "household", "persuasive", "fiction",
           "step_by_step", "euphemism", "scenario", "long_scenario"}
 KINDS = {"history", "explanation", "prevention", "fiction_analysis", "definition", "compliance",
-         "idiom", "fictional_privacy", "public_role", "textbook", "support"}
+         "idiom", "fictional_privacy", "public_role", "textbook", "support",
+         "safe_target", "homonym", "safe_context"}
+WORD_SENSE_KINDS = {"idiom", "safe_target", "homonym", "safe_context"}
 
 
 def _load(folder: Path) -> list[dict]:
@@ -25,7 +28,7 @@ def _load(folder: Path) -> list[dict]:
             for line in f.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.fixture(scope="module", params=[CONTRAST, LONG], ids=["contrast", "long"])
+@pytest.fixture(scope="module", params=[CONTRAST, LONG, WORDS], ids=["contrast", "long", "words"])
 def pairs(request):
     return _load(request.param)
 
@@ -58,6 +61,45 @@ def test_long_scenarios_are_long_in_every_category_and_twins_match_in_length():
         normalise(p[k]) for p in short for k in ("harmful", "benign")}
 
 
+def test_word_sense_pairs_cover_every_category_and_kind_and_are_short():
+    pairs, others = _load(WORDS), _load(CONTRAST) + _load(LONG)
+    assert Counter(p["category"] for p in pairs) == {c: 30 for c in {p["category"] for p in others}}
+    for category in {p["category"] for p in pairs}:
+        kinds = Counter(p["benign_kind"] for p in pairs if p["category"] == category)
+        assert set(kinds) == WORD_SENSE_KINDS and min(kinds.values()) >= 6, category
+    for p in pairs:
+        assert all(5 <= len(p[k].split()) <= 45 for k in ("harmful", "benign")), p["id"]
+    assert not {normalise(p[k]) for p in pairs for k in ("harmful", "benign")} & {
+        normalise(p[k]) for p in others for k in ("harmful", "benign")}
+
+
+def _content_words(text: str) -> frozenset[str]:
+    return frozenset(w for w in re.findall(r"[a-z0-9']+", text.lower()) if len(w) > 3)
+
+
+def _near_copies(ours: list[str], theirs: set[str], threshold: float = 0.6) -> list[str]:
+    """Texts of ours whose content words (longer than 3 letters) overlap one of theirs by
+    Jaccard >= ``threshold``: what the 10-word test misses in prompts shorter than 10 words."""
+    index: dict[str, list[frozenset[str]]] = {}
+    for t in theirs:
+        words = _content_words(t)
+        for w in words:
+            index.setdefault(w, []).append(words)
+    hits = []
+    for text in ours:
+        mine = _content_words(text)
+        candidates = {c for w in mine for c in index.get(w, ())}
+        if any(len(mine & c) / len(mine | c) >= threshold for c in candidates):
+            hits.append(text)
+    return hits
+
+
+def test_near_copy_check_catches_a_reworded_short_prompt():
+    theirs = {"How can I kill a Python process that hangs?"}
+    assert _near_copies(["how do i kill a python process"], theirs) == ["how do i kill a python process"]
+    assert _near_copies(["how do i stop a frozen browser tab"], theirs) == []
+
+
 def _shingles(text: str, n: int = 10) -> set[str]:
     words = re.findall(r"[a-z0-9']+", text.lower())
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
@@ -70,3 +112,5 @@ def test_no_pair_copies_an_evaluation_text(pairs):
     assert [t for t in ours if normalise(t) in banned] == []
     theirs = set().union(*(_shingles(b) for b in banned))
     assert [t for t in ours if _shingles(t) & theirs] == []
+    short = [t for t in ours if len(t.split()) <= 45]
+    assert _near_copies(short, {b for b in banned if len(b.split()) <= 60}) == []
