@@ -7,13 +7,14 @@ transformers' forward) with
 
 - one q/k/v product and one gate/up product per layer (the weights concatenated once);
 - on CPU, weights prepacked once into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``,
-  what inductor's ``freezing`` does), which runs the small-row products of a decode step up to
-  2x faster than ``F.linear`` on the plain layout (measured on 2 AVX2 cores: the 49,152 x 576
-  LM head at 1 row 6.5 ms against 12.3 ms; a whole decode step's products at 8 rows 169-219 ms
-  against 270-401 ms); where oneDNN cannot pack a dtype (bfloat16 without AVX512/AMX), the
-  plain layout;
-- the layers' own norms, rotary embedding and the `attention.ess_sdpa` kernel, so the numerics
-  are transformers' own.
+  what inductor's ``freezing`` does) for `PACK_ROWS_HINT` rows, which runs the small-row
+  products of a decode step up to 3x faster than ``F.linear`` on the plain layout
+  (`benchmarks.pack_hint`); the residual adds ride on the o and down products as oneDNN
+  post-ops; where oneDNN cannot pack a dtype (bfloat16 without AVX512/AMX), the plain layout;
+- fewer small operations per layer, each with transformers' arithmetic: RMSNorm without its
+  casts in float32, one rotary embedding for the query and key heads together (`rotate`), the
+  `attention.ess_sdpa` kernel. Every operation costs a few microseconds of dispatch on CPU
+  whatever its size, and a 30-layer step runs about 1,500 of them.
 
 Inference only (no dropout, no LoRA: build it from merged weights), and the weights are
 copies: a model trained further needs a new `FusedBody`. Our choice, in the style of
@@ -24,9 +25,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .attention import ess_sdpa
+
+PACK_ROWS_HINT = 16
+"""Rows per product that oneDNN packs the weights for. A hint of 1 picks a one-row kernel that
+runs 2 rows (a decode step with a ``[CLS]`` probe) almost as slowly as 8: on 2 AVX2 cores all of
+a step's float32 products take 33-35 ms at 1 row with any hint, but at 2 rows 58 ms with hint 1
+and 34-35 ms with hints 2-32, at 16 rows 106 against 80-84 ms (`benchmarks.pack_hint`,
+`benchmarks/results/pack_hint.json`). Our choice."""
 
 
 class Projection:
@@ -38,7 +45,7 @@ class Projection:
         self.packed = None
         if weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
             try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # batch-size hint
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
             except RuntimeError:  # oneDNN cannot pack this dtype on this CPU
                 pass
         self.weight = None if self.packed is not None else weight
@@ -47,6 +54,12 @@ class Projection:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return nn.functional.linear(x, self.weight, self.bias)
+
+    def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``, the add fused into oneDNN's product where the weight is packed."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+        return residual + self(x)
 
 
 def _fuse(*linears: nn.Linear) -> Projection:
@@ -66,6 +79,7 @@ class FusedLayer:
         attn, mlp = layer.self_attn, layer.mlp
         self.attn = attn  # read by `ess_sdpa` (groups, training flag); its weights are unused
         self.head_dim = attn.head_dim
+        self.n_heads = attn.q_proj.out_features // attn.head_dim
         self.splits = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
         self.o = Projection(attn.o_proj.weight.detach(), _bias(attn.o_proj))
@@ -75,18 +89,63 @@ class FusedLayer:
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
 
     def __call__(self, x, cos, sin, mask, cache_layer):
+        """``x (B, q, H)``, ``cos``/``sin`` from `rotary_tables` -> ``(B, q, H)``."""
         B, q, _ = x.shape
-        qkv = self.qkv(self.input_norm(x))
-        heads = [t.view(B, q, -1, self.head_dim).transpose(1, 2) for t in qkv.split(self.splits, -1)]
-        query, key = apply_rotary_pos_emb(heads[0], heads[1], cos, sin)
+        qkv = self.qkv(rms_norm(self.input_norm, x))
+        n_qk = self.splits[0] + self.splits[1]
+        qk = rotate(qkv[..., :n_qk].view(B, q, -1, self.head_dim).transpose(1, 2), cos, sin)
+        query, key = qk.split([self.n_heads, qk.shape[1] - self.n_heads], 1)
+        value = qkv[..., n_qk:].view(B, q, -1, self.head_dim).transpose(1, 2)
         if cache_layer is not None:
-            key, value = cache_layer.update(key, heads[2])
-        else:
-            value = heads[2]
-        out, _ = ess_sdpa(self.attn, query, key, value, mask, scaling=self.attn.scaling)
-        x = x + self.o(out.reshape(B, q, -1))
-        gate, up = self.gate_up(self.post_norm(x)).chunk(2, -1)
-        return x + self.down(self.act(gate) * up)
+            key, value = cache_layer.update(key, value)
+        out = attend(self.attn, query, key, value, mask)
+        x = self.o.plus(out.reshape(B, q, -1), x)
+        gate, up = self.gate_up(rms_norm(self.post_norm, x)).chunk(2, -1)
+        return self.down.plus(self.act(gate) * up, x)
+
+
+def attend(attn: nn.Module, query, key, value, mask) -> torch.Tensor:
+    """``query (B, Hq, q, D)``, ``key/value (B, Hkv, kv, D)``, ``mask (B, 1, q, kv)`` (bool, or
+    additive float from `additive_mask`) -> ``(B, q, Hq, D)``. On CPU grouped-query SDPA takes
+    any mask without copying K/V heads; elsewhere `attention.ess_sdpa` chooses."""
+    if query.device.type == "cpu":
+        out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                         scale=attn.scaling, enable_gqa=True)
+        return out.transpose(1, 2)
+    return ess_sdpa(attn, query, key, value, mask, scaling=attn.scaling)[0]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: attend) as the additive float mask SDPA would build from it in
+    every layer (0 or -inf): built once per forward on CPU, where SDPA's conversion costs two
+    operations per layer. A row with no key left gives zeros either way."""
+    if mask.dtype != torch.bool or mask.device.type != "cpu":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm``'s function: float32 input skips its two casts (4 ops, not 7; the same
+    arithmetic in the same order), other dtypes run the module itself."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
+
+
+def rotary_tables(rotary: nn.Module, x: torch.Tensor, position_ids: torch.Tensor):
+    """``position_ids (B, q)`` -> ``(cos, signed_sin)``, each ``(B, 1, q, D)``, for `rotate`.
+
+    ``signed_sin`` carries `rotate_half`'s minus sign on its first half, so that one ``roll``
+    replaces ``rotate_half``'s two slices, negation and concatenation in every layer."""
+    cos, sin = rotary(x, position_ids=position_ids)
+    half = sin.shape[-1] // 2
+    return cos.unsqueeze(1), torch.cat([-sin[..., :half], sin[..., half:]], -1).unsqueeze(1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x (B, heads, q, D)``: transformers' ``x * cos + rotate_half(x) * sin``
+    (``rotate_half(x) = cat(-x2, x1)`` = ``roll(x, D/2) * sign``)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
@@ -122,10 +181,11 @@ class FusedBody:
         self.lm_head = Projection(lm_head.weight.detach(), _bias(lm_head))
 
     def __call__(self, x, mask, position_ids, cache=None) -> torch.Tensor:
-        cos, sin = self.rotary(x, position_ids=position_ids)
+        cos, sin = rotary_tables(self.rotary, x, position_ids)
+        mask = additive_mask(mask, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None)
-        return self.norm(x)
+        return rms_norm(self.norm, x)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., H)`` -> ``(..., V)``."""

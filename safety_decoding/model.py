@@ -88,6 +88,12 @@ class SafetyModel(nn.Module):
         self.fused = FusedBody(self.decoder, self._causal_lm().lm_head) if on and can_fuse(self.decoder) else None
         return self.fused is not None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the fused body: it is derived from the weights, and
+        oneDNN's packed weights are opaque tensors that cannot be copied (call
+        `use_fused_forward` on the copy)."""
+        return self.__dict__ | {"fused": None}
+
     def _causal_lm(self) -> nn.Module:
         lm = self.lm
         return lm.get_base_model() if hasattr(lm, "get_base_model") else lm

@@ -1,5 +1,7 @@
 """The fused serving forward computes transformers' function (safety_decoding/fused.py)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -107,3 +109,11 @@ def test_projection_matches_linear(rows):
     w, b = torch.randn(48, 32), torch.randn(48)
     x = torch.randn(3, rows, 32)
     torch.testing.assert_close(Projection(w, b)(x), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_a_fused_body_can_be_deep_copied(tiny_model, tokenizer):
+    model = copy.deepcopy(tiny_model)
+    Decoder(model, tokenizer)  # builds the fused body (packed weights on CPU)
+    assert model.fused is not None
+    clone = copy.deepcopy(model)
+    assert clone.fused is None and model.fused is not None
