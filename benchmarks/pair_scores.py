@@ -5,7 +5,8 @@ A pair is a harmful request and its benign twin with the same topic words and wr
 chat message and as raw text (what ``/v1/completions`` sends), and reports per checkpoint and
 form: AUROC, the flag rates at the checkpoint's own threshold (TPR on the harmful side, FPR on
 the benign side), and pair accuracy, the share of pairs whose harmful side scores above its
-twin (intent ranked above topic). Per category too, so a reader sees where the head fails.
+twin (intent ranked above topic). Per category and per benign kind too (idiom, homonym,
+history ...), so a reader sees where the head fails.
 
 Use it on pairs written after the checkpoints were trained (``data/contrast_long``: long
 persuasive scenarios, which no shipped run saw), never to choose a threshold.
@@ -56,30 +57,37 @@ def score_pairs(decoder, pairs, form: str) -> tuple[list, list]:
     return verdicts[:len(pairs)], verdicts[len(pairs):]
 
 
+GROUPS = {"categories": lambda p: p.category, "kinds": lambda p: p.benign_kind}
+
+
 def measure(decoder, pairs) -> dict:
-    """`pair_metrics` per form, overall and per category, at the checkpoint's threshold."""
+    """`pair_metrics` per form, overall, per category and per benign kind, at the
+    checkpoint's threshold."""
     out = {"threshold": decoder.model.config.threshold, "forms": {}}
     for form in FORMS:
         harmful, benign = score_pairs(decoder, pairs, form)
-        by_cat = defaultdict(lambda: ([], []))
-        for p, h, b in zip(pairs, harmful, benign):
-            by_cat[p.category][0].append(h)
-            by_cat[p.category][1].append(b)
-        out["forms"][form] = {"all": pair_metrics(harmful, benign),
-                              "categories": {c: pair_metrics(h, b) for c, (h, b) in sorted(by_cat.items())}}
+        out["forms"][form] = {"all": pair_metrics(harmful, benign)}
+        for group, key in GROUPS.items():
+            by = defaultdict(lambda: ([], []))
+            for p, h, b in zip(pairs, harmful, benign):
+                by[key(p)][0].append(h)
+                by[key(p)][1].append(b)
+            out["forms"][form][group] = {g: pair_metrics(h, b) for g, (h, b) in sorted(by.items())}
     return out
 
 
 def report(results: dict) -> str:
-    """One Markdown row per checkpoint and form, then per category (chat form)."""
+    """One Markdown row per checkpoint and form, then per category and per benign kind (chat form)."""
     cols = ["auroc", "tpr", "fpr", "pair_accuracy"]
     rows = [[name, form, r["threshold"]] + [m["all"][c] for c in cols]
             for name, r in results.items() for form, m in r["forms"].items()]
     lines = [markdown_table(["checkpoint", "form", "threshold", "AUROC", "TPR", "FPR", "pair accuracy"], rows), ""]
-    cats = sorted(next(iter(results.values()))["forms"]["chat"]["categories"])
-    lines.append(markdown_table(["category (chat)"] + [f"{n}: TPR / FPR / pair acc." for n in results],
-                                [[c] + ["{tpr} / {fpr} / {pair_accuracy}".format(**r["forms"]["chat"]["categories"][c])
-                                        for r in results.values()] for c in cats]))
+    for group, title in (("categories", "category"), ("kinds", "benign kind")):
+        keys = sorted(next(iter(results.values()))["forms"]["chat"][group])
+        lines.append(markdown_table([f"{title} (chat)"] + [f"{n}: TPR / FPR / pair acc." for n in results],
+                                    [[k] + ["{tpr} / {fpr} / {pair_accuracy}".format(**r["forms"]["chat"][group][k])
+                                            for r in results.values()] for k in keys]))
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ def test_a_run_reports_every_form_and_category(tmp_path, tiny_model, tokenizer, 
     for cat in ("alpha", "beta"):
         lines = [{"id": f"{cat}-{i}", "category": cat, "style": "long_scenario",
                   "harmful": f"harmful request {cat} {i}", "benign": f"benign twin {cat} {i}",
-                  "benign_kind": "history"} for i in range(3)]
+                  "benign_kind": "history" if i else "idiom"} for i in range(3)]
         (pairs / f"{cat}.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     monkeypatch.setattr("benchmarks.pair_scores.load", lambda ckpt: (Decoder(tiny_model, tokenizer), tokenizer))
     out = tmp_path / "scores.json"
@@ -33,5 +33,7 @@ def test_a_run_reports_every_form_and_category(tmp_path, tiny_model, tokenizer, 
     assert set(result["forms"]) == {"chat", "raw"}
     for form in result["forms"].values():
         assert form["all"]["n"] == 6 and set(form["categories"]) == {"alpha", "beta"}
+        assert {k: m["n"] for k, m in form["kinds"].items()} == {"history": 4, "idiom": 2}
         assert 0 <= form["all"]["auroc"] <= 1
-    assert "| tiny | chat |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| tiny | chat |" in printed and "| idiom |" in printed
