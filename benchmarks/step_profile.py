@@ -1,0 +1,95 @@
+"""Where a decode step's time goes: ``python -m benchmarks.step_profile [--batch 1 8] [--json PATH]``.
+
+Runs the shipped checkpoint in process (`Decoder`, no HTTP), ``batch`` identical requests with a
+prompt of about ``--prompt-tokens`` tokens, greedy, ``ignore_eos``, safety ``each`` and off;
+after warm-up steps it times decode steps, then profiles more of them with ``torch.profiler``
+and splits the mean step into: matrix products (oneDNN's linear, or ``aten::addmm``/``mm``
+without packing), attention (SDPA), every other torch operation, and the rest (Python: the
+loop, the layers' code, sampling, detokenizing). Prints a table (milliseconds per step) and the
+top operations, and writes JSON. The profiler adds its own cost to the torch part, so the
+split is a guide, and ``step ms`` is measured without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks.common import load, markdown_table, write_json
+
+PRODUCTS = ("mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary", "aten::addmm", "aten::mm",
+            "aten::linear")
+ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+             "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention")
+
+
+def split(events, steps: int, step_ms: float) -> dict:
+    """Milliseconds per step by kind, from profiler ``key_averages`` (self CPU time)."""
+    by = {"products": 0.0, "attention": 0.0, "other_ops": 0.0}
+    for e in events:
+        kind = "products" if e.key in PRODUCTS else "attention" if e.key in ATTENTION else "other_ops"
+        by[kind] += e.self_cpu_time_total / 1000 / steps
+    by = {k: round(v, 1) for k, v in by.items()}
+    by["python_and_rest"] = round(max(0.0, step_ms - sum(by.values())), 1)
+    return by
+
+
+def run(decoder, batch: int, prompt_tokens: int, safety_on: bool, steps: int) -> tuple[dict, list]:
+    from torch.profiler import ProfilerActivity, profile
+
+    from safety_decoding.decode import GenerationRequest
+    from safety_decoding.policy import SafetyParams
+    from safety_decoding.prompt import build_chat_prompt
+    from safety_decoding.sampling import SamplingParams
+
+    sentence = "Please explain the history of the printing press and its effect on Europe. "
+    text = sentence * max(1, prompt_tokens // 15)
+    prompt = build_chat_prompt(decoder.tok, [{"role": "user", "content": text}])
+    safety = SafetyParams.from_config(decoder.model.config, enabled=safety_on)
+    sampling = SamplingParams(max_new_tokens=2 * steps + 8, ignore_eos=True)
+    batch_ = decoder.new_batch()
+    batch_.add([GenerationRequest(prompt, sampling, safety) for _ in range(batch)])
+    for _ in range(3):  # warm-up
+        batch_.step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        batch_.step()
+    step_ms = (time.perf_counter() - t) / steps * 1000
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            batch_.step()
+    events = prof.key_averages()
+    row = {"batch": batch, "safety": "each" if safety_on else "off", "prompt_tokens": len(prompt.ids),
+           "step_ms": round(step_ms, 1)} | split(events, steps, step_ms)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+    return row, [(e.key, round(e.self_cpu_time_total / 1000 / steps, 2), e.count // steps) for e in top]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-tokens", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--json", default="benchmarks/results/step_profile.json")
+    args = ap.parse_args(argv)
+    decoder, _ = load(dtype=args.dtype)
+    rows, tops = [], {}
+    for batch in args.batch:
+        for safety_on in (True, False):
+            row, top = run(decoder, batch, args.prompt_tokens, safety_on, args.steps)
+            rows.append(row)
+            tops[f"{row['safety']}-{batch}"] = top
+    cols = ["batch", "safety", "prompt_tokens", "step_ms", "products", "attention", "other_ops", "python_and_rest"]
+    print(markdown_table(cols, [[r[c] for c in cols] for r in rows]))
+    for name, top in tops.items():
+        print(f"\n{name}: top operations (ms per step, calls per step)")
+        print(markdown_table(["operation", "ms", "calls"], [list(t) for t in top]))
+    out = {"dtype": str(next(decoder.model.parameters()).dtype).removeprefix("torch."),
+           "steps": args.steps, "results": rows, "top_operations": tops}
+    write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
