@@ -11,8 +11,8 @@ transformers' forward) with
   products of a decode step up to 3x faster than ``F.linear`` on the plain layout
   (`benchmarks.pack_hint`); the residual adds ride on the o and down products as oneDNN
   post-ops; where oneDNN cannot pack a dtype (bfloat16 without AVX512/AMX), the plain layout;
-- fewer small operations per layer, each with transformers' arithmetic: RMSNorm without its
-  casts in float32, one rotary embedding for the query and key heads together (`rotate`), the
+- fewer small operations per layer, each with transformers' arithmetic: one RMSNorm operation
+  in float32, one rotary embedding for the query and key heads together (`rotate`), the
   `attention.ess_sdpa` kernel. Every operation costs a few microseconds of dispatch on CPU
   whatever its size, and a 30-layer step runs about 1,500 of them.
 
@@ -125,11 +125,12 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm``'s function: float32 input skips its two casts (4 ops, not 7; the same
-    arithmetic in the same order), other dtypes run the module itself."""
+    """``LlamaRMSNorm``'s function. In float32 torch's one ``rms_norm`` operation (the same
+    values as the module, which adds two casts and runs seven operations); other dtypes run the
+    module itself, which computes the variance in float32."""
     if x.dtype != torch.float32:
         return norm(x)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
+    return nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def rotary_tables(rotary: nn.Module, x: torch.Tensor, position_ids: torch.Tensor):
