@@ -17,8 +17,7 @@ import time
 
 from benchmarks.common import load, markdown_table, write_json
 
-PRODUCTS = ("mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary", "aten::addmm", "aten::mm",
-            "aten::linear")
+PRODUCTS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
              "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention")
 

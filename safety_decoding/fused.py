@@ -11,9 +11,10 @@ transformers' forward) with
   products of a decode step up to 3x faster than ``F.linear`` on the plain layout
   (`benchmarks.pack_hint`); the residual adds ride on the o and down products as oneDNN
   post-ops; where oneDNN cannot pack a dtype (bfloat16 without AVX512/AMX), the plain layout;
-- fewer small operations per layer, each with transformers' arithmetic: one RMSNorm operation
-  in float32, one rotary embedding for the query and key heads together (`rotate`), the
-  `attention.ess_sdpa` kernel. Every operation costs a few microseconds of dispatch on CPU
+- fewer small operations per layer, each with transformers' arithmetic (the same values in
+  float32; in bfloat16 the fused add and ``addcmul`` round once where transformers rounds
+  twice): torch's RMSNorm in float32, one rotary embedding for the query and key heads
+  together (`rotate`), one additive mask per forward. Every operation costs a few microseconds of dispatch on CPU
   whatever its size, and a 30-layer step runs about 1,500 of them.
 
 Inference only (no dropout, no LoRA: build it from merged weights), and the weights are
@@ -30,9 +31,9 @@ from .attention import ess_sdpa
 
 PACK_ROWS_HINT = 16
 """Rows per product that oneDNN packs the weights for. A hint of 1 picks a one-row kernel that
-runs 2 rows (a decode step with a ``[CLS]`` probe) almost as slowly as 8: on 2 AVX2 cores all of
-a step's float32 products take 33-35 ms at 1 row with any hint, but at 2 rows 58 ms with hint 1
-and 34-35 ms with hints 2-32, at 16 rows 106 against 80-84 ms (`benchmarks.pack_hint`,
+runs 2 rows (a decode step with a ``[CLS]`` probe) at 1.7x the cost of one: on 2 AVX2 cores all
+of a step's float32 products take 33-35 ms at 1 row with any hint, but at 2 rows 58 ms with hint
+1 and 33.5-35 ms with hints 2-32, at 16 rows 106 against 80-84 ms (`benchmarks.pack_hint`,
 `benchmarks/results/pack_hint.json`). Our choice."""
 
 
@@ -59,7 +60,7 @@ class Projection:
         """``residual + self(x)``, the add fused into oneDNN's product where the weight is packed."""
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
-        return residual + self(x)
+        return self(x).add_(residual)
 
 
 def _fuse(*linears: nn.Linear) -> Projection:
@@ -80,7 +81,7 @@ class FusedLayer:
         self.attn = attn  # read by `ess_sdpa` (groups, training flag); its weights are unused
         self.head_dim = attn.head_dim
         self.n_heads = attn.q_proj.out_features // attn.head_dim
-        self.splits = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        self.n_qk = attn.q_proj.out_features + attn.k_proj.out_features
         self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
         self.o = Projection(attn.o_proj.weight.detach(), _bias(attn.o_proj))
         self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
@@ -92,7 +93,7 @@ class FusedLayer:
         """``x (B, q, H)``, ``cos``/``sin`` from `rotary_tables` -> ``(B, q, H)``."""
         B, q, _ = x.shape
         qkv = self.qkv(rms_norm(self.input_norm, x))
-        n_qk = self.splits[0] + self.splits[1]
+        n_qk = self.n_qk
         qk = rotate(qkv[..., :n_qk].view(B, q, -1, self.head_dim).transpose(1, 2), cos, sin)
         query, key = qk.split([self.n_heads, qk.shape[1] - self.n_heads], 1)
         value = qkv[..., n_qk:].view(B, q, -1, self.head_dim).transpose(1, 2)
@@ -116,17 +117,17 @@ def attend(attn: nn.Module, query, key, value, mask) -> torch.Tensor:
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask (True: attend) as the additive float mask SDPA would build from it in
-    every layer (0 or -inf): built once per forward on CPU, where SDPA's conversion costs two
-    operations per layer. A row with no key left gives zeros either way."""
+    """A boolean mask (True: attend) as the additive float mask SDPA builds from it in every
+    layer (0 or -inf): built once per forward on CPU, where SDPA's conversion costs two
+    operations per layer."""
     if mask.dtype != torch.bool or mask.device.type != "cpu":
         return mask
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    return torch.full(mask.shape, float("-inf"), dtype=dtype).masked_fill_(mask, 0.0)
 
 
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm``'s function. In float32 torch's one ``rms_norm`` operation (the same
-    values as the module, which adds two casts and runs seven operations); other dtypes run the
+    """``LlamaRMSNorm``'s function. In float32 torch's ``rms_norm`` (on CPU the same operations
+    and values as the module, without its two casts and Python wrapper); other dtypes run the
     module itself, which computes the variance in float32."""
     if x.dtype != torch.float32:
         return norm(x)
@@ -155,12 +156,18 @@ def _bias(linear: nn.Linear) -> torch.Tensor | None:
 
 def can_fuse(body: nn.Module) -> bool:
     """True when every projection of ``body`` is a plain ``nn.Linear`` (no LoRA or quantized
-    wrappers) and its layers are Llama-shaped."""
+    wrappers) and its layers are Llama-shaped (``LlamaRMSNorm`` norms, no query/key norms)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     try:
         return all(type(getattr(layer.self_attn, n)) is nn.Linear for layer in body.layers for n in names) and \
             all(type(getattr(layer.mlp, n)) is nn.Linear for layer in body.layers
-                for n in ("gate_proj", "up_proj", "down_proj"))
+                for n in ("gate_proj", "up_proj", "down_proj")) and \
+            all(type(norm) is LlamaRMSNorm for layer in body.layers
+                for norm in (layer.input_layernorm, layer.post_attention_layernorm)) and \
+            type(body.norm) is LlamaRMSNorm and \
+            not any(hasattr(layer.self_attn, n) for layer in body.layers for n in ("q_norm", "k_norm"))
     except AttributeError:
         return False
 

@@ -92,7 +92,7 @@ class SafetyModel(nn.Module):
         """Copies and pickles leave out the fused body: it is derived from the weights, and
         oneDNN's packed weights are opaque tensors that cannot be copied (call
         `use_fused_forward` on the copy)."""
-        return self.__dict__ | {"fused": None}
+        return super().__getstate__() | {"fused": None}
 
     def _causal_lm(self) -> nn.Module:
         lm = self.lm

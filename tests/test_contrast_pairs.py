@@ -66,7 +66,7 @@ def test_word_sense_pairs_cover_every_category_and_kind_and_are_short():
     assert Counter(p["category"] for p in pairs) == {c: 30 for c in {p["category"] for p in others}}
     for category in {p["category"] for p in pairs}:
         kinds = Counter(p["benign_kind"] for p in pairs if p["category"] == category)
-        assert set(kinds) == WORD_SENSE_KINDS and min(kinds.values()) >= 6, category
+        assert set(kinds) == WORD_SENSE_KINDS and min(kinds.values()) >= 7, category
     for p in pairs:
         assert all(5 <= len(p[k].split()) <= 45 for k in ("harmful", "benign")), p["id"]
     assert not {normalise(p[k]) for p in pairs for k in ("harmful", "benign")} & {

@@ -34,9 +34,10 @@ def _both(model, fn):
 @pytest.mark.parametrize("bias", [False, True])
 def test_prefill_and_a_probe_step_match_transformers(tokenizer, bias):
     model = tiny_safety_model(tokenizer, seed=1)
-    if bias:  # a Llama with attention biases: the fused q/k/v bias is the three concatenated
-        for layer in model.decoder.layers:
-            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+    if bias:  # biases everywhere: the fused q/k/v bias is the three concatenated, o and down
+        for layer in model.decoder.layers:  # add theirs in the fused residual add
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                        layer.self_attn.o_proj, layer.mlp.down_proj):
                 lin.bias = torch.nn.Parameter(torch.randn(lin.out_features) * 0.1)
     prompts = [build_chat_prompt(tokenizer, [{"role": "user", "content": t}]) for t in PROMPTS[:2]]
     batch = stack_layouts([sequence_layout(p.ids, p.query_mask, [], response_start=p.response_start)
