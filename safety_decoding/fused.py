@@ -14,8 +14,8 @@ transformers' forward) with
 - fewer small operations per layer, each with transformers' arithmetic (the same values in
   float32; in bfloat16 the fused add and ``addcmul`` round once where transformers rounds
   twice): torch's RMSNorm in float32, one rotary embedding for the query and key heads
-  together (`rotate`), one additive mask per forward. Every operation costs a few microseconds of dispatch on CPU
-  whatever its size, and a 30-layer step runs about 1,500 of them.
+  together (`rotate`), one additive mask per forward. Every operation costs a few
+  microseconds of dispatch on CPU whatever its size, and a 30-layer step runs about 1,500.
 
 Inference only (no dropout, no LoRA: build it from merged weights), and the weights are
 copies: a model trained further needs a new `FusedBody`. Our choice, in the style of
@@ -93,10 +93,9 @@ class FusedLayer:
         """``x (B, q, H)``, ``cos``/``sin`` from `rotary_tables` -> ``(B, q, H)``."""
         B, q, _ = x.shape
         qkv = self.qkv(rms_norm(self.input_norm, x))
-        n_qk = self.n_qk
-        qk = rotate(qkv[..., :n_qk].view(B, q, -1, self.head_dim).transpose(1, 2), cos, sin)
+        qk = rotate(qkv[..., :self.n_qk].view(B, q, -1, self.head_dim).transpose(1, 2), cos, sin)
         query, key = qk.split([self.n_heads, qk.shape[1] - self.n_heads], 1)
-        value = qkv[..., n_qk:].view(B, q, -1, self.head_dim).transpose(1, 2)
+        value = qkv[..., self.n_qk:].view(B, q, -1, self.head_dim).transpose(1, 2)
         if cache_layer is not None:
             key, value = cache_layer.update(key, value)
         out = attend(self.attn, query, key, value, mask)
