@@ -14,8 +14,9 @@ transformers' forward) with
 - fewer small operations per layer, each with transformers' arithmetic (the same values in
   float32; in bfloat16 the fused add and ``addcmul`` round once where transformers rounds
   twice): torch's RMSNorm in float32, one rotary embedding for the query and key heads
-  together (`rotate`), one additive mask per forward. Every operation costs a few
-  microseconds of dispatch on CPU whatever its size, and a 30-layer step runs about 1,500.
+  together (`rotate`), one additive mask per forward, the `attention.ess_sdpa` kernel. Every
+  operation costs a few microseconds of dispatch on CPU whatever its size, and a 30-layer step
+  runs about 1,500.
 
 Inference only (no dropout, no LoRA: build it from merged weights), and the weights are
 copies: a model trained further needs a new `FusedBody`. Our choice, in the style of
@@ -98,21 +99,10 @@ class FusedLayer:
         value = qkv[..., self.n_qk:].view(B, q, -1, self.head_dim).transpose(1, 2)
         if cache_layer is not None:
             key, value = cache_layer.update(key, value)
-        out = attend(self.attn, query, key, value, mask)
+        out, _ = ess_sdpa(self.attn, query, key, value, mask, scaling=self.attn.scaling)
         x = self.o.plus(out.reshape(B, q, -1), x)
         gate, up = self.gate_up(rms_norm(self.post_norm, x)).chunk(2, -1)
         return self.down.plus(self.act(gate) * up, x)
-
-
-def attend(attn: nn.Module, query, key, value, mask) -> torch.Tensor:
-    """``query (B, Hq, q, D)``, ``key/value (B, Hkv, kv, D)``, ``mask (B, 1, q, kv)`` (bool, or
-    additive float from `additive_mask`) -> ``(B, q, Hq, D)``. On CPU grouped-query SDPA takes
-    any mask without copying K/V heads; elsewhere `attention.ess_sdpa` chooses."""
-    if query.device.type == "cpu":
-        out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                         scale=attn.scaling, enable_gqa=True)
-        return out.transpose(1, 2)
-    return ess_sdpa(attn, query, key, value, mask, scaling=attn.scaling)[0]
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
