@@ -19,14 +19,15 @@ DATA_DIR = default_data_dir()  # filled by `ess data fetch`
 CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-ess"
 
 
-def load(checkpoint: Path = CHECKPOINT, dtype: str = "auto"):
+def load(checkpoint: Path = CHECKPOINT, dtype: str = "auto", quantization: str = "none"):
     """``(decoder, tokenizer)`` for the checkpoint on the prepared base model, on the CPU in
-    ``dtype`` (``auto``: what ``ess serve`` picks here, `safety_decoding.device`)."""
+    ``dtype`` (``auto``: what ``ess serve`` picks here, `safety_decoding.device`) with
+    ``quantization`` (``ESS_QUANTIZATION``)."""
     from safety_decoding.base_model import prepare_base_model
     from safety_decoding.decode import Decoder
 
     decoder = Decoder.from_checkpoint(checkpoint, prepare_base_model(log=lambda m: print(m, file=sys.stderr)),
-                                      dtype=dtype)
+                                      dtype=dtype, quantization=quantization)
     return decoder, decoder.tok
 
 

@@ -32,6 +32,7 @@ from benchmarks.common import REPO, load, markdown_table, write_json
 
 from safety_decoding.decode import GenerationRequest
 from safety_decoding.device import DTYPE_NAMES, dtype_name
+from safety_decoding.types import Quantization
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.sampling import SamplingParams
@@ -98,13 +99,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                     help="precision of the model and the guard, as ESS_DTYPE (default auto)")
+    ap.add_argument("--quantization", default="none", choices=Quantization.values(),
+                    help="ESS_QUANTIZATION of the model (int8 needs --dtype float32; the guard stays float)")
     ap.add_argument("--json", default="benchmarks/results/overhead.json")
     args = ap.parse_args(argv)
     new_tokens = args.new_tokens or (48 if args.quick else 128)
     reps = args.reps or (1 if args.quick else 2)
     prompts_text = PROMPTS[:2] if args.quick else PROMPTS
 
-    decoder, tok = load(dtype=args.dtype)
+    decoder, tok = load(dtype=args.dtype, quantization=args.quantization)
     from safety_decoding.base_model import base_model_dir
     from safety_training.guard import load_base_body, load_guard
 
@@ -138,7 +141,7 @@ def main(argv=None) -> dict:
     for r in results:
         r["overhead_ratio"] = round(plain / r["tokens_per_second"], 4)
     out = {"new_tokens": new_tokens, "reps": reps, "prompts": len(prompts), "batch_size": 1,
-           "device": "cpu", "dtype": dtype_name(dtype),
+           "device": "cpu", "dtype": dtype_name(dtype), "quantization": args.quantization,
            "torch_threads": torch.get_num_threads(), "results": results}
     print()
     print(markdown_table(

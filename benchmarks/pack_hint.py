@@ -4,7 +4,8 @@
 (`fused.PACK_ROWS_HINT`). This times all the matrix products of one decode step of the base
 model's shapes (every layer's q/k/v, o, gate/up and down, and the LM head), with random weights
 of the same shapes, at several row counts (1: one sequence; 2: one sequence and its ``[CLS]``
-probe; 16: eight sequences with probes), for each hint and for ``F.linear`` on the plain layout.
+probe; 16: eight sequences with probes), for each hint, for ``F.linear`` on the plain layout and
+for the int8 weights of ``ESS_QUANTIZATION=int8`` (fbgemm's dynamic product).
 The weights total more than the CPU's caches, as in a real step. Prints a table (milliseconds per
 step, lower is better) and writes JSON.
 """
@@ -17,6 +18,8 @@ import time
 import torch
 
 from benchmarks.common import markdown_table, write_json
+from safety_decoding.fused import Projection
+from safety_decoding.types import Quantization
 
 HINTS = (1, 2, 8, 16, 32)
 ROWS = (1, 2, 8, 16)
@@ -51,20 +54,18 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     shapes = step_shapes(AutoConfig.from_pretrained(str(prepare_base_model())))
     weights = [torch.randn(o, i) for o, i in shapes]
-    layouts = {"F.linear": None} | {f"oneDNN hint {h}": h for h in HINTS}
+    layouts = {"F.linear": lambda w: lambda x: torch.nn.functional.linear(x, w)} | {
+        f"oneDNN hint {h}": lambda w, h=h: lambda x, p=torch.ops.mkldnn._reorder_linear_weight(w, h):
+            torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for h in HINTS} | {
+        "fbgemm int8 (ESS_QUANTIZATION=int8)": lambda w: Projection(w, None, Quantization.INT8)}
     ms = {name: {} for name in layouts}
     with torch.inference_mode():
-        for name, hint in layouts.items():
-            packed = [torch.ops.mkldnn._reorder_linear_weight(w, hint) for w in weights] if hint else None
+        for name, build in layouts.items():
+            products = [(w.shape[1], build(w)) for w in weights]
             for rows in ROWS:
                 xs = {i: torch.randn(rows, i) for _, i in shapes}
-                if packed is None:
-                    fn = lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights]  # noqa: E731
-                else:
-                    fn = lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")  # noqa: E731
-                                  for w, p in zip(weights, packed)]
-                ms[name][rows] = round(time_ms(fn, args.reps), 1)
-            packed = None  # free before the next layout is packed
+                ms[name][rows] = round(time_ms(lambda: [f(xs[i]) for i, f in products], args.reps), 1)
+            products = None  # free before the next layout is packed
     print(markdown_table(["layout"] + [f"{r} rows (ms)" for r in ROWS],
                          [[name] + [ms[name][r] for r in ROWS] for name in layouts]))
     out = {"dtype": "float32", "threads": torch.get_num_threads(), "reps": args.reps,

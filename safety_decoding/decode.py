@@ -40,7 +40,7 @@ from .policy import SafetyParams, SafetyState, Trip
 from .prompt import Prompt
 from .sampling import SamplingParams, logits_processors, make_generator, select_token
 from .text import IncrementalDetokenizer, StopStringBuffer, refusal_separator
-from .types import FinishReason
+from .types import FinishReason, Quantization
 
 log = logging.getLogger(__name__)
 
@@ -683,14 +683,23 @@ class Decoder:
     Args:
         fused: run the body through `fused.FusedBody` where it can be fused (merged weights),
             else transformers' modules (the eager fallback, ``ESS_FUSED_FORWARD=false``).
+        quantization: the fused body's weights (a `fused.Quantization` value,
+            ``ESS_QUANTIZATION``).
+
+    Raises:
+        ValueError: ``quantization`` is not ``none`` and the model cannot run it (not fused, or
+            see `fused.check_quantization`).
     """
 
-    def __init__(self, model: SafetyModel, tokenizer, fused: bool = True):
+    def __init__(self, model: SafetyModel, tokenizer, fused: bool = True, quantization: str = "none"):
         self.model = model
         self.tok = tokenizer
         self.device = next(model.parameters()).device
         use_ess_attention(model._causal_lm())  # probe steps: no K/V head copies (attention.py)
-        model.use_fused_forward(fused and not model.training)
+        on = model.use_fused_forward(fused and not model.training, quantization)
+        if Quantization(quantization) is not Quantization.NONE and not on:
+            raise ValueError(f"quantization: {quantization} needs the fused forward (ESS_FUSED_FORWARD=true, "
+                             "merged weights)")
         self.refusal = model.config.refusal_prefix
         # EOS plus the document end token (SmolLM2's <|endoftext|> doubles as its unk token).
         ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
@@ -698,17 +707,18 @@ class Decoder:
 
     @classmethod
     def from_checkpoint(cls, checkpoint, base_dir, device: str = "cpu", dtype: str = "float32",
-                        fused: bool = True) -> "Decoder":
+                        fused: bool = True, quantization: str = "none") -> "Decoder":
         """Load ``checkpoint`` on the prepared base model in ``base_dir`` (LoRA merged).
 
         Args:
             device, dtype: names as ``ESS_DEVICE`` / ``ESS_DTYPE`` take them (``auto`` included,
                 see `device.resolve_device` / `device.resolve_dtype`).
-            fused: see `Decoder`.
+            fused, quantization: see `Decoder`.
 
         Raises:
             CheckpointError: see `model.load_safety_model`.
-            ValueError: an unknown dtype, or CUDA asked for where there is none.
+            ValueError: an unknown dtype, CUDA asked for where there is none, or a quantization
+                the model cannot run.
         """
         from transformers import AutoTokenizer
 
@@ -717,7 +727,7 @@ class Decoder:
 
         dev = resolve_device(device)
         model = load_safety_model(checkpoint, base_dir, dtype=resolve_dtype(dtype, dev)).to(dev)
-        return cls(model, AutoTokenizer.from_pretrained(str(base_dir)), fused=fused)
+        return cls(model, AutoTokenizer.from_pretrained(str(base_dir)), fused=fused, quantization=quantization)
 
     def refusal_ids(self, row: RowState) -> list[int]:
         """Token ids of the refusal prefix as it follows ``row``'s text (`text.refusal_separator`:

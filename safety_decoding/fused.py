@@ -18,6 +18,14 @@ transformers' forward) with
   operation costs a few microseconds of dispatch on CPU whatever its size, and a 30-layer step
   runs about 1,500.
 
+With ``quantization`` `Quantization.INT8` (``ESS_QUANTIZATION=int8``; CPU, float32) every
+projection, LM head included, runs fbgemm's dynamic int8 product (torch's
+``quantized.linear_dynamic``, what ``torch.ao.quantization.quantize_dynamic`` gives
+``nn.Linear``): weights int8 per output channel, activations quantized per call; a quarter of the
+bytes to read per step, so about 2.5x faster products at 1-2 rows on 2 AVX2 cores
+(`benchmarks.pack_hint`). It changes the head's scores a little: `benchmarks.quant_agreement`
+measures how often its verdicts change. Our choice; the default stays float.
+
 Inference only (no dropout, no LoRA: build it from merged weights), and the weights are
 copies: a model trained further needs a new `FusedBody`. Our choice, in the style of
 gpt-fast's ``generate.py``; ``ESS_FUSED_FORWARD=false`` keeps transformers' forward.
@@ -25,10 +33,13 @@ gpt-fast's ``generate.py``; ``ESS_FUSED_FORWARD=false`` keeps transformers' forw
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .attention import ess_sdpa
+from .types import Quantization
 
 PACK_ROWS_HINT = 16
 """Rows per product that oneDNN packs the weights for. A hint of 1 picks a one-row kernel that
@@ -38,21 +49,50 @@ of a step's float32 products take 33-35 ms at 1 row with any hint, but at 2 rows
 `benchmarks/results/pack_hint.json`). Our choice."""
 
 
+def check_quantization(quantization: Quantization, device: torch.device, dtype: torch.dtype) -> None:
+    """Raises:
+        ValueError: ``quantization`` is int8 and the model is not float32 on a CPU with fbgemm
+            (fbgemm's dynamic products take float32 activations on x86 CPUs only)."""
+    if Quantization(quantization) is Quantization.INT8 and not (
+            device.type == "cpu" and dtype == torch.float32 and "fbgemm" in torch.backends.quantized.supported_engines):
+        raise ValueError(f"quantization: int8 needs dtype float32 on an x86 CPU (fbgemm), got {dtype} on {device}")
+
+
+def _int8_weight(weight: torch.Tensor, bias: torch.Tensor | None):
+    """``weight (out, in)`` float -> fbgemm's packed int8 weight, symmetric per output channel
+    (scale = max |w| / 127 of the row, zero point 0; ``quantize_dynamic``'s per-channel scheme)."""
+    w = weight.float()
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
+    with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated (torchao)
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.float())
+
+
 class Projection:
     """``x (..., in) -> (..., out)`` with a fixed weight ``(out, in)`` and optional bias ``(out,)``,
-    prepacked for oneDNN where it can be (CPU, float32, or bfloat16 on CPUs with AVX512/AMX)."""
+    prepacked for oneDNN where it can be (CPU, float32, or bfloat16 on CPUs with AVX512/AMX), or
+    as fbgemm's int8 weight (``quantization`` int8; see `check_quantization`)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 quantization: Quantization = Quantization.NONE):
         self.bias = bias
         self.packed = None
-        if weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        self.int8 = None
+        if Quantization(quantization) is Quantization.INT8:
+            self.int8 = _int8_weight(weight, bias)
+        elif weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
             except RuntimeError:  # oneDNN cannot pack this dtype on this CPU
                 pass
-        self.weight = None if self.packed is not None else weight
+        self.weight = None if self.packed is not None or self.int8 is not None else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            # reduce_range: 7-bit activations, as quantize_dynamic on x86 (fbgemm's int16 sums
+            # of two u8*s8 products can overflow with 8 bits).
+            return torch.ops.quantized.linear_dynamic(x, self.int8, True)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return nn.functional.linear(x, self.weight, self.bias)
@@ -64,29 +104,30 @@ class Projection:
         return self(x).add_(residual)
 
 
-def _fuse(*linears: nn.Linear) -> Projection:
+def _fuse(*linears: nn.Linear, quantization: Quantization = Quantization.NONE) -> Projection:
     """One `Projection` for several linears on the same input (outputs concatenated)."""
     weight = torch.cat([lin.weight.detach() for lin in linears])
     biases = [lin.bias for lin in linears]
     bias = None if all(b is None for b in biases) else torch.cat([
         b.detach() if b is not None else lin.weight.new_zeros(lin.out_features)
         for b, lin in zip(biases, linears)])
-    return Projection(weight, bias)
+    return Projection(weight, bias, quantization)
 
 
 class FusedLayer:
     """One decoder layer (``LlamaDecoderLayer``'s function, fused projections)."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, quantization: Quantization = Quantization.NONE):
         attn, mlp = layer.self_attn, layer.mlp
         self.attn = attn  # read by `ess_sdpa` (groups, training flag); its weights are unused
         self.head_dim = attn.head_dim
         self.n_heads = attn.q_proj.out_features // attn.head_dim
         self.n_qk = attn.q_proj.out_features + attn.k_proj.out_features
-        self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.o = Projection(attn.o_proj.weight.detach(), _bias(attn.o_proj))
-        self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
-        self.down = Projection(mlp.down_proj.weight.detach(), _bias(mlp.down_proj))
+        q = quantization
+        self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj, quantization=q)
+        self.o = Projection(attn.o_proj.weight.detach(), _bias(attn.o_proj), q)
+        self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj, quantization=q)
+        self.down = Projection(mlp.down_proj.weight.detach(), _bias(mlp.down_proj), q)
         self.act = mlp.act_fn
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
 
@@ -167,15 +208,18 @@ class FusedBody:
     `lm_logits` with a prepacked LM head.
 
     Raises:
-        ValueError: ``body`` has a projection that is not a plain ``nn.Linear`` (see `can_fuse`).
+        ValueError: ``body`` has a projection that is not a plain ``nn.Linear`` (see `can_fuse`),
+            or ``quantization`` does not fit the model (see `check_quantization`).
     """
 
-    def __init__(self, body: nn.Module, lm_head: nn.Linear):
+    def __init__(self, body: nn.Module, lm_head: nn.Linear, quantization: Quantization = Quantization.NONE):
         if not can_fuse(body):
             raise ValueError("FusedBody needs merged, plain nn.Linear projections (merge LoRA first)")
-        self.layers = [FusedLayer(layer) for layer in body.layers[: body.config.num_hidden_layers]]
+        check_quantization(quantization, lm_head.weight.device, lm_head.weight.dtype)
+        q = Quantization(quantization)
+        self.layers = [FusedLayer(layer, q) for layer in body.layers[: body.config.num_hidden_layers]]
         self.norm, self.rotary = body.norm, body.rotary_emb
-        self.lm_head = Projection(lm_head.weight.detach(), _bias(lm_head))
+        self.lm_head = Projection(lm_head.weight.detach(), _bias(lm_head), q)
 
     def __call__(self, x, mask, position_ids, cache=None) -> torch.Tensor:
         cos, sin = rotary_tables(self.rotary, x, position_ids)

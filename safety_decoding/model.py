@@ -75,17 +75,22 @@ class SafetyModel(nn.Module):
         `lm_logits` while autograd is off (set by `use_fused_forward`; it copies the weights,
         so call it again after changing them), or None."""
 
-    def use_fused_forward(self, on: bool = True) -> bool:
+    def use_fused_forward(self, on: bool = True, quantization: str = "none") -> bool:
         """Run the body and LM head through `fused.FusedBody` (built now from the current
-        weights) or, with ``on`` False, through transformers' modules again.
+        weights, with ``quantization``, a `fused.Quantization` value) or, with ``on`` False,
+        through transformers' modules again.
 
         Returns:
             Whether the fused forward is on: False where the body cannot be fused (LoRA not
             merged, a layer that is not Llama-shaped), and the model stays as it was.
+
+        Raises:
+            ValueError: ``quantization`` does not fit the model (`fused.check_quantization`).
         """
         from .fused import FusedBody, can_fuse
 
-        self.fused = FusedBody(self.decoder, self._causal_lm().lm_head) if on and can_fuse(self.decoder) else None
+        self.fused = FusedBody(self.decoder, self._causal_lm().lm_head, quantization) \
+            if on and can_fuse(self.decoder) else None
         return self.fused is not None
 
     def __getstate__(self) -> dict:

@@ -1,5 +1,5 @@
 """Names shared by the runtime, the server, training and evaluation: finish reasons, re-check
-schedules, safety actions, and the parameter error. One place per name; everything else
+schedules, safety actions, weight quantization, and the parameter error. One place per name; everything else
 imports these instead of spelling the strings.
 
 The enums subclass ``str`` so that they compare equal to, serialise as (JSON, Prometheus
@@ -61,3 +61,14 @@ class ParameterError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class Quantization(_StrEnum):
+    """How the fused forward stores its projection weights (``ESS_QUANTIZATION``,
+    `fused.check_quantization`)."""
+
+    NONE = "none"
+    """The model's dtype."""
+    INT8 = "int8"
+    """int8 weights per output channel, activations quantized to 8 bits per call (fbgemm's
+    dynamic quantization; CPU, float32 activations only)."""

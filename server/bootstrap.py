@@ -48,7 +48,7 @@ def build_app(settings, decoder=None):
         base = resolve_base_model(settings.base_model_dir)
         try:
             return Decoder.from_checkpoint(settings.checkpoint, base, settings.device, settings.dtype,
-                                           fused=settings.fused_forward)
+                                           fused=settings.fused_forward, quantization=settings.quantization)
         except (CheckpointError, ValueError) as exc:
             raise ServeError(str(exc)) from exc
 

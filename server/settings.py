@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from safety_decoding.device import DTYPE_NAMES
-from safety_decoding.types import Action, Schedule
+from safety_decoding.types import Action, Quantization, Schedule
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-ess"
 
@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         True, description="ESS_FUSED_FORWARD: run the model through our fused forward (fused "
                           "projections, weights prepacked for oneDNN on CPU; the same function); "
                           "false: transformers' modules (the fallback).")
+    quantization: Literal[Quantization.values()] = Field(
+        Quantization.NONE.value, description="ESS_QUANTIZATION: `none`, or `int8`: the fused forward's projections "
+                            "with int8 weights and dynamically quantized activations (fbgemm; CPU "
+                            "and ESS_DTYPE float32 only; faster decoding, slightly different "
+                            "head scores).")
 
     safety_enabled: bool = Field(
         True, description="ESS_SAFETY_ENABLED: false serves the model without `[CLS]` and without "

@@ -48,7 +48,9 @@ def test_settings_validate_device_and_dtype(monkeypatch):
     monkeypatch.setenv("ESS_DEVICE", "cuda:1")
     assert (Settings().dtype, Settings().device) == ("bfloat16", "cuda:1")
     assert (Settings(_env_file=None, dtype="auto").dtype) == "auto"
-    for var, bad in (("ESS_DTYPE", "fp8"), ("ESS_DEVICE", "gpu")):
+    monkeypatch.setenv("ESS_QUANTIZATION", "int8")
+    assert Settings().quantization == "int8"
+    for var, bad in (("ESS_DTYPE", "fp8"), ("ESS_DEVICE", "gpu"), ("ESS_QUANTIZATION", "int4")):
         monkeypatch.setenv(var, bad)
         with pytest.raises(ValidationError, match=var.removeprefix("ESS_").lower()):
             Settings()

@@ -13,7 +13,7 @@ from safety_decoding.masks import PROBE, TOKEN, strategic_attention_mask
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.sampling import SamplingParams
-from safety_decoding.types import Schedule
+from safety_decoding.types import Quantization, Schedule
 
 from conftest import tiny_safety_model
 
@@ -118,3 +118,53 @@ def test_a_model_with_a_fused_body_can_be_deep_copied(tiny_model, tokenizer):
     assert model.fused is not None
     clone = copy.deepcopy(model)
     assert clone.fused is None and model.fused is not None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_int8_projection_is_close_to_linear(rows):
+    """fbgemm's dynamic int8 product: within a few percent of the float product, and `plus`
+    adds the residual."""
+    torch.manual_seed(0)
+    w, b, r = torch.randn(48, 32) * 0.05, torch.randn(48) * 0.1, torch.randn(3, rows, 48)
+    x = torch.randn(3, rows, 32)
+    proj, ref = Projection(w, b, Quantization.INT8), torch.nn.functional.linear(x, w, b)
+    assert proj.packed is None and proj.weight is None  # no float copy kept
+    assert ((proj(x) - ref).norm() / ref.norm()).item() < 0.03
+    torch.testing.assert_close(proj.plus(x, r.clone()), proj(x) + r)
+
+
+def test_int8_forward_stays_close_to_float(tokenizer):
+    model = tiny_safety_model(tokenizer, seed=1)
+    prompt = build_chat_prompt(tokenizer, [{"role": "user", "content": PROMPTS[0]}])
+    layout = stack_layouts([sequence_layout(prompt.ids, prompt.query_mask, [], response_start=prompt.response_start)])
+
+    def logits(quantization):
+        model.use_fused_forward(True, quantization)
+        with torch.inference_mode():
+            h, _ = model.hidden_states(layout.ids, layout.kinds, layout.positions, layout.mask())
+            return model.lm_logits(h[:, -1])
+
+    ref, q = logits("none"), logits("int8")
+    model.use_fused_forward(False)
+    assert torch.nn.functional.cosine_similarity(ref, q).item() > 0.99
+    assert not torch.equal(ref, q)
+
+
+def test_int8_needs_the_fused_forward_in_float32(tokenizer):
+    with pytest.raises(ValueError, match="quantization: int8 needs the fused forward"):
+        Decoder(tiny_safety_model(tokenizer), tokenizer, fused=False, quantization="int8")
+    with pytest.raises(ValueError, match="quantization: int8 needs dtype float32"):
+        Decoder(tiny_safety_model(tokenizer).to(torch.bfloat16), tokenizer, quantization="int8")
+    with pytest.raises(ValueError):
+        Decoder(tiny_safety_model(tokenizer), tokenizer, quantization="int4")
+
+
+def test_int8_decoder_generates_with_checks(tokenizer):
+    model = tiny_safety_model(tokenizer, seed=1)
+    dec = Decoder(model, tokenizer, quantization=Quantization.INT8)
+    assert model.fused.lm_head.int8 is not None
+    reqs = [GenerationRequest(build_chat_prompt(tokenizer, [{"role": "user", "content": t}]),
+                              SamplingParams(max_new_tokens=8), SafetyParams(schedule=Schedule.EACH, threshold=0.99))
+            for t in PROMPTS[:2]]
+    final = [e for step in dec.generate(reqs) for e in step if e.finish_reason]
+    assert len(final) == 2 and all(0 <= e.safety["max_score"] <= 1 for e in final)
