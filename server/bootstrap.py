@@ -39,7 +39,7 @@ def build_app(settings, decoder=None):
     """
     from safety_decoding.decode import Decoder
     from safety_decoding.model import CheckpointError
-    from safety_decoding.types import ParameterError
+    from safety_decoding.types import ParameterError, Quantization
 
     from .app import create_app
     from .engine import Engine, load_off_thread
@@ -52,6 +52,11 @@ def build_app(settings, decoder=None):
         except (CheckpointError, ValueError) as exc:
             raise ServeError(str(exc)) from exc
 
+    if settings.quantization != Quantization.NONE and settings.safety_enabled:
+        # Measured, not assumed: benchmarks/results/quant_agreement.json.
+        print("warning: ESS_QUANTIZATION=int8 changes about a quarter of the safety head's verdicts "
+              "against the float32 ones it was calibrated on (python -m benchmarks.quant_agreement); "
+              "do not rely on it for safety", file=sys.stderr)
     if decoder is None:
         decoder = load_off_thread(load)
     engine = Engine(decoder, max_num_seqs=settings.max_num_seqs,
