@@ -683,7 +683,7 @@ class Decoder:
     Args:
         fused: run the body through `fused.FusedBody` where it can be fused (merged weights),
             else transformers' modules (the eager fallback, ``ESS_FUSED_FORWARD=false``).
-        quantization: the fused body's weights (a `fused.Quantization` value,
+        quantization: the fused body's weights (a `types.Quantization` value,
             ``ESS_QUANTIZATION``).
 
     Raises:

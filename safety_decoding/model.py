@@ -77,7 +77,7 @@ class SafetyModel(nn.Module):
 
     def use_fused_forward(self, on: bool = True, quantization: str = "none") -> bool:
         """Run the body and LM head through `fused.FusedBody` (built now from the current
-        weights, with ``quantization``, a `fused.Quantization` value) or, with ``on`` False,
+        weights, with ``quantization``, a `types.Quantization` value) or, with ``on`` False,
         through transformers' modules again.
 
         Returns:
