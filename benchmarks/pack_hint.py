@@ -41,6 +41,19 @@ def time_ms(fn, reps: int) -> float:
     return (time.perf_counter() - t) / reps * 1000
 
 
+def plain(w: torch.Tensor):
+    """``x -> x @ w.T`` on the plain layout."""
+    return lambda x: torch.nn.functional.linear(x, w)
+
+
+def onednn(hint: int):
+    """A builder: ``w ->`` the product with ``w`` packed for oneDNN for ``hint`` rows."""
+    def build(w: torch.Tensor):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, hint)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return build
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
@@ -54,9 +67,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     shapes = step_shapes(AutoConfig.from_pretrained(str(prepare_base_model())))
     weights = [torch.randn(o, i) for o, i in shapes]
-    layouts = {"F.linear": lambda w: lambda x: torch.nn.functional.linear(x, w)} | {
-        f"oneDNN hint {h}": lambda w, h=h: lambda x, p=torch.ops.mkldnn._reorder_linear_weight(w, h):
-            torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for h in HINTS} | {
+    layouts = {"F.linear": plain} | {f"oneDNN hint {h}": onednn(h) for h in HINTS} | {
         "fbgemm int8 (ESS_QUANTIZATION=int8)": lambda w: Projection(w, None, Quantization.INT8)}
     ms = {name: {} for name in layouts}
     with torch.inference_mode():
