@@ -697,7 +697,7 @@ class Decoder:
         self.device = next(model.parameters()).device
         use_ess_attention(model._causal_lm())  # probe steps: no K/V head copies (attention.py)
         on = model.use_fused_forward(fused and not model.training, quantization)
-        if Quantization(quantization) is not Quantization.NONE and not on:
+        if quantization != Quantization.NONE and not on:
             raise ValueError(f"quantization: {quantization} needs the fused forward (ESS_FUSED_FORWARD=true, "
                              "merged weights)")
         self.refusal = model.config.refusal_prefix

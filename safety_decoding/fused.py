@@ -55,7 +55,7 @@ def check_quantization(quantization: Quantization, device: torch.device, dtype: 
     """Raises:
         ValueError: ``quantization`` is int8 and the model is not float32 on a CPU with fbgemm
             (fbgemm's dynamic products take float32 activations on x86 CPUs only)."""
-    if Quantization(quantization) is Quantization.INT8 and not (
+    if quantization == Quantization.INT8 and not (
             device.type == "cpu" and dtype == torch.float32 and "fbgemm" in torch.backends.quantized.supported_engines):
         raise ValueError(f"quantization: int8 needs dtype float32 on an x86 CPU (fbgemm), got {dtype} on {device}")
 
@@ -81,7 +81,7 @@ class Projection:
         self.bias = bias
         self.packed = None
         self.int8 = None
-        if Quantization(quantization) is Quantization.INT8:
+        if quantization == Quantization.INT8:
             self.int8 = _int8_weight(weight, bias)
         elif weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
             try:
@@ -217,8 +217,8 @@ class FusedBody:
     def __init__(self, body: nn.Module, lm_head: nn.Linear, quantization: Quantization = Quantization.NONE):
         if not can_fuse(body):
             raise ValueError("FusedBody needs merged, plain nn.Linear projections (merge LoRA first)")
-        check_quantization(quantization, lm_head.weight.device, lm_head.weight.dtype)
-        q = Quantization(quantization)
+        q = Quantization(quantization)  # ValueError on an unknown name
+        check_quantization(q, lm_head.weight.device, lm_head.weight.dtype)
         self.layers = [FusedLayer(layer, q) for layer in body.layers[: body.config.num_hidden_layers]]
         self.norm, self.rotary = body.norm, body.rotary_emb
         self.lm_head = Projection(lm_head.weight.detach(), _bias(lm_head), q)
