@@ -46,6 +46,10 @@ class TrainConfig:
     """The safety data (default: where `ess data fetch` puts it)."""
     output_dir: str = "checkpoints/smollm2-135m-ess"
     seed: int = 42
+    data_order_seed: int | None = None
+    """Seed of the batch order alone (None: ``seed``). Our choice, for warm starts: the splits
+    follow ``seed``, so a second run over the same data keeps its held-out sets clean while
+    seeing its batches in a new order (a run cut by ``max_minutes`` sees other batches)."""
     n_benign: int = 900
     n_benign_query_only: int = 1400
     n_malicious: int = 800
@@ -452,13 +456,14 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     total_steps = len(batches) * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    order_rng = rng if cfg.data_order_seed is None else random.Random(cfg.data_order_seed)
     start = time.monotonic()
     step, stopped_early, interrupted = 0, False, False
     clock = StepClock(start, total_steps)
     bar = tqdm(total=total_steps, desc="train", mininterval=5)
     try:
         for epoch in range(cfg.epochs):
-            rng.shuffle(batches)
+            order_rng.shuffle(batches)
             for idx in batches:
                 b = collate([enc_train[i] for i in idx])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):

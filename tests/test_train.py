@@ -176,3 +176,22 @@ def test_warm_start_and_calibrated_threshold(tmp_path, tokenizer):
     cfg = read_safety_config(tmp_path / "second")
     assert cfg.threshold == summary["held_out"]["threshold"] != 0.5
     assert summary["held_out"]["calibration"]["fpr"] <= 0.1
+
+
+@pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
+def test_data_order_seed_changes_the_batch_order_not_the_splits(tmp_path, tokenizer):
+    base_dir = tiny_base_dir(tmp_path, tokenizer)
+    common = (f"data_dir: {DATA_DIR}\nn_benign: 6\nn_benign_query_only: 4\nn_malicious: 6\n"
+              "n_malicious_query_only: 4\nn_harmful_probe: 2\nn_jailbreak: 0\nsharegpt_limit: 0\n"
+              "validation_fraction: 0.3\nbatch_size: 4\nlora_r: 2\nmax_response_tokens: 6\n")
+    runs = {}
+    for name, extra in (("a", ""), ("b", "data_order_seed: 3\n")):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(common + f"output_dir: {tmp_path / name}\n" + extra)
+        train(load_train_config(cfg), base_dir, log=lambda m: None)
+        saved = json.loads((tmp_path / name / "ess_config.json").read_text())
+        runs[name] = (load_safety_model(tmp_path / name, base_dir), saved["data_manifest"])
+    (one, manifest_a), (two, manifest_b) = runs["a"], runs["b"]
+    assert manifest_a == manifest_b  # the same splits and examples
+    # the same examples in another order: Adam's steps differ, so the head does
+    assert not torch.equal(one.head.weight, two.head.weight)
