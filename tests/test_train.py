@@ -152,14 +152,19 @@ def test_benign_self_answers_get_lm_loss_when_asked_but_never_refusals_or_harm()
     assert not by_query["harmful"].lm_loss
 
 
+def tiny_run_config() -> str:
+    """The YAML of a training run small enough for a test (a few steps on the tiny model)."""
+    return (f"data_dir: {DATA_DIR}\nn_benign: 6\nn_benign_query_only: 4\nn_malicious: 6\n"
+            "n_malicious_query_only: 4\nn_harmful_probe: 2\nn_jailbreak: 0\nsharegpt_limit: 0\n"
+            "validation_fraction: 0.3\nbatch_size: 4\nlora_r: 2\nmax_response_tokens: 6\n")
+
+
 @pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
 def test_warm_start_and_calibrated_threshold(tmp_path, tokenizer):
     from safety_decoding.model import read_safety_config
 
     base_dir = tiny_base_dir(tmp_path, tokenizer)
-    common = (f"data_dir: {DATA_DIR}\nn_benign: 6\nn_benign_query_only: 4\nn_malicious: 6\n"
-              "n_malicious_query_only: 4\nn_harmful_probe: 2\nn_jailbreak: 0\nsharegpt_limit: 0\n"
-              "validation_fraction: 0.3\nbatch_size: 4\nlora_r: 2\nmax_response_tokens: 6\n")
+    common = tiny_run_config()
     first = tmp_path / "first.yaml"
     first.write_text(common + f"output_dir: {tmp_path / 'first'}\n")
     train(load_train_config(first), base_dir, log=lambda m: None)
@@ -181,9 +186,7 @@ def test_warm_start_and_calibrated_threshold(tmp_path, tokenizer):
 @pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
 def test_data_order_seed_changes_the_batch_order_not_the_splits(tmp_path, tokenizer):
     base_dir = tiny_base_dir(tmp_path, tokenizer)
-    common = (f"data_dir: {DATA_DIR}\nn_benign: 6\nn_benign_query_only: 4\nn_malicious: 6\n"
-              "n_malicious_query_only: 4\nn_harmful_probe: 2\nn_jailbreak: 0\nsharegpt_limit: 0\n"
-              "validation_fraction: 0.3\nbatch_size: 4\nlora_r: 2\nmax_response_tokens: 6\n")
+    common = tiny_run_config()
     runs = {}
     for name, extra in (("a", ""), ("b", "data_order_seed: 3\n")):
         cfg = tmp_path / f"{name}.yaml"
