@@ -71,4 +71,5 @@ class Quantization(_StrEnum):
     """The model's dtype."""
     INT8 = "int8"
     """int8 weights per output channel, activations quantized to 8 bits per call (fbgemm's
-    dynamic quantization; CPU, float32 activations only)."""
+    dynamic quantization; CPU, float32 activations only); the MLP's down projection stays float
+    (`fused` says why)."""

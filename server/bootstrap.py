@@ -54,9 +54,9 @@ def build_app(settings, decoder=None):
 
     if settings.quantization != Quantization.NONE and settings.safety_enabled:
         # Measured, not assumed: benchmarks/results/quant_agreement.json.
-        print("warning: ESS_QUANTIZATION=int8 changes about a quarter of the safety head's verdicts "
-              "against the float32 ones it was calibrated on (python -m benchmarks.quant_agreement); "
-              "do not rely on it for safety", file=sys.stderr)
+        print("warning: ESS_QUANTIZATION=int8 changes 4-6 % of the safety head's query verdicts "
+              "against the float32 ones its threshold was calibrated on, and flags fewer harmful "
+              "requests (python -m benchmarks.quant_agreement)", file=sys.stderr)
     if decoder is None:
         decoder = load_off_thread(load)
     engine = Engine(decoder, max_num_seqs=settings.max_num_seqs,

@@ -163,6 +163,9 @@ def test_int8_decoder_generates_with_checks(tokenizer):
     model = tiny_safety_model(tokenizer, seed=1)
     dec = Decoder(model, tokenizer, quantization=Quantization.INT8)
     assert model.fused.lm_head.int8 is not None
+    layer = model.fused.layers[0]
+    assert all(p.int8 is not None for p in (layer.qkv, layer.o, layer.gate_up))
+    assert layer.down.int8 is None  # stays float: it moves the head's scores (fused.py)
     reqs = [GenerationRequest(build_chat_prompt(tokenizer, [{"role": "user", "content": t}]),
                               SamplingParams(max_new_tokens=8), SafetyParams(schedule=Schedule.EACH, threshold=0.99))
             for t in PROMPTS[:2]]
