@@ -21,8 +21,9 @@ transformers' forward) with
 With ``quantization`` `Quantization.INT8` (``ESS_QUANTIZATION=int8``; CPU, float32) every
 projection but the MLP's down projection, LM head included, runs fbgemm's dynamic int8 product
 (torch's ``quantized.linear_dynamic``, what ``torch.ao.quantization.quantize_dynamic`` gives
-``nn.Linear``): weights int8 per output channel, activations quantized per call; a quarter of the
-bytes to read, so about 2.5x faster products at 1-2 rows on 2 AVX2 cores (`benchmarks.pack_hint`).
+``nn.Linear``): weights int8 per output channel, activations quantized per call; about 40 % of
+the float32 bytes to read, and int8 products run about 2.5x faster than float32 ones at 1-2 rows
+on 2 AVX2 cores (`benchmarks.pack_hint`).
 The down projection stays float32 (prepacked) because quantizing it is what moves the head's
 scores: on the 90 word-sense pairs the shipped checkpoint never trained on, with every
 projection int8 24-28 % of its query verdicts differ from float32's and its TPR falls from
