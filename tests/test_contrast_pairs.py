@@ -1,5 +1,6 @@
-"""Our contrast pairs (data/contrast, the long scenarios of data/contrast_long and the word-sense
-pairs of data/contrast_words): schema, size, and zero overlap with evaluation files."""
+"""Our contrast pairs (data/contrast, the long scenarios of data/contrast_long, the word-sense
+pairs of data/contrast_words and the over-refusal twins of data/contrast_overrefusal): schema,
+size, and zero overlap with evaluation files."""
 
 import json
 import re
@@ -14,6 +15,7 @@ from safety_training.data import eval_texts, normalise
 CONTRAST = Path(__file__).resolve().parents[1] / "data" / "contrast"
 LONG = CONTRAST.parent / "contrast_long"
 WORDS = CONTRAST.parent / "contrast_words"
+OVERREFUSAL = CONTRAST.parent / "contrast_overrefusal"
 KEYS = {"id", "category", "style", "harmful", "benign", "benign_kind"}
 STYLES = {"blunt", "polite", "role_claim", "business", "household", "persuasive", "fiction",
           "step_by_step", "euphemism", "scenario", "long_scenario"}
@@ -23,12 +25,16 @@ KINDS = {"history", "explanation", "prevention", "fiction_analysis", "definition
 WORD_SENSE_KINDS = {"idiom", "safe_target", "homonym", "safe_context"}
 
 
+def _load_file(f: Path) -> list[dict]:
+    return [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()]
+
+
 def _load(folder: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted(folder.glob("*.jsonl"))
-            for line in f.read_text(encoding="utf-8").splitlines()]
+    return [p for f in sorted(folder.glob("*.jsonl")) for p in _load_file(f)]
 
 
-@pytest.fixture(scope="module", params=[CONTRAST, LONG, WORDS], ids=["contrast", "long", "words"])
+@pytest.fixture(scope="module", params=[CONTRAST, LONG, WORDS, OVERREFUSAL],
+                ids=["contrast", "long", "words", "overrefusal"])
 def pairs(request):
     return _load(request.param)
 
@@ -70,6 +76,18 @@ def test_word_sense_pairs_cover_every_category_and_kind_and_are_short():
     for p in pairs:
         assert all(5 <= len(p[k].split()) <= 45 for k in ("harmful", "benign")), p["id"]
     assert not {normalise(p[k]) for p in pairs for k in ("harmful", "benign")} & {
+        normalise(p[k]) for p in others for k in ("harmful", "benign")}
+
+
+def test_overrefusal_pairs_have_60_per_kind_one_file_each_and_no_text_of_the_other_folders():
+    files = sorted(OVERREFUSAL.glob("*.jsonl"))
+    assert [f.stem for f in files] == ["fictional_privacy", "idiom", "public_role", "safe_target"]
+    for f in files:
+        pairs = _load_file(f)
+        assert [p["id"] for p in pairs] == [f"{f.stem}-{i:03d}" for i in range(1, 61)]
+        assert {p["benign_kind"] for p in pairs} == {f.stem}
+    ours, others = _load(OVERREFUSAL), _load(CONTRAST) + _load(LONG) + _load(WORDS)
+    assert not {normalise(p[k]) for p in ours for k in ("harmful", "benign")} & {
         normalise(p[k]) for p in others for k in ("harmful", "benign")}
 
 
