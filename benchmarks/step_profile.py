@@ -17,7 +17,7 @@ import time
 
 from benchmarks.common import load, markdown_table, write_json
 
-PRODUCTS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
+PRODUCTS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "quantized::linear_dynamic")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
              "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention")
 
@@ -70,9 +70,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=300)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default="none", help="none or int8 (ESS_QUANTIZATION)")
     ap.add_argument("--json", default="benchmarks/results/step_profile.json")
     args = ap.parse_args(argv)
-    decoder, _ = load(dtype=args.dtype)
+    decoder, _ = load(dtype=args.dtype, quantization=args.quantization)
     rows, tops = [], {}
     for batch in args.batch:
         for safety_on in (True, False):
@@ -85,6 +86,7 @@ def main(argv=None) -> dict:
         print(f"\n{name}: top operations (ms per step, calls per step)")
         print(markdown_table(["operation", "ms", "calls"], [list(t) for t in top]))
     out = {"dtype": str(next(decoder.model.parameters()).dtype).removeprefix("torch."),
+           "quantization": args.quantization,
            "steps": args.steps, "results": rows, "top_operations": tops}
     write_json(args.json, out)
     return out

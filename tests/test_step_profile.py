@@ -19,7 +19,7 @@ def test_operations_are_sorted_into_products_attention_and_the_rest():
 
 def test_every_batch_and_safety_setting_is_profiled_and_the_split_adds_up(tmp_path, tiny_model, tokenizer,
                                                                           monkeypatch, capsys):
-    monkeypatch.setattr("benchmarks.step_profile.load", lambda dtype: (Decoder(tiny_model, tokenizer), tokenizer))
+    monkeypatch.setattr("benchmarks.step_profile.load", lambda dtype, quantization: (Decoder(tiny_model, tokenizer), tokenizer))
     out = tmp_path / "profile.json"
     main(["--batch", "1", "2", "--prompt-tokens", "40", "--steps", "2", "--json", str(out)])
     rows = json.loads(out.read_text())["results"]
