@@ -16,6 +16,7 @@ import argparse
 import time
 
 from benchmarks.common import load, markdown_table, write_json
+from safety_decoding.types import Quantization
 
 PRODUCTS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "quantized::linear_dynamic")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
@@ -70,7 +71,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=300)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", default="none", help="none or int8 (ESS_QUANTIZATION)")
+    ap.add_argument("--quantization", default="none", choices=Quantization.values(),
+                    help="ESS_QUANTIZATION of the profiled model (default none)")
     ap.add_argument("--json", default="benchmarks/results/step_profile.json")
     args = ap.parse_args(argv)
     decoder, _ = load(dtype=args.dtype, quantization=args.quantization)

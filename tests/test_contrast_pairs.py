@@ -33,6 +33,11 @@ def _load(folder: Path) -> list[dict]:
     return [p for f in sorted(folder.glob("*.jsonl")) for p in _load_file(f)]
 
 
+def _texts(pairs: list[dict]) -> set[str]:
+    """Both sides of every pair, normalised."""
+    return {normalise(p[k]) for p in pairs for k in ("harmful", "benign")}
+
+
 @pytest.fixture(scope="module", params=[CONTRAST, LONG, WORDS, OVERREFUSAL],
                 ids=["contrast", "long", "words", "overrefusal"])
 def pairs(request):
@@ -63,8 +68,7 @@ def test_long_scenarios_are_long_in_every_category_and_twins_match_in_length():
     for p in pairs:
         h, b = len(p["harmful"].split()), len(p["benign"].split())
         assert 100 <= h <= 280 and 100 <= b <= 280 and max(h, b) <= 1.45 * min(h, b), p["id"]
-    assert not {normalise(p[k]) for p in pairs for k in ("harmful", "benign")} & {
-        normalise(p[k]) for p in short for k in ("harmful", "benign")}
+    assert not _texts(pairs) & _texts(short)
 
 
 def test_word_sense_pairs_cover_every_category_and_kind_and_are_short():
@@ -75,8 +79,7 @@ def test_word_sense_pairs_cover_every_category_and_kind_and_are_short():
         assert set(kinds) == WORD_SENSE_KINDS and min(kinds.values()) >= 7, category
     for p in pairs:
         assert all(5 <= len(p[k].split()) <= 45 for k in ("harmful", "benign")), p["id"]
-    assert not {normalise(p[k]) for p in pairs for k in ("harmful", "benign")} & {
-        normalise(p[k]) for p in others for k in ("harmful", "benign")}
+    assert not _texts(pairs) & _texts(others)
 
 
 def test_overrefusal_pairs_have_60_per_kind_one_file_each_and_no_text_of_the_other_folders():
@@ -87,8 +90,7 @@ def test_overrefusal_pairs_have_60_per_kind_one_file_each_and_no_text_of_the_oth
         assert [p["id"] for p in pairs] == [f"{f.stem}-{i:03d}" for i in range(1, 61)]
         assert {p["benign_kind"] for p in pairs} == {f.stem}
     ours, others = _load(OVERREFUSAL), _load(CONTRAST) + _load(LONG) + _load(WORDS)
-    assert not {normalise(p[k]) for p in ours for k in ("harmful", "benign")} & {
-        normalise(p[k]) for p in others for k in ("harmful", "benign")}
+    assert not _texts(ours) & _texts(others)
 
 
 def _content_words(text: str) -> frozenset[str]:
