@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.common import CHECKPOINT, load, markdown_table, write_json
@@ -95,15 +96,22 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default="data/contrast_long", help="folder of contrast-pair .jsonl files")
     ap.add_argument("--checkpoint", nargs="+", default=[str(CHECKPOINT)])
+    ap.add_argument("--threshold", type=float, nargs="+", default=None,
+                    help="one threshold per --checkpoint in place of its own (e.g. the one a "
+                         "calibration split gives it: benchmarks.held_out)")
     ap.add_argument("--json", default="benchmarks/results/pair_scores.json")
     args = ap.parse_args(argv)
+    if args.threshold is not None and len(args.threshold) != len(args.checkpoint):
+        ap.error("--threshold: give one per --checkpoint")
 
     from safety_training.contrast import load_pairs
 
     pairs = load_pairs(args.pairs)
     results = {}
-    for ckpt in args.checkpoint:
+    for i, ckpt in enumerate(args.checkpoint):
         decoder, _ = load(Path(ckpt))
+        if args.threshold is not None:
+            decoder.model.config = replace(decoder.model.config, threshold=args.threshold[i])
         results[ckpt] = measure(decoder, pairs)
     print(report(results))
     write_json(args.json, {"pairs": args.pairs, "n_pairs": len(pairs), "results": results})

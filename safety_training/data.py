@@ -227,12 +227,14 @@ def malicious_prompts(data_dir: Path) -> list[tuple[str, str | None, str]]:
 
 def benign_prompts(data_dir: Path, sharegpt_limit: int, held_out_percent: int,
                    rng: random.Random, sharegpt_filter: Rule = Rule.WORDS,
-                   sharegpt_max_chars: int = 400) -> list[tuple[str, str | None, str]]:
+                   sharegpt_max_chars: int = 400,
+                   sharegpt_calibration_percent: int = 0) -> list[tuple[str, str | None, str]]:
     """``(prompt, answer_or_None, source)`` benign requests.
 
     AlpacaEval rows in the held-out share (``held_out_percent`` by hash) are kept out of
     training so that utility can be measured on answers the model never saw. ShareGPT pairs
-    pass `sharegpt.drop_reason` under ``sharegpt_filter``.
+    pass `sharegpt.drop_reason` under ``sharegpt_filter``; those in the calibration share
+    (`in_sharegpt_calibration`) are left out.
     """
     out = []
     for d in _jsonl(data_dir / "alpaca_eval/alpaca_eval.jsonl"):
@@ -244,14 +246,38 @@ def benign_prompts(data_dir: Path, sharegpt_limit: int, held_out_percent: int,
         for d in _jsonl(p):
             if all(i.startswith(BENIGN_DNA_INTENTS) for i in d["intents"]) and p.name != "human_chatbox.jsonl":
                 out.append((d["prompt"], None, "do-not-answer-benign-intent"))
-    out.extend(sharegpt_pairs(sharegpt_limit, rng, rule=sharegpt_filter, max_chars=sharegpt_max_chars))
+    out.extend(sharegpt_pairs(sharegpt_limit, rng, rule=sharegpt_filter, max_chars=sharegpt_max_chars,
+                              calibration_percent=sharegpt_calibration_percent))
     return out
 
 
+SHAREGPT_CALIBRATION = "sharegpt-calibration"
+"""Source of the ShareGPT turns kept for calibration (`splits.split_examples` sends them there)."""
+
+
+def in_sharegpt_calibration(prompt: str, percent: int) -> bool:
+    """Whether a ShareGPT first turn is kept out of training for the calibration split (stable:
+    sha256 of the prompt). Our choice (the issue's "unseen ShareGPT turns"): a threshold chosen
+    on traffic-like benign prompts, not only on contrast twins."""
+    return percent > 0 and in_split("calibration:sharegpt:" + prompt, percent)
+
+
+def sharegpt_calibration_examples(percent: int, rule: Rule = Rule.WORDS, max_chars: int = 400) -> list[Example]:
+    """The ShareGPT first turns that `sharegpt.drop_reason` keeps under ``rule`` and that fall in
+    the calibration share, as benign query-only examples (source `SHAREGPT_CALIBRATION`), in
+    file order."""
+    if percent <= 0:
+        return []
+    return [Example(q, "", 0, lm_loss=False, source=SHAREGPT_CALIBRATION) for q, a in first_turns()
+            if drop_reason(q, a, rule, max_chars) is None and in_sharegpt_calibration(q, percent)]
+
+
 def sharegpt_pairs(limit: int, rng: random.Random, scan: int | None = None,
-                   rule: Rule = Rule.WORDS, max_chars: int = 400) -> list[tuple[str, str, str]]:
+                   rule: Rule = Rule.WORDS, max_chars: int = 400,
+                   calibration_percent: int = 0) -> list[tuple[str, str, str]]:
     """First (human, gpt) turn pairs from ShareGPT V3 that `sharegpt.drop_reason` keeps under
-    ``rule`` (default: the shipped runs' word rule; prompts of at most ``max_chars``).
+    ``rule`` (default: the shipped runs' word rule; prompts of at most ``max_chars``), less the
+    calibration share (`in_sharegpt_calibration` at ``calibration_percent``).
 
     ``limit`` pairs drawn with ``rng`` from the first ``scan`` usable ones (None: all of the
     file, about 30 s to parse).
@@ -260,7 +286,7 @@ def sharegpt_pairs(limit: int, rng: random.Random, scan: int | None = None,
         return []
     pairs = []
     for q, a in first_turns():
-        if drop_reason(q, a, rule, max_chars) is not None:
+        if drop_reason(q, a, rule, max_chars) is not None or in_sharegpt_calibration(q, calibration_percent):
             continue
         pairs.append((q, a, "sharegpt"))
         if scan is not None and len(pairs) >= scan:
@@ -411,6 +437,7 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
                    lookalikes_per_item: int = 0, n_roleplay: int = 0, n_noisy: int = 0,
                    n_jailbreak_query_only: int = 0, n_narrative: int = 0,
                    sharegpt_filter: Rule = Rule.WORDS, sharegpt_max_chars: int = 400,
+                   sharegpt_calibration_percent: int = 0,
                    extra: list[Example] = ()) -> tuple[list[Example], dict]:
     """Compose the training set (before the train/validation split).
 
@@ -436,7 +463,9 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
     - ``extra`` examples built elsewhere (`contrast.contrast_examples`), shuffled in.
 
     ShareGPT pairs pass `sharegpt.drop_reason` under ``sharegpt_filter`` (prompts of at most
-    ``sharegpt_max_chars``). Every query found in an evaluation-only file is dropped.
+    ``sharegpt_max_chars``); the ``sharegpt_calibration_percent`` share of them is left out of
+    the pool and added as `sharegpt_calibration_examples`, which `splits.split_examples` keeps
+    for calibration. Every query found in an evaluation-only file is dropped.
 
     Returns:
         ``(examples, manifest)``; the manifest records sources, counts and dropped overlaps.
@@ -450,7 +479,10 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
 
     mal, mal_dropped = clean(malicious_prompts(data_dir))
     ben, ben_dropped = clean(benign_prompts(data_dir, sharegpt_limit, held_out_percent, rng,
-                                            sharegpt_filter, sharegpt_max_chars))
+                                            sharegpt_filter, sharegpt_max_chars,
+                                            sharegpt_calibration_percent))
+    extra = [*extra, *sharegpt_calibration_examples(sharegpt_calibration_percent, sharegpt_filter,
+                                                     sharegpt_max_chars)]
     rng.shuffle(mal)
     rng.shuffle(ben)
     harm = [h for h in harmful_strings(data_dir) if normalise(h) not in banned]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 
 from .contrast import contrast_examples, load_pairs
-from .data import Example, build_examples
+from .data import SHAREGPT_CALIBRATION, Example, build_examples
 from .datasets import default_data_dir
 from .formats import Format, assign_formats, example_prompt, parse_formats
 from .metrics import classification_metrics, held_out_metrics
@@ -105,6 +105,9 @@ class TrainConfig:
     """Share of harmful contrast requests answered by the inserted refusal (else query-only)."""
     holdout_sources: tuple = ()
     """Sources (`Example.source`) kept out of training, for the source-held-out set."""
+    holdout_source_shares: dict = field(default_factory=dict)
+    """``{source: percent}``: that share of a source's queries (by a hash) joins the
+    source-held-out set; the rest trains (`splits.split_examples`)."""
     calibration_fpr: float = 0.01
     """Target false-positive rate on the calibration set's benign side (`held_out_metrics`)."""
     threshold_from_calibration: bool = False
@@ -116,6 +119,12 @@ class TrainConfig:
     """ShareGPT rule (`sharegpt.Rule`): ``words`` (shipped) or ``strict``."""
     sharegpt_max_chars: int = 400
     """Longest ShareGPT first turn kept, in characters."""
+    sharegpt_calibration_percent: int = 0
+    """Share of the kept ShareGPT first turns (by a hash of the prompt) never trained on and
+    added to the calibration set's benign side (`data.in_sharegpt_calibration`)."""
+    seen_configs: tuple = ()
+    """Training configs of the runs a warm start descends from: their queries are dropped from
+    the held-out and calibration sets (`seen_queries`), so those sets stay unseen by the chain."""
     init_checkpoint: str | None = None
     """Start from this checkpoint's LoRA, [CLS] row and head instead of a fresh LoRA and a zero
     head (a warm start: the new data is learned on top of a shipped run); None: from scratch."""
@@ -168,17 +177,31 @@ def training_examples(cfg: TrainConfig):
         lookalikes_per_item=cfg.lookalikes_per_item, n_roleplay=cfg.n_roleplay,
         n_noisy=cfg.n_noisy, n_jailbreak_query_only=cfg.n_jailbreak_query_only,
         n_narrative=cfg.n_narrative, sharegpt_filter=Rule(cfg.sharegpt_filter),
-        sharegpt_max_chars=cfg.sharegpt_max_chars, extra=extra)
+        sharegpt_max_chars=cfg.sharegpt_max_chars,
+        sharegpt_calibration_percent=cfg.sharegpt_calibration_percent, extra=extra)
     if list(cfg.formats) != ["chat"]:
         manifest["formats"] = list(cfg.formats)
     return assign_formats(examples, cfg.formats, cfg.seed), manifest
 
 
-def split(examples: list[Example], cfg: TrainConfig) -> Splits:
-    """`splits.split_examples` with the config's held-out keys."""
+def seen_queries(config_paths) -> frozenset[str]:
+    """The queries that the runs of the configs at ``config_paths`` trained on (the train split
+    each config's own held-out keys leave; what a warm-start chain has seen)."""
+    out = set()
+    for p in config_paths:
+        cfg = load_train_config(p)
+        out.update(e.query for e in split(training_examples(cfg)[0], cfg, frozenset()).train)
+    return frozenset(out)
+
+
+def split(examples: list[Example], cfg: TrainConfig, seen: frozenset[str] | None = None) -> Splits:
+    """`splits.split_examples` with the config's held-out keys; ``seen`` defaults to the queries
+    of ``cfg.seen_configs``."""
     return split_examples(examples, cfg.validation_fraction, holdout_sources=cfg.holdout_sources,
                           holdout_categories=cfg.contrast_holdout_categories,
-                          calibration_percent=cfg.contrast_calibration_percent)
+                          calibration_percent=cfg.contrast_calibration_percent,
+                          holdout_source_shares=cfg.holdout_source_shares,
+                          seen=seen_queries(cfg.seen_configs) if seen is None else seen)
 
 
 @torch.inference_mode()
@@ -561,14 +584,25 @@ def held_out_report(model: SafetyModel, tok, cfg: TrainConfig, sets: Splits, val
         q_lab, q_score, *_ = scores(model, enc, cfg.batch_size, cfg.lambda_cls) if enc else ([], [])
         return q_lab, q_score
 
-    q_lab, q_score = val_scores[0], val_scores[1]  # one query row per example, in order
-    named = {"validation": (q_lab, q_score),
-             "source_held_out": query_scores(sets.source_held_out),
-             "category_held_out": query_scores(sets.category_held_out)}
-    for fmt in dict.fromkeys(e.format for e in val_ex):
-        rows = [i for i, e in enumerate(val_ex) if e.format == fmt]
-        named[f"validation_{Format(fmt).value}"] = ([q_lab[i] for i in rows], [q_score[i] for i in rows])
-    return held_out_metrics(query_scores(sets.calibration), named, cfg.calibration_fpr)
+    def by(examples, lab_score, key, prefix):
+        """``{prefix + key(e): (labels, scores)}`` of the subsets of ``examples``."""
+        out = {}
+        for k in dict.fromkeys(key(e) for e in examples):
+            rows = [i for i, e in enumerate(examples) if key(e) == k]
+            out[prefix + k] = ([lab_score[0][i] for i in rows], [lab_score[1][i] for i in rows])
+        return out
+
+    calibration = query_scores(sets.calibration)
+    source = query_scores(sets.source_held_out)
+    named = {"validation": val_scores[:2],  # one query row per example, in order
+             "source_held_out": source,
+             "category_held_out": query_scores(sets.category_held_out),
+             **by(val_ex, val_scores, lambda e: Format(e.format).value, "validation_"),
+             **by(sets.source_held_out, source, lambda e: e.source, "source_held_out:")}
+    if any(e.source == SHAREGPT_CALIBRATION for e in sets.calibration):
+        named |= by(sets.calibration, calibration,
+                    lambda e: "sharegpt" if e.source == SHAREGPT_CALIBRATION else "contrast", "calibration:")
+    return held_out_metrics(calibration, named, cfg.calibration_fpr)
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

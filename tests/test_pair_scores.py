@@ -37,3 +37,20 @@ def test_a_run_reports_every_form_and_category(tmp_path, tiny_model, tokenizer, 
         assert 0 <= form["all"]["auroc"] <= 1
     printed = capsys.readouterr().out
     assert "| tiny | chat |" in printed and "| idiom |" in printed
+
+
+def test_a_given_threshold_replaces_the_checkpoints_own(tmp_path, tiny_model, tokenizer, monkeypatch):
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "alpha.jsonl").write_text(json.dumps(
+        {"id": "alpha-0", "category": "alpha", "style": "long_scenario", "harmful": "harmful request",
+         "benign": "benign twin", "benign_kind": "history"}) + "\n")
+    monkeypatch.setattr("benchmarks.pair_scores.load", lambda ckpt: (Decoder(tiny_model, tokenizer), tokenizer))
+    out = tmp_path / "scores.json"
+    for threshold, flagged in ((0.001, 1.0), (0.999, 0.0)):  # the tiny head scores near 0.5
+        main(["--pairs", str(pairs), "--checkpoint", "tiny", "--threshold", str(threshold), "--json", str(out)])
+        result = json.loads(out.read_text())["results"]["tiny"]
+        assert result["threshold"] == threshold
+        assert result["forms"]["chat"]["all"]["tpr"] == result["forms"]["chat"]["all"]["fpr"] == flagged
+    with pytest.raises(SystemExit):
+        main(["--pairs", str(pairs), "--checkpoint", "a", "b", "--threshold", "0.5"])

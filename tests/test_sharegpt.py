@@ -69,6 +69,17 @@ def test_sharegpt_pairs_apply_the_chosen_rule(monkeypatch):
     assert strict == set(BENIGN)
 
 
+def test_the_calibration_share_never_joins_the_training_pool(monkeypatch):
+    turns = [(f"Write a haiku about the number {i}, please.", ANSWER) for i in range(200)]
+    monkeypatch.setattr(data, "first_turns", lambda: iter(turns))
+    pool = {q for q, _, _ in data.sharegpt_pairs(1000, random.Random(0), calibration_percent=20)}
+    held = {e.query for e in data.sharegpt_calibration_examples(20)}
+    assert 20 <= len(held) <= 60 and pool | held == {q for q, _ in turns} and not pool & held
+    assert held == {q for q, _ in turns if data.in_sharegpt_calibration(q, 20)}
+    assert {e.source for e in data.sharegpt_calibration_examples(20)} == {data.SHAREGPT_CALIBRATION}
+    assert data.sharegpt_calibration_examples(0) == []
+
+
 def test_write_sample_writes_kept_prompts_and_counts_the_drops(tmp_path):
     turns = [(q, ANSWER) for q in BENIGN + list(DROPPED_STRICT)]
     out = tmp_path / "sample.jsonl"

@@ -12,7 +12,7 @@ import pytest
 from conftest import DATA_DIR, tiny_safety_model
 from safety_decoding.base_model import weights_sha256
 from safety_decoding.model import load_safety_model
-from safety_training.data import Example
+from safety_training.data import SHAREGPT_CALIBRATION, Example, in_split
 from safety_training.formats import Format
 from safety_training.metrics import held_out_metrics, operating_point, threshold_at_fpr
 from safety_training.recipe import (TrainConfig, encode_example, partial_dir, save_partial, split,
@@ -91,6 +91,28 @@ def test_held_out_sets_leave_training_whole():
     assert {e.category for e in s.calibration} == {"hate"}
     rest = [e for e in ex if e in fitted]
     assert s.validation == rest[:int(len(rest) * 0.1)]
+
+
+def test_a_source_share_trains_and_holds_out_by_a_stable_hash():
+    ex = _mix()
+    s = split_examples(ex, 0.1, holdout_source_shares={"s1": 50})
+    held = {e.query for e in s.source_held_out}
+    s1 = {e.query for e in ex if e.source == "s1"}
+    assert held and held < s1 and held == {q for q in s1 if in_split("holdout:" + q, 50)}
+    assert s1 - held <= {e.query for e in s.train + s.validation}
+    with pytest.raises(ValueError, match="holdout_sources"):
+        split_examples(ex, 0.1, holdout_source_shares={"nope": 50})
+
+
+def test_sharegpt_calibration_turns_calibrate_and_seen_queries_leave_every_held_out_set():
+    ex = _mix() + [Example(f"turn {i}", "", 0, source=SHAREGPT_CALIBRATION) for i in range(10)]
+    seen = frozenset({"turn 0", "q2", "good privacy 3", "q4"})  # q2: held-out source s2; q4: trains
+    s = split_examples(ex, 0.1, holdout_sources=["s2"], holdout_categories=["privacy"], seen=seen)
+    assert {e.query for e in s.calibration} == {f"turn {i}" for i in range(1, 10)}
+    held = s.source_held_out + s.category_held_out + s.calibration
+    assert not {e.query for e in held} & seen and len(s.category_held_out) == 99
+    assert "q2" not in {e.query for e in s.train + s.validation}  # dropped, not trained on
+    assert "q4" in {e.query for e in s.train + s.validation}
 
 
 def test_nothing_held_out_is_the_plain_split():
