@@ -437,7 +437,7 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
                    lookalikes_per_item: int = 0, n_roleplay: int = 0, n_noisy: int = 0,
                    n_jailbreak_query_only: int = 0, n_narrative: int = 0,
                    sharegpt_filter: Rule = Rule.WORDS, sharegpt_max_chars: int = 400,
-                   sharegpt_calibration_percent: int = 0,
+                   sharegpt_calibration_percent: int = 0, holdout_whole_sources=(),
                    extra: list[Example] = ()) -> tuple[list[Example], dict]:
     """Compose the training set (before the train/validation split).
 
@@ -465,7 +465,11 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
     ShareGPT pairs pass `sharegpt.drop_reason` under ``sharegpt_filter`` (prompts of at most
     ``sharegpt_max_chars``); the ``sharegpt_calibration_percent`` share of them is left out of
     the pool and added as `sharegpt_calibration_examples`, which `splits.split_examples` keeps
-    for calibration. Every query found in an evaluation-only file is dropped.
+    for calibration. Every row of a pool source in ``holdout_whole_sources`` (e.g.
+    ``harmbench-val``) leaves the pools before anything is drawn from them, so none of its text
+    trains, not even inside a template, and comes back as a query-only example (source
+    ``<name>-query-only``) for the config's ``holdout_sources``. Every query found in an
+    evaluation-only file is dropped.
 
     Returns:
         ``(examples, manifest)``; the manifest records sources, counts and dropped overlaps.
@@ -485,6 +489,11 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
                                                      sharegpt_max_chars)]
     rng.shuffle(mal)
     rng.shuffle(ben)
+    held_whole = [(q, 1, src) for q, _, src in mal if src in holdout_whole_sources] + \
+        [(q, 0, src) for q, _, src in ben if src in holdout_whole_sources]
+    if held_whole:
+        mal = [r for r in mal if r[2] not in holdout_whole_sources]
+        ben = [r for r in ben if r[2] not in holdout_whole_sources]
     harm = [h for h in harmful_strings(data_dir) if normalise(h) not in banned]
     templates = jailbreak_templates(data_dir)
     answered = [b for b in ben if b[1]]
@@ -522,6 +531,7 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
     ex += kept
     extra_kept = [e for e in extra if normalise(e.query) not in banned]
     ex += extra_kept
+    ex += [Example(q, "", label, lm_loss=False, source=src + "-query-only") for q, label, src in held_whole]
     rng.shuffle(ex)
     counts: dict[str, int] = {}
     for e in ex:

@@ -105,6 +105,10 @@ class TrainConfig:
     """Share of harmful contrast requests answered by the inserted refusal (else query-only)."""
     holdout_sources: tuple = ()
     """Sources (`Example.source`) kept out of training, for the source-held-out set."""
+    holdout_whole_sources: tuple = ()
+    """Pool sources (e.g. ``harmbench-val``) whose every row leaves the training pools and comes
+    back query-only as ``<name>-query-only`` (`data.build_examples`); list that name in
+    ``holdout_sources`` to measure on the whole source."""
     holdout_source_shares: dict = field(default_factory=dict)
     """``{source: percent}``: that share of a source's queries (by a hash) joins the
     source-held-out set; the rest trains (`splits.split_examples`)."""
@@ -178,7 +182,8 @@ def training_examples(cfg: TrainConfig):
         n_noisy=cfg.n_noisy, n_jailbreak_query_only=cfg.n_jailbreak_query_only,
         n_narrative=cfg.n_narrative, sharegpt_filter=Rule(cfg.sharegpt_filter),
         sharegpt_max_chars=cfg.sharegpt_max_chars,
-        sharegpt_calibration_percent=cfg.sharegpt_calibration_percent, extra=extra)
+        sharegpt_calibration_percent=cfg.sharegpt_calibration_percent,
+        holdout_whole_sources=cfg.holdout_whole_sources, extra=extra)
     if list(cfg.formats) != ["chat"]:
         manifest["formats"] = list(cfg.formats)
     return assign_formats(examples, cfg.formats, cfg.seed), manifest

@@ -12,7 +12,8 @@ import pytest
 from conftest import DATA_DIR, tiny_safety_model
 from safety_decoding.base_model import weights_sha256
 from safety_decoding.model import load_safety_model
-from safety_training.data import SHAREGPT_CALIBRATION, Example, in_split
+from safety_training.data import (SHAREGPT_CALIBRATION, Example, eval_texts, in_split, malicious_prompts,
+                                  normalise)
 from safety_training.formats import Format
 from safety_training.metrics import held_out_metrics, operating_point, threshold_at_fpr
 from safety_training.recipe import (TrainConfig, encode_example, partial_dir, save_partial, split,
@@ -72,6 +73,20 @@ def _pairs(category: str, n: int):
 def _mix():
     other = [Example(f"q{i}", "", i % 2, source=f"s{i % 3}") for i in range(60)]
     return other + _pairs("hate", 50) + _pairs("privacy", 50)
+
+
+@needs_data
+def test_a_whole_source_leaves_every_pool_and_is_held_out_entire():
+    cfg = TrainConfig(data_dir=str(DATA_DIR), **{**SMALL, "n_jailbreak": 40, "n_harmful_probe": 40},
+                      holdout_whole_sources=("harmbench-val",), holdout_sources=("harmbench-val-query-only",))
+    ex, _ = training_examples(cfg)
+    sets = split(ex, cfg)
+    rows = {q for q, _, src in malicious_prompts(DATA_DIR) if src == "harmbench-val"}
+    held = {e.query for e in sets.source_held_out}
+    assert held == {q for q in rows if normalise(q) not in eval_texts(DATA_DIR)} and len(held) >= 15
+    assert {e.query_label for e in sets.source_held_out} == {1}
+    trained = [e.query for e in sets.train + sets.validation]
+    assert not any(r in q for q in trained for r in rows)  # not even inside a template
 
 
 def test_held_out_sets_leave_training_whole():
