@@ -13,9 +13,9 @@ entirely (our choice of checks):
   false-positive rate (`metrics.threshold_at_fpr`), never a threshold tuned on evaluation files
   (docs/method.md, "Data: what may train and what only evaluates").
 
-A warm start has seen its predecessors' data: queries in ``seen`` (the examples of the runs
-before, `recipe.seen_queries`) are dropped from the three sets, so they stay unseen by every
-checkpoint in the chain.
+A warm start has seen its predecessors' data: queries in ``seen`` (what the runs before
+trained on, `recipe.seen_queries`) are dropped from the three sets, so they stay unseen by
+every checkpoint in the chain.
 
 The rest is split as the shipped run splits it: the first ``validation_fraction`` of the list
 validates, the remainder trains (the builder already shuffled it). With nothing held out the
@@ -59,10 +59,10 @@ def split_examples(examples: list[Example], validation_fraction: float, *,
     """Split ``examples`` (order kept within each set). An example goes to the first set that
     claims it: source-held-out (a source of ``holdout_sources``, or the share of a source in
     ``holdout_source_shares`` given by a hash of the query: ``{source: percent}``, so a source
-    can train and still be measured on queries it never saw), category-held-out, calibration (pair share or
-    `SHAREGPT_CALIBRATION`); the rest to validation (the first ``int(len(rest) *
-    validation_fraction)``) and train. A held-out example whose query is in ``seen`` is dropped
-    (neither held out nor trained on).
+    can train and still be measured on queries it never saw), category-held-out, calibration
+    (pair share or `SHAREGPT_CALIBRATION`); the rest to validation (the first
+    ``int(len(rest) * validation_fraction)``) and train. A held-out example whose query is in
+    ``seen`` is dropped (neither held out nor trained on).
 
     Raises:
         ValueError: a held-out source or category that no example has (a typo would silently
