@@ -491,9 +491,8 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
     rng.shuffle(ben)
     held_whole = [(q, 1, src) for q, _, src in mal if src in holdout_whole_sources] + \
         [(q, 0, src) for q, _, src in ben if src in holdout_whole_sources]
-    if held_whole:
-        mal = [r for r in mal if r[2] not in holdout_whole_sources]
-        ben = [r for r in ben if r[2] not in holdout_whole_sources]
+    mal = [r for r in mal if r[2] not in holdout_whole_sources]
+    ben = [r for r in ben if r[2] not in holdout_whole_sources]
     harm = [h for h in harmful_strings(data_dir) if normalise(h) not in banned]
     templates = jailbreak_templates(data_dir)
     answered = [b for b in ben if b[1]]
