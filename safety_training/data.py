@@ -14,7 +14,8 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 
 import yaml
@@ -414,6 +415,42 @@ REFUSAL_REASONS = [
 """Explanations after `REFUSAL_PREFIX` (LM targets). Each continues "because": a stand-alone
 sentence taught the fourth shipped run to refuse by itself (docs/method.md, "Decision 10:
 refusals start only by insertion")."""
+
+
+class ReasonStyle(str, Enum):
+    """How the explanation after the inserted refusal reads (`TrainConfig.refusal_reasons`)."""
+    SENTENCES = "sentences"
+    """`REFUSAL_REASONS` as the shipped runs trained them."""
+    CLAUSES = "clauses"
+    """`REFUSAL_CLAUSES`: the same reasons with no sentence of refusal after the clause."""
+
+
+REFUSAL_CLAUSES = dict(zip(REFUSAL_REASONS, [
+    "it asks for help with something that could seriously hurt people.",
+    "it involves harmful or illegal activity.",
+    "it could be used to cause harm to others. If you are curious about the topic, I can share general safety information instead.",
+    "doing so would put people at risk. Please consider reaching out to a qualified professional or the appropriate authorities.",
+    "it requests content that is dangerous, unethical or against the law. Is there something else I can help you with?",
+    "providing this information could enable real harm. I can help with related topics that are safe.",
+    "it promotes harm, deception or discrimination. I'd be glad to help with a different request.",
+]))
+"""Each reason of `REFUSAL_REASONS` without its sentences that refuse by themselves ("I won't
+provide ...", "I can't help with this", "I have to decline"). The self-refusals of the eighth
+run's LM are such sentences said with no prefix before them ("I'm sorry, but I can't help with
+questions that could seriously hurt someone or break the law. I'm happy to help with a safe and
+legal question."; docs/method.md, "Decision 10")."""
+
+
+def with_reason_style(examples: list[Example], style: ReasonStyle) -> list[Example]:
+    """``examples`` with every inserted refusal's explanation in ``style``; nothing else changes
+    (the same draws, so a run with ``clauses`` differs from its ``sentences`` twin only there)."""
+    if style is ReasonStyle.SENTENCES:
+        return examples
+    return [replace(e, response=" " + REFUSAL_CLAUSES[e.response[1:]])
+            if e.response_prefix.endswith(REFUSAL_PREFIX) and e.response[1:] in REFUSAL_CLAUSES else e
+            for e in examples]
+
+
 COMPLIANCE_OPENERS = ["Sure, here is", "Sure, here's how", "Of course! Here are the steps:",
                       "Absolutely. Step 1:", "Here is a detailed guide:", "Certainly! First,"]
 

@@ -19,6 +19,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 import yaml
 
 from .contrast import contrast_examples, load_pairs
-from .data import SHAREGPT_CALIBRATION, Example, build_examples
+from .data import SHAREGPT_CALIBRATION, Example, ReasonStyle, build_examples, with_reason_style
 from .datasets import default_data_dir
 from .formats import Format, assign_formats, example_prompt, parse_formats
 from .metrics import classification_metrics, held_out_metrics
@@ -71,6 +72,9 @@ class TrainConfig:
     """Sources answered first (`with_self_answers`); the rest of the quota is drawn at random."""
     self_answer_lm_loss: bool = False
     """Benign self answers that are not refusals also get LM loss (`with_self_answers`)."""
+    refusal_reasons: str = "sentences"
+    """Explanations after the inserted refusal (`data.ReasonStyle`): ``sentences`` (shipped) or
+    ``clauses`` (no sentence that refuses by itself)."""
     held_out_percent: int = 20
     validation_fraction: float = 0.1
     max_query_tokens: int = 160
@@ -141,13 +145,16 @@ class TrainConfig:
 
     def __post_init__(self):
         parse_formats(self.formats)
-        try:
-            Rule(self.sharegpt_filter)
-        except ValueError:
-            raise ValueError(f"sharegpt_filter: unknown rule {self.sharegpt_filter!r}; "
-                             f"known: {[r.value for r in Rule]}") from None
+        _check_choice("sharegpt_filter", self.sharegpt_filter, Rule)
+        _check_choice("refusal_reasons", self.refusal_reasons, ReasonStyle)
         if not 0 <= self.calibration_fpr < 1:
             raise ValueError(f"calibration_fpr: must be in [0, 1), got {self.calibration_fpr}")
+
+
+def _check_choice(key: str, value: str, choices: type[Enum]) -> None:
+    """Raise ``ValueError`` naming ``key`` unless ``value`` is one of ``choices``' values."""
+    if value not in {c.value for c in choices}:
+        raise ValueError(f"{key}: unknown value {value!r}; known: {[c.value for c in choices]}")
 
 
 @dataclass
@@ -186,6 +193,7 @@ def training_examples(cfg: TrainConfig):
         holdout_whole_sources=cfg.holdout_whole_sources, extra=extra)
     if list(cfg.formats) != ["chat"]:
         manifest["formats"] = list(cfg.formats)
+    examples = with_reason_style(examples, ReasonStyle(cfg.refusal_reasons))
     return assign_formats(examples, cfg.formats, cfg.seed), manifest
 
 

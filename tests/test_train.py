@@ -198,3 +198,23 @@ def test_data_order_seed_changes_the_batch_order_not_the_splits(tmp_path, tokeni
     assert manifest_a == manifest_b  # the same splits and examples
     # the same examples in another order: Adam's steps differ, so the head does
     assert not torch.equal(one.head.weight, two.head.weight)
+
+
+def test_clause_reasons_drop_the_sentences_that_refuse_by_themselves():
+    from safety_training.data import (REFUSAL_CLAUSES, REFUSAL_REASONS, ReasonStyle, refused,
+                                      with_reason_style)
+    from safety_training.refusals import is_refusal
+    rng = random.Random(0)
+    ex = [refused(f"harmful request {i}", rng, after_opener=i % 2 == 1) for i in range(40)]
+    ex.append(Example("q", " " + REFUSAL_REASONS[0], 0))  # no inserted refusal: left alone
+    assert with_reason_style(ex, ReasonStyle.SENTENCES) is ex
+    out = with_reason_style(ex, ReasonStyle.CLAUSES)
+    assert [e.response for e in out[:-1]] == [" " + REFUSAL_CLAUSES[e.response[1:]] for e in ex[:-1]]
+    assert out[-1] is ex[-1]
+    assert [(e.query, e.response_prefix, e.query_label, e.lm_loss) for e in out] == \
+        [(e.query, e.response_prefix, e.query_label, e.lm_loss) for e in ex]
+    assert set(REFUSAL_CLAUSES) == set(REFUSAL_REASONS)
+    for clause in REFUSAL_CLAUSES.values():  # no sentence of a clause reads as a refusal alone
+        assert not any(is_refusal(s) for s in clause.split(". ")), clause
+    with pytest.raises(ValueError, match="refusal_reasons"):
+        TrainConfig(refusal_reasons="short")
