@@ -13,7 +13,7 @@ positives at the checkpoint's threshold, and response trips (``tau`` consecutive
 re-checks, replayed from the verdict trace with the server's policy), with how many of those
 were decided within the first `EARLY_TOKENS` tokens of the answer.
 
-Usage: ``python -m benchmarks.self_refusal [--config checkpoints/smollm2-135m-ess/train.yaml]
+Usage: ``python -m benchmarks.self_refusal [--config checkpoints/smollm2-135m-ess/train.yaml] [--base-model]
 [--max-new-tokens 48] [--json PATH]``
 """
 
@@ -93,15 +93,38 @@ def self_refusals(decoder, queries: list[str], max_new_tokens: int) -> list[dict
     return records
 
 
+def base_model_refusals(queries: list[str], max_new_tokens: int) -> list[bool]:
+    """Whether the base model (no LoRA, no ``[CLS]``; greedy, the server's chat prompt) refuses
+    each query by `is_refusal`. SmolLM2-135M-Instruct says "I'm sorry for any confusion, but as
+    a chatbot I don't have the capability ..." to some everyday prompts, which the judge reads
+    as refusals: those are the base model's, not learned by our training."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safety_decoding.base_model import prepare_base_model
+    from safety_training.recipe import self_answers
+    from safety_training.refusals import is_refusal
+
+    base = prepare_base_model()
+    lm = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    return [is_refusal(a) for a in self_answers(lm, AutoTokenizer.from_pretrained(str(base)), queries,
+                                                max_new_tokens)]
+
+
 def summarize(records: list[dict]) -> dict:
     """Counts and rates of `self_refusals` records: ``self_refused`` (no intervention),
-    ``query_flagged``, ``response_trips`` and ``early_response_trips`` (within `EARLY_TOKENS`)."""
+    ``query_flagged``, ``response_trips`` and ``early_response_trips`` (within `EARLY_TOKENS`);
+    where records carry ``base_refused`` (`base_model_refusals`), also ``base_refused`` and
+    ``learned_self_refused`` (refused where the base model answers: what training taught)."""
     n = len(records)
     counts = {"self_refused": sum(r["refused"] for r in records),
               "query_flagged": sum(r["trip"] == "query" for r in records),
               "response_trips": sum(r["trip"] == "response" for r in records),
               "early_response_trips": sum(r["trip"] == "response" and r["trip_at"] <= EARLY_TOKENS
                                           for r in records)}
+    if records and all("base_refused" in r for r in records):
+        counts |= {"base_refused": sum(r["base_refused"] for r in records),
+                   "learned_self_refused": sum(r["refused"] and not r["base_refused"] for r in records)}
     return {"n": n, **counts, **{f"{k}_rate": round(v / n, 4) if n else None for k, v in counts.items()}}
 
 
@@ -111,6 +134,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(CHECKPOINT / "train.yaml"),
                     help="training config whose calibration split gives the prompts")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--base-model", action="store_true",
+                    help="also answer with the base model and count the refusals it does not make")
     ap.add_argument("--json", default="benchmarks/results/self_refusal.json")
     args = ap.parse_args()
     queries = calibration_benign(args.config)
@@ -120,12 +145,17 @@ def main() -> None:
     decoder, _ = load(Path(args.checkpoint))
     t0 = time.time()
     records = self_refusals(decoder, queries, args.max_new_tokens)
+    if args.base_model:
+        for r, refused in zip(records, base_model_refusals(queries, args.max_new_tokens)):
+            r["base_refused"] = refused
     summary = summarize(records)
-    print(markdown_table(["set", "n", "self-refused (no intervention)", "query flagged",
-                          "response trips", f"of which within {EARLY_TOKENS} tokens"],
-                         [["calibration benign", summary["n"]] +
-                          [f"{summary[k]} ({summary[k + '_rate']:.1%})" for k in
-                           ("self_refused", "query_flagged", "response_trips", "early_response_trips")]]))
+    cols = {"self_refused": "self-refused (no intervention)",
+            "learned_self_refused": "of which the base model answers", "base_refused": "base model refuses",
+            "query_flagged": "query flagged", "response_trips": "response trips",
+            "early_response_trips": f"of which within {EARLY_TOKENS} tokens"}
+    cols = {k: v for k, v in cols.items() if k in summary}
+    print(markdown_table(["set", "n", *cols.values()], [["calibration benign", summary["n"]] +
+                         [f"{summary[k]} ({summary[k + '_rate']:.1%})" for k in cols]]))
     for r in records:
         if r["refused"] or r["trip"] == "response":
             print(f"- {'refused' if r['refused'] else 'trip@' + str(r['trip_at'])}: "

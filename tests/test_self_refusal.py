@@ -38,3 +38,13 @@ def test_the_monitored_run_reports_early_trips_and_leaves_the_text_unchanged(tok
     assert counts["n"] == 2 and counts["response_trips"] == 1
     assert counts["early_response_trips"] == (1 if 3 <= EARLY_TOKENS else 0)
     assert counts["early_response_trips_rate"] == 0.5
+
+
+def test_learned_self_refusals_are_those_the_base_model_does_not_make():
+    rec = [{"refused": r, "trip": None, "trip_at": None, "base_refused": b}
+           for r, b in [(True, True), (True, False), (False, True), (False, False)]]
+    counts = summarize(rec)
+    assert (counts["self_refused"], counts["base_refused"], counts["learned_self_refused"]) == (2, 2, 1)
+    assert counts["learned_self_refused_rate"] == 0.25
+    assert "learned_self_refused" not in summarize([{k: v for k, v in r.items() if k != "base_refused"}
+                                                    for r in rec])
