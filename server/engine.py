@@ -213,6 +213,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._warm = False
+        self._crash: BaseException | None = None  # what ended the engine thread, for `start`
 
     # ---- facts the HTTP layer validates against ------------------------------------------
 
@@ -258,9 +259,15 @@ class Engine:
         if not self._warm:
             warm = GenerationRequest(build_raw_prompt(self.tokenizer, "Hello"),
                                      SamplingParams(max_new_tokens=2), SafetyParams())
-            async with self._submit(warm, record=False, bounded=False) as stream:
-                async for _ in stream:
-                    pass
+            try:
+                async with self._submit(warm, record=False, bounded=False) as stream:
+                    async for _ in stream:
+                        pass
+            except EngineNotRunning:
+                if self._crash is None:
+                    raise
+                # the thread crashed before the warm-up was queued: say why, not only that it stopped
+                raise EngineError(f"generation failed: {type(self._crash).__name__}: {self._crash}") from None
             self._warm = True
             log.info("engine warm")
 
@@ -329,6 +336,7 @@ class Engine:
         except BaseException as exc:
             log.exception("engine thread crashed")
             with self._cv:
+                self._crash = exc
                 self._stopping = True
                 jobs = list(self._waiting) + list(self._running)
                 self._waiting.clear()
