@@ -267,7 +267,7 @@ class Engine:
                 if self._crash is None:
                     raise
                 # the thread crashed before the warm-up was queued: say why, not only that it stopped
-                raise EngineError(f"generation failed: {type(self._crash).__name__}: {self._crash}") from None
+                raise EngineError(f"generation failed: {_exc_reason(self._crash)}") from None
             self._warm = True
             log.info("engine warm")
 
@@ -477,7 +477,7 @@ class Engine:
     def _fail(self, jobs: list[_Job], exc: Exception) -> None:
         log.exception("decode loop failed", exc_info=exc)
         for job in jobs:
-            self._fail_job(job, f"{type(exc).__name__}: {exc}")
+            self._fail_job(job, _exc_reason(exc))
 
     def _fail_job(self, job: _Job, reason: str) -> None:
         """End ``job`` with `EngineError` (``reason``: ``"<ExceptionType>: <message>"``)."""
@@ -525,3 +525,8 @@ class Engine:
             if ev.generated_tokens > 1:
                 m.tpot.observe((job.last_token - job.first_token) / (ev.generated_tokens - 1))
         m.observe_safety(ev.safety)
+
+
+def _exc_reason(exc: BaseException) -> str:
+    """``"<ExceptionType>: <message>"``, the reason an `EngineError` gives."""
+    return f"{type(exc).__name__}: {exc}"
