@@ -23,6 +23,9 @@ CHECKPOINT_CONFIG = "ess_config.json"
 SAFETY_WEIGHTS = "safety_head.safetensors"
 ADAPTER_DIR = "adapter"
 REFUSAL_PREFIX = "Sorry, I cannot fulfill your request because"
+REFUSAL_COMPLETION = " it could help cause serious harm to people."
+"""The server's own end of the refusal, for checkpoints trained with no refusal text
+(`SafetyConfig.refusal_completion`)."""
 
 
 class CheckpointError(RuntimeError):
@@ -49,6 +52,10 @@ class SafetyConfig:
     r2: int = 10
     r3: int = 10
     refusal_prefix: str = REFUSAL_PREFIX
+    refusal_completion: str = ""
+    """Text inserted after `refusal_prefix`, after which the response ends; empty: the LM writes
+    the explanation after the prefix (the paper's design). Our choice for checkpoints whose LM
+    trained on no refusal text (`refusal_reasons: none`; docs/method.md, "Decision 10")."""
     data_manifest: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 

@@ -22,6 +22,7 @@ import yaml
 
 from . import augment
 from .formats import Format
+from .refusals import is_refusal
 from .sharegpt import Rule, drop_reason, first_turns
 from safety_decoding.model import REFUSAL_PREFIX
 from safety_decoding.text import refusal_separator
@@ -423,6 +424,10 @@ class ReasonStyle(str, Enum):
     """`REFUSAL_REASONS` as the shipped runs trained them."""
     CLAUSES = "clauses"
     """`REFUSAL_CLAUSES`: the same reasons with no sentence of refusal after the clause."""
+    NONE = "none"
+    """No refusal text trains: the explanations stay as context with no LM loss, and so does any
+    other answer that `refusals.is_refusal` reads as a refusal; the server writes the whole
+    refusal (`SafetyConfig.refusal_completion`; docs/method.md, "Decision 10")."""
 
 
 REFUSAL_CLAUSES = dict(zip(REFUSAL_REASONS, [
@@ -446,6 +451,10 @@ def with_reason_style(examples: list[Example], style: ReasonStyle) -> list[Examp
     (the same draws, so a run with ``clauses`` differs from its ``sentences`` twin only there)."""
     if style is ReasonStyle.SENTENCES:
         return examples
+    if style is ReasonStyle.NONE:
+        return [replace(e, lm_loss=False) if e.lm_loss and e.response
+                and (e.response_prefix.endswith(REFUSAL_PREFIX) or is_refusal(e.response)) else e
+                for e in examples]
     return [replace(e, response=" " + REFUSAL_CLAUSES[e.response[1:]])
             if e.response_prefix.endswith(REFUSAL_PREFIX) and e.response[1:] in REFUSAL_CLAUSES else e
             for e in examples]

@@ -35,7 +35,7 @@ from .refusals import is_refusal
 from .sharegpt import Rule
 from .splits import Splits, split_examples
 from safety_decoding.layout import CLS_SLOT, sequence_layout, stack_layouts
-from safety_decoding.model import ADAPTER_DIR, SafetyConfig, SafetyModel, load_safety_weights
+from safety_decoding.model import ADAPTER_DIR, REFUSAL_COMPLETION, SafetyConfig, SafetyModel, load_safety_weights
 from safety_decoding.prompt import build_chat_prompt
 
 
@@ -73,8 +73,9 @@ class TrainConfig:
     self_answer_lm_loss: bool = False
     """Benign self answers that are not refusals also get LM loss (`with_self_answers`)."""
     refusal_reasons: str = "sentences"
-    """Explanations after the inserted refusal (`data.ReasonStyle`): ``sentences`` (shipped) or
-    ``clauses`` (no sentence that refuses by itself)."""
+    """Explanations after the inserted refusal (`data.ReasonStyle`): ``sentences`` (shipped),
+    ``clauses`` (no sentence that refuses by itself) or ``none`` (no refusal text trains; the
+    checkpoint's server writes the whole refusal, `model.REFUSAL_COMPLETION`)."""
     held_out_percent: int = 20
     validation_fraction: float = 0.1
     max_query_tokens: int = 160
@@ -477,7 +478,8 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     base_name = BASE_MODEL_NAME if base_sha == EXPECTED_WEIGHTS_SHA256 else Path(base_dir).name
     scfg = SafetyConfig(base_model=base_name, base_model_sha256=base_sha,
                         hidden_size=lm.config.hidden_size, cls_token_id=lm.config.vocab_size,
-                        lambda_cls=cfg.lambda_cls, data_manifest=manifest)
+                        lambda_cls=cfg.lambda_cls, data_manifest=manifest,
+                        refusal_completion=REFUSAL_COMPLETION if cfg.refusal_reasons == ReasonStyle.NONE else "")
     model = SafetyModel(lm, scfg)
     if cfg.init_checkpoint:
         load_safety_weights(model, cfg.init_checkpoint)
