@@ -125,6 +125,9 @@ class RowState:
     forced_tokens: deque = field(default_factory=deque)
     """Refusal-prefix ids still to come: inserted one a step (``refuse``) or steered toward
     (``reweight``)."""
+    refusal_ends: bool = False
+    """The queued refusal is the server's whole refusal (`SafetyConfig.refusal_completion`):
+    once it starts the rest is inserted at once, and the response ends with it."""
     released: int = 0
     """``records[:released]`` reached the caller."""
     finish_reason: FinishReason | None = None
@@ -221,6 +224,7 @@ def choose(row: RowState, logits: torch.Tensor | None) -> TokenRecord:
             queue.popleft()
         else:
             queue.clear()
+            row.refusal_ends = False
     return TokenRecord(token, lp, False)
 
 
@@ -229,7 +233,9 @@ def finish(row: RowState, record: TokenRecord, stop_ids: set[int]) -> Trip | Non
 
     EOS (a sampled stop id, not kept), then length (``max_new_tokens``), then abort (the
     request's ``cancelled``). An EOS or length end asks the policy for the end trip
-    (`SafetyState.on_finish`).
+    (`SafetyState.on_finish`). A server-written refusal (`RowState.refusal_ends`) is completed
+    at once when its first token is inserted, or when steering has followed it to its end,
+    and ends the response as an EOS would.
 
     Returns:
         The end trip, or None: the caller truncates and inserts the refusal.
@@ -239,6 +245,9 @@ def finish(row: RowState, record: TokenRecord, stop_ids: set[int]) -> Trip | Non
         row.finish_reason = FinishReason.EOS
     else:
         row.records.append(record)
+        if row.refusal_ends and (record.forced or not row.forced_tokens):
+            row.insert_forced()
+            row.finish_reason = FinishReason.EOS
     if row.finish_reason is None and row.n_generated >= sp.max_new_tokens:
         row.finish_reason = FinishReason.LENGTH
     if row.finish_reason is None and row.req.cancelled():
@@ -473,7 +482,7 @@ class DecodeBatch:
         for b, row in enumerate(rows):
             try:
                 if row.req.safety.enabled and row.safety.on_query(float(scores[b])):
-                    row.forced_tokens.extend(d.refusal_ids(row))
+                    d.queue_refusal(row)
                 events.append(d._advance(slots, b, row, logits[b]))
             except Exception as exc:
                 events.append(fail(row, exc))
@@ -701,6 +710,7 @@ class Decoder:
             raise ValueError(f"quantization: {quantization} needs the fused forward (ESS_FUSED_FORWARD=true, "
                              "merged weights)")
         self.refusal = model.config.refusal_prefix
+        self.refusal_completion = model.config.refusal_completion
         # EOS plus the document end token (SmolLM2's <|endoftext|> doubles as its unk token).
         ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
         self.stop_ids = {i for i in ids if isinstance(i, int) and i >= 0}
@@ -730,12 +740,19 @@ class Decoder:
         return cls(model, AutoTokenizer.from_pretrained(str(base_dir)), fused=fused, quantization=quantization)
 
     def refusal_ids(self, row: RowState) -> list[int]:
-        """Token ids of the refusal prefix as it follows ``row``'s text (`text.refusal_separator`:
-        a new paragraph after generated text, a space after a prefill's last word)."""
+        """Token ids of the refusal as it follows ``row``'s text (`text.refusal_separator`: a
+        new paragraph after generated text, a space after a prefill's last word): the prefix,
+        then the checkpoint's `SafetyConfig.refusal_completion` (empty: the LM writes the rest)."""
         generated = row.generated_ids
         before = self.tok.decode(generated if generated else [row.last_id] if row.last_id is not None else [])
-        text = refusal_separator(before, mid_response=bool(generated)) + self.refusal
+        text = refusal_separator(before, mid_response=bool(generated)) + self.refusal + self.refusal_completion
         return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def queue_refusal(self, row: RowState) -> None:
+        """Queue ``row``'s refusal (`refusal_ids`); it ends the response when the checkpoint
+        writes the whole refusal."""
+        row.forced_tokens = deque(self.refusal_ids(row))
+        row.refusal_ends = bool(self.refusal_completion)
 
     def new_batch(self, prefill_chunk: int | None = None) -> DecodeBatch:
         """An empty running batch (continuous batching: `DecodeBatch.add` / `.step`;
@@ -758,7 +775,7 @@ class Decoder:
         """Drop ``g_{S_t}..`` from the response and the cache view, queue the refusal."""
         slots.drop_from(b, trip.truncate_to)
         row.truncate(trip.truncate_to)
-        row.forced_tokens = deque(self.refusal_ids(row))
+        self.queue_refusal(row)
 
     def _advance(self, slots: _Slots, b: int, row: RowState, logits: torch.Tensor | None,
                  checked: bool = False) -> StepEvent | None:

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -177,6 +179,42 @@ def test_reweight_steers_to_the_refusal_without_forcing(tokenizer):
     text, _ = run(weak, prompt, SamplingParams(max_new_tokens=30),
                   SafetyParams(action="reweight", reweight_strength=0.01))
     assert not text.startswith(weak.refusal)  # a nudge the random model does not follow
+
+
+def writes_its_refusal(model, completion=" it could cause harm."):
+    """``model`` as a checkpoint trained with no refusal text (`SafetyConfig.refusal_completion`)."""
+    model.config = replace(model.config, refusal_completion=completion)
+    return model
+
+
+@pytest.mark.parametrize("checks", [[-5.0], [-5, -5, -5, 5, 5, 5, -5]], ids=["query", "response"])
+def test_a_server_written_refusal_is_inserted_whole_and_ends_the_response(tokenizer, checks):
+    model = writes_its_refusal(scripted(tokenizer, 5.0 if len(checks) == 1 else -5.0, checks))
+    text, events = run(Decoder(model, tokenizer), build_chat_prompt(tokenizer, QUESTION),
+                       SamplingParams(max_new_tokens=60, ignore_eos=True), SafetyParams(tau=3))
+    refusal = model.config.refusal_prefix + model.config.refusal_completion
+    assert text.endswith(refusal) and text.count(refusal) == 1
+    assert events[-1].finish_reason == "eos_token" and events[-1].safety["intervened"]
+    emitted = [t for e in events for t in e.tokens]
+    assert all(t.forced for t in emitted[next(i for i, t in enumerate(emitted) if t.forced):])
+    # inserted at once: the refusal costs no decode step of its own
+    assert sum(1 for e in events if any(t.forced for t in e.tokens)) == 1
+
+
+def test_a_server_written_refusal_at_the_token_cap_is_cut_short(tokenizer):
+    model = writes_its_refusal(scripted(tokenizer, 5.0, [-5.0]))
+    _, events = run(Decoder(model, tokenizer), build_chat_prompt(tokenizer, QUESTION),
+                    SamplingParams(max_new_tokens=4))
+    assert events[-1].generated_tokens == 4 and events[-1].finish_reason in ("eos_token", "length")
+
+
+def test_reweight_that_follows_a_server_written_refusal_ends_with_it(tokenizer):
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    dec = Decoder(writes_its_refusal(scripted(tokenizer, 5.0, [-5.0])), tokenizer)
+    text, events = run(dec, prompt, SamplingParams(max_new_tokens=60, ignore_eos=True),
+                       SafetyParams(action="reweight", reweight_strength=50.0))
+    assert text == dec.refusal + dec.refusal_completion and events[-1].finish_reason == "eos_token"
+    assert not any(t.forced for e in events for t in e.tokens)  # steered, never forced
 
 
 def test_rows_joining_and_leaving_a_running_batch_match_single_rows(tiny_model, tokenizer):

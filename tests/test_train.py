@@ -161,7 +161,7 @@ def tiny_run_config() -> str:
 
 @pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
 def test_warm_start_and_calibrated_threshold(tmp_path, tokenizer):
-    from safety_decoding.model import read_safety_config
+    from safety_decoding.model import REFUSAL_COMPLETION, read_safety_config
 
     base_dir = tiny_base_dir(tmp_path, tokenizer)
     common = tiny_run_config()
@@ -172,7 +172,7 @@ def test_warm_start_and_calibrated_threshold(tmp_path, tokenizer):
     second.write_text(common + f"output_dir: {tmp_path / 'second'}\ninit_checkpoint: {tmp_path / 'first'}\n"
                       f"lr: 0.0\nhead_lr: 0.0\ncontrast_dir: {REPO / 'data' / 'contrast'}\n"
                       "contrast_calibration_percent: 3\nthreshold_from_calibration: true\n"
-                      "calibration_fpr: 0.1\n")
+                      "calibration_fpr: 0.1\nrefusal_reasons: none\n")
     summary = train(load_train_config(second), base_dir, log=lambda m: None)
     one, two = (load_safety_model(tmp_path / d, base_dir) for d in ("first", "second"))
     # a zero learning rate keeps the warm start's weights: the head and [CLS] row are loaded
@@ -181,6 +181,9 @@ def test_warm_start_and_calibrated_threshold(tmp_path, tokenizer):
     cfg = read_safety_config(tmp_path / "second")
     assert cfg.threshold == summary["held_out"]["threshold"] != 0.5
     assert summary["held_out"]["calibration"]["fpr"] <= 0.1
+    # a run that trains no refusal text has its server write the whole refusal
+    assert cfg.refusal_completion == REFUSAL_COMPLETION
+    assert read_safety_config(tmp_path / "first").refusal_completion == ""
 
 
 @pytest.mark.skipif(not DATA_DIR.exists(), reason="the data files are not fetched (ess data fetch)")
@@ -218,3 +221,17 @@ def test_clause_reasons_drop_the_sentences_that_refuse_by_themselves():
         assert not any(is_refusal(s) for s in clause.split(". ")), clause
     with pytest.raises(ValueError, match="refusal_reasons"):
         TrainConfig(refusal_reasons="short")
+
+
+def test_no_reasons_leave_no_refusal_text_with_lm_loss():
+    from safety_training.data import REFUSAL_REASONS, ReasonStyle, refused, with_reason_style
+    rng = random.Random(0)
+    ex = [refused(f"harmful request {i}", rng, after_opener=i % 2 == 1) for i in range(10)]
+    ex += [Example("hi", "I'm sorry, but I cannot help with that.", 0, response_label=0),
+           Example("capital of France?", "Paris.", 0, response_label=0),
+           Example("q", " " + REFUSAL_REASONS[0], 0, lm_loss=False)]
+    out = with_reason_style(ex, ReasonStyle.NONE)
+    assert [e.lm_loss for e in out] == [False] * 11 + [True, False]
+    # the text stays as context for the probe windows; only the LM targets go
+    assert [(e.query, e.response, e.response_prefix, e.query_label, e.response_label) for e in out] == \
+        [(e.query, e.response, e.response_prefix, e.query_label, e.response_label) for e in ex]
