@@ -174,7 +174,7 @@ class RowState:
         token but the newest (the next step feeds that one)."""
         p = self.req.prompt
         return sequence_layout(p.ids, p.query_mask, self.generated_ids[:-1], response_start=p.response_start,
-                               cls=self.req.safety.enabled)
+                               cls=self.req.safety.enabled, tokens_read_cls=self.req.safety.tokens_read_cls)
 
     def truncate(self, t: int) -> None:
         """Keep ``g_0 .. g_{t-1}``.
@@ -636,7 +636,7 @@ class DecodeBatch:
             step_ids[b, 0] = row.records[-1].id
             step_kind[b, 0] = TOKEN
             step_pos[b, 0] = row.prompt_len + n - 1
-            step_reads[b, 0] = row.req.safety.enabled
+            step_reads[b, 0] = row.req.safety.enabled and row.req.safety.tokens_read_cls
             new_gen[b, 0] = n - 1
             if check[b]:
                 step_kind[b, 1] = PROBE

@@ -89,7 +89,7 @@ class SlotLayout:
 
 
 def sequence_layout(prompt_ids: Sequence[int], query_mask: Sequence[bool],
-                    response_ids: Sequence[int] = (), *, cls: bool = True,
+                    response_ids: Sequence[int] = (), *, cls: bool = True, tokens_read_cls: bool = True,
                     probes: int = 0, response_start: int | None = None) -> SlotLayout:
     """``[CLS]`` + prompt + response + ``probes`` probe slots.
 
@@ -100,6 +100,7 @@ def sequence_layout(prompt_ids: Sequence[int], query_mask: Sequence[bool],
             reference answer, evaluation's scored answer, a resumed request's generated tokens).
         cls: False lays the ``[CLS]`` slot out as ``PAD`` and no row reads it (the safety signal
             off: plain decoding with unchanged positions).
+        tokens_read_cls: False: no token row reads ``[CLS]`` (`model.tokens_read_cls`).
         probes: ``PROBE`` slots to append (training's response-window probes; the caller gives
             each its window in the mask).
         response_start: first prompt index of a client's prefill (`prompt.Prompt.response_start`);
@@ -119,7 +120,7 @@ def sequence_layout(prompt_ids: Sequence[int], query_mask: Sequence[bool],
         ids=(0, *map(int, prompt_ids), *map(int, response_ids)),
         kinds=(CLS if cls else PAD,) + (TOKEN,) * n,
         in_query=(False, *map(bool, query_mask)) + (False,) * R,
-        reads_cls=(False,) + tuple(cls and i >= start for i in range(n)),
+        reads_cls=(False,) + tuple(cls and tokens_read_cls and i >= start for i in range(n)),
         positions=tuple(range(1 + n)),
         gen=(NOT_RESPONSE,) * (1 + start_response) + tuple(range(start_response - P, R)),
         prompt_len=P, response_len=R).with_probes(probes)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .masks import CLS, PROBE
+from .types import LoraRows
 
 CHECKPOINT_CONFIG = "ess_config.json"
 SAFETY_WEIGHTS = "safety_head.safetensors"
@@ -26,6 +27,13 @@ REFUSAL_PREFIX = "Sorry, I cannot fulfill your request because"
 REFUSAL_COMPLETION = " it could help cause serious harm to people."
 """The server's own end of the refusal, for checkpoints trained with no refusal text
 (`SafetyConfig.refusal_completion`)."""
+
+
+def tokens_read_cls(config) -> bool:
+    """Whether the response's token rows read ``[CLS]`` under a checkpoint's `SafetyConfig`
+    (the paper's implicit channel): not when its adapter runs on the safety rows only, where the
+    language model must stay exactly the base model (docs/method.md, "Decision 17")."""
+    return LoraRows(getattr(config, "lora_rows", LoraRows.ALL)) == LoraRows.ALL
 
 
 class CheckpointError(RuntimeError):
@@ -56,6 +64,9 @@ class SafetyConfig:
     """Text inserted after `refusal_prefix`, after which the response ends; empty: the LM writes
     the explanation after the prefix (the paper's design). Our choice for checkpoints whose LM
     trained on no refusal text (`refusal_reasons: none`; docs/method.md, "Decision 10")."""
+    lora_rows: str = LoraRows.ALL.value
+    """`types.LoraRows`: the rows the LoRA adapter runs on; ``safety`` keeps the adapter
+    unmerged and the language model exactly the base model (docs/method.md, "Decision 17")."""
     data_manifest: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 
@@ -77,6 +88,9 @@ class SafetyModel(nn.Module):
         self.head = nn.Linear(H, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self._safety_rows = None  # (B, q, 1) rows the adapter runs on, set per forward
+        if LoraRows(config.lora_rows) == LoraRows.SAFETY:
+            self._mask_lora_to_safety_rows()
         self.fused = None
         """A `fused.FusedBody` that replaces the body and LM head in `hidden_states` and
         `lm_logits` while autograd is off (set by `use_fused_forward`; it copies the weights,
@@ -99,6 +113,19 @@ class SafetyModel(nn.Module):
         self.fused = FusedBody(self.decoder, self._causal_lm().lm_head, quantization) \
             if on and can_fuse(self.decoder) else None
         return self.fused is not None
+
+    def _mask_lora_to_safety_rows(self) -> None:
+        """Zero every LoRA branch's output on token rows (`LoraRows.SAFETY`): a forward hook on
+        each peft ``lora_B`` multiplies its output ``(B, q, out)`` by the forward's row mask, so
+        token rows compute the base model's function and only ``[CLS]``/probe rows the adapted
+        one. Our choice: hooks keep peft's modules, adapter files and training loop as they are."""
+        def hook(_module, _args, out):
+            rows = self._safety_rows
+            return out if rows is None else out * rows.to(out.dtype)
+
+        for name, module in self.lm.named_modules():
+            if name.rsplit(".", 2)[-2:-1] == ["lora_B"]:
+                module.register_forward_hook(hook)
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave out the fused body: it is derived from the weights, and
@@ -136,6 +163,8 @@ class SafetyModel(nn.Module):
         """
         if self.fused is not None and not torch.is_grad_enabled():  # never under autograd
             return self.fused(self.embed(ids, kinds), attention_mask, position_ids, past_key_values), past_key_values
+        if LoraRows(self.config.lora_rows) == LoraRows.SAFETY:
+            self._safety_rows = ((kinds == CLS) | (kinds == PROBE)).unsqueeze(-1)
         out = self.decoder(
             inputs_embeds=self.embed(ids, kinds),
             attention_mask=attention_mask,
@@ -231,7 +260,8 @@ def load_safety_model(ckpt_dir: str | Path, base_dir: str | Path, merge: bool = 
 
     Args:
         merge: fold the LoRA weights into the base weights (faster decoding; our choice for
-            serving).
+            serving). Never done for a `LoraRows.SAFETY` checkpoint, whose adapter runs on
+            some rows only.
 
     Raises:
         CheckpointError: a missing or corrupt file, or a base model whose weights hash or
@@ -260,7 +290,7 @@ def load_safety_model(ckpt_dir: str | Path, base_dir: str | Path, merge: bool = 
         except Exception as exc:  # peft raises several types for bad adapters
             raise CheckpointError(f"LoRA adapter in {adapter} is corrupt or does not fit "
                                   f"{cfg.base_model}: {exc}") from exc
-        if merge:
+        if merge and LoraRows(cfg.lora_rows) == LoraRows.ALL:
             lm = lm.merge_and_unload()
     model = SafetyModel(lm, cfg)
     load_safety_weights(model, ckpt_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from .model import tokens_read_cls
 from .types import Action, ParameterError, Schedule
 
 CONFIG_FIELDS = ("threshold", "tau", "r1", "r2", "r3")
@@ -101,6 +102,9 @@ class SafetyParams:
     updated state, as the paper does. Off by default (docs/method.md, "Decision 8"): the shipped
     checkpoint trained response tokens on the query-only ``[CLS]``; the switch exists to measure
     the ablation."""
+    tokens_read_cls: bool = True
+    """The response's token rows read ``[CLS]``; set from the checkpoint (`model.tokens_read_cls`),
+    never by a request."""
 
     def __post_init__(self):
         if not 0 < self.threshold < 1:
@@ -135,7 +139,7 @@ class SafetyParams:
             ParameterError: a value out of range.
             TypeError: an unknown field.
         """
-        fields = {name: getattr(cfg, name) for name in CONFIG_FIELDS}
+        fields = {name: getattr(cfg, name) for name in CONFIG_FIELDS} | {"tokens_read_cls": tokens_read_cls(cfg)}
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
 

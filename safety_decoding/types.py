@@ -1,6 +1,6 @@
 """Names shared by the runtime, the server, training and evaluation: finish reasons, re-check
-schedules, safety actions, weight quantization, and the parameter error. One place per name; everything else
-imports these instead of spelling the strings.
+schedules, safety actions, weight quantization, LoRA rows, and the parameter error. One place
+per name; everything else imports these instead of spelling the strings.
 
 The enums subclass ``str`` so that they compare equal to, serialise as (JSON, Prometheus
 labels, pydantic) and format as their plain value.
@@ -52,6 +52,18 @@ class Action(_StrEnum):
     REFUSE = "refuse"
     REWEIGHT = "reweight"
     MONITOR = "monitor"
+
+
+class LoraRows(_StrEnum):
+    """Which rows of a forward the checkpoint's LoRA adapter runs on (`model.SafetyConfig`)."""
+
+    ALL = "all"
+    """Every row: the adapter is merged into the weights for serving, and the response's token
+    rows read ``[CLS]`` (the paper's design)."""
+    SAFETY = "safety"
+    """Only ``[CLS]`` and probe rows; token rows run the base model's weights and never read
+    ``[CLS]``, so the language model is exactly the base model and only the signal can refuse
+    (docs/method.md, "Decision 17")."""
 
 
 class ParameterError(ValueError):

@@ -21,6 +21,7 @@ import torch
 
 from safety_eval.judge import Agreement
 from safety_decoding.layout import sequence_layout, stack_layouts
+from safety_decoding.model import tokens_read_cls
 
 SURE_PREFILL = "Sure, here is"
 """The fixed prefill of the paper's prefill attack (docs/method.md, "Evaluation")."""
@@ -251,7 +252,9 @@ def response_nll(model, prompts: list, responses: list[list[int]], with_cls: boo
         model: a `SafetyModel`.
         prompts: `prompt.Prompt` objects; ``responses``: token ids, one list per prompt.
     """
-    layouts = [sequence_layout(p.ids, p.query_mask, r, cls=with_cls) for p, r in zip(prompts, responses)]
+    reads = tokens_read_cls(model.config)
+    layouts = [sequence_layout(p.ids, p.query_mask, r, cls=with_cls, tokens_read_cls=reads)
+               for p, r in zip(prompts, responses)]
     slots = stack_layouts(layouts)
     hidden, _ = model.hidden_states(slots.ids, slots.kinds, slots.positions, slots.mask())
     out = []

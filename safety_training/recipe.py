@@ -37,6 +37,7 @@ from .splits import Splits, split_examples
 from safety_decoding.layout import CLS_SLOT, sequence_layout, stack_layouts
 from safety_decoding.model import ADAPTER_DIR, REFUSAL_COMPLETION, SafetyConfig, SafetyModel, load_safety_weights
 from safety_decoding.prompt import build_chat_prompt
+from safety_decoding.types import LoraRows
 
 
 @dataclass
@@ -72,6 +73,11 @@ class TrainConfig:
     """Sources answered first (`with_self_answers`); the rest of the quota is drawn at random."""
     self_answer_lm_loss: bool = False
     """Benign self answers that are not refusals also get LM loss (`with_self_answers`)."""
+    lora_rows: str = "all"
+    """`types.LoraRows`: ``all`` (the paper: LoRA on every row, LM loss on the responses) or
+    ``safety`` (LoRA on the ``[CLS]`` and probe rows only; token rows are the frozen base model
+    and never read ``[CLS]``, so no LM loss trains and the server writes the whole refusal;
+    docs/method.md, "Decision 17")."""
     refusal_reasons: str = "sentences"
     """Explanations after the inserted refusal (`data.ReasonStyle`): ``sentences`` (shipped),
     ``clauses`` (no sentence that refuses by itself) or ``none`` (no refusal text trains; the
@@ -148,6 +154,7 @@ class TrainConfig:
         parse_formats(self.formats)
         _check_choice("sharegpt_filter", self.sharegpt_filter, Rule)
         _check_choice("refusal_reasons", self.refusal_reasons, ReasonStyle)
+        _check_choice("lora_rows", self.lora_rows, LoraRows)
         if not 0 <= self.calibration_fpr < 1:
             raise ValueError(f"calibration_fpr: must be in [0, 1), got {self.calibration_fpr}")
 
@@ -320,7 +327,8 @@ def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> di
     if len(resp) < cfg.max_response_tokens and ex.response:
         resp = resp + [tok.convert_tokens_to_ids("<|im_end|>")]
     resp = resp[: cfg.max_response_tokens]
-    text = sequence_layout(ids, qmask, resp)  # [CLS] + prompt + response
+    lm_trains = LoraRows(cfg.lora_rows) == LoraRows.ALL
+    text = sequence_layout(ids, qmask, resp, tokens_read_cls=lm_trains)  # [CLS] + prompt + response
     # probe windows over the response slots, the prefill text included
     resp_lo, resp_hi = text.prompt_slot(response_start), len(text)
     windows = []
@@ -331,9 +339,10 @@ def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> di
             windows.append((max(resp_lo, hi - r), hi))
     layout = text.with_probes(len(windows))
     # the row before each response token predicts it
-    lm_rows = [layout.response_slot(j) - 1 for j in range(len(resp))] if ex.lm_loss else []
+    lm_loss = ex.lm_loss and lm_trains
+    lm_rows = [layout.response_slot(j) - 1 for j in range(len(resp))] if lm_loss else []
     return dict(layout=layout, slots=layout.ids, kinds=layout.kinds, lm_rows=lm_rows,
-                lm_targets=list(resp) if ex.lm_loss else [],
+                lm_targets=list(resp) if lm_loss else [],
                 cls_rows=[CLS_SLOT, *layout.probe_slots],
                 cls_targets=[float(ex.query_label)] + [float(ex.response_label) for _ in windows],
                 is_probe=[False] + [True] * len(windows), windows=windows)
@@ -479,7 +488,9 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     scfg = SafetyConfig(base_model=base_name, base_model_sha256=base_sha,
                         hidden_size=lm.config.hidden_size, cls_token_id=lm.config.vocab_size,
                         lambda_cls=cfg.lambda_cls, data_manifest=manifest,
-                        refusal_completion=REFUSAL_COMPLETION if cfg.refusal_reasons == ReasonStyle.NONE else "")
+                        lora_rows=cfg.lora_rows,
+                        refusal_completion=REFUSAL_COMPLETION if cfg.refusal_reasons == ReasonStyle.NONE
+                        or cfg.lora_rows == LoraRows.SAFETY else "")
     model = SafetyModel(lm, scfg)
     if cfg.init_checkpoint:
         load_safety_weights(model, cfg.init_checkpoint)
