@@ -33,7 +33,11 @@ projection int8 24-28 % of its query verdicts differ from float32's and its TPR 
 channels, and one activation scale per call leaves the rest a handful of int8 steps. Off by
 default: the threshold was calibrated in float32. Our choice.
 
-Inference only (no dropout, no LoRA: build it from merged weights), and the weights are
+A checkpoint whose LoRA adapter runs on the ``[CLS]`` and probe rows only (`types.LoraRows.SAFETY`)
+keeps it unmerged: every row runs the base weights, and `RowAdapter` adds the adapter's product
+on those rows (docs/method.md, "Decision 17").
+
+Inference only (no dropout; an every-row LoRA must be merged first), and the weights are
 copies: a model trained further needs a new `FusedBody`. Our choice, in the style of
 gpt-fast's ``generate.py``; ``ESS_FUSED_FORWARD=false`` keeps transformers' forward.
 """
@@ -110,6 +114,48 @@ class Projection:
         return self(x).add_(residual)
 
 
+class RowAdapter:
+    """The LoRA factors of projections that share one input, for some rows of a forward only
+    (`types.LoraRows.SAFETY`): ``delta(x (n, in)) = (x @ A^T) @ B^T`` with the projections' ``A``
+    stacked and their ``B`` (scaling folded in) block-diagonal, so one pair of small products
+    serves q/k/v (or gate/up) together."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor] | None], outs: list[int]):
+        """``parts``: per projection ``(A (r, in), B (out, r) scaled)`` or None; ``outs``: their
+        output sizes."""
+        a = torch.cat([p[0] for p in parts if p is not None])
+        b = a.new_zeros(sum(outs), a.shape[0])
+        row = col = 0
+        for p, out in zip(parts, outs):
+            if p is not None:
+                b[row:row + out, col:col + p[0].shape[0]] = p[1]
+                col += p[0].shape[0]
+            row += out
+        self.a_t, self.b_t = a.t().contiguous(), b.t().contiguous()  # (in, R), (R, out)
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``y (B, q, out) += delta(x (B, q, in))`` on the flattened ``rows (n,)``, in place."""
+        picked = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        y.view(-1, y.shape[-1]).index_add_(0, rows, picked @ self.a_t @ self.b_t)
+        return y
+
+
+def _lora_parts(module: nn.Module) -> tuple[nn.Linear, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``(base nn.Linear, (A, B * scaling) or None)`` of a plain linear or a peft LoRA linear."""
+    if type(module) is nn.Linear:
+        return module, None
+    (name,) = module.active_adapters  # `can_fuse` admits one plain adapter only
+    a, b = module.lora_A[name].weight.detach(), module.lora_B[name].weight.detach()
+    return module.base_layer, (a, b * module.scaling[name])
+
+
+def _row_adapter(*modules: nn.Module) -> RowAdapter | None:
+    parts = [_lora_parts(m)[1] for m in modules]
+    if all(p is None for p in parts):
+        return None
+    return RowAdapter(parts, [_lora_parts(m)[0].out_features for m in modules])
+
+
 def _fuse(*linears: nn.Linear, quantization: Quantization = Quantization.NONE) -> Projection:
     """One `Projection` for several linears on the same input (outputs concatenated)."""
     weight = torch.cat([lin.weight.detach() for lin in linears])
@@ -124,32 +170,49 @@ class FusedLayer:
     """One decoder layer (``LlamaDecoderLayer``'s function, fused projections)."""
 
     def __init__(self, layer: nn.Module, quantization: Quantization = Quantization.NONE):
+        """A peft LoRA projection (`LoraRows.SAFETY` checkpoints) contributes its base weight to
+        the fused product and its factors to a `RowAdapter` (None where there are none)."""
         attn, mlp = layer.self_attn, layer.mlp
+        q_, k_, v_, o_ = (_lora_parts(m)[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        gate, up, down = (_lora_parts(m)[0] for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
-        self.n_heads = attn.q_proj.out_features // attn.head_dim
-        self.n_qk = attn.q_proj.out_features + attn.k_proj.out_features
+        self.n_heads = q_.out_features // attn.head_dim
+        self.n_qk = q_.out_features + k_.out_features
         q = quantization
-        self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj, quantization=q)
-        self.o = Projection(attn.o_proj.weight.detach(), _bias(attn.o_proj), q)
-        self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj, quantization=q)
+        self.qkv = _fuse(q_, k_, v_, quantization=q)
+        self.o = Projection(o_.weight.detach(), _bias(o_), q)
+        self.gate_up = _fuse(gate, up, quantization=q)
         # down_proj stays float under int8: its input (SiLU(gate) * up) has outliers that one
         # activation scale per call flattens; see the module docstring.
-        self.down = Projection(mlp.down_proj.weight.detach(), _bias(mlp.down_proj))
+        self.down = Projection(down.weight.detach(), _bias(down))
+        self.qkv_lora = _row_adapter(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o_lora = _row_adapter(attn.o_proj)
+        self.gate_up_lora = _row_adapter(mlp.gate_proj, mlp.up_proj)
+        self.down_lora = _row_adapter(mlp.down_proj)
         self.act = mlp.act_fn
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
 
-    def __call__(self, x, cos, sin, mask, cache_layer):
-        """``x (B, q, H)``, ``cos``/``sin`` from `rotary_tables` -> ``(B, q, H)``."""
+    def __call__(self, x, cos, sin, mask, cache_layer, rows=None):
+        """``x (B, q, H)``, ``cos``/``sin`` from `rotary_tables`, ``rows (n,)``: the flattened
+        rows the LoRA factors run on (None: none) -> ``(B, q, H)``."""
         B, q, _ = x.shape
-        qkv = self.qkv(rms_norm(self.input_norm, x))
+        h = rms_norm(self.input_norm, x)
+        qkv = _adapt(self.qkv(h), self.qkv_lora, h, rows)
         qk = rotate(qkv[..., :self.n_qk].view(B, q, -1, self.head_dim).transpose(1, 2), cos, sin)
         query, key = qk.split([self.n_heads, qk.shape[1] - self.n_heads], 1)
         value = qkv[..., self.n_qk:].view(B, q, -1, self.head_dim).transpose(1, 2)
         if cache_layer is not None:
             key, value = cache_layer.update(key, value)
-        x = self.o.plus(grouped_attention(query, key, value, mask, self.scaling), x)
-        gate, up = self.gate_up(rms_norm(self.post_norm, x)).chunk(2, -1)
-        return self.down.plus(self.act(gate) * up, x)
+        attended = grouped_attention(query, key, value, mask, self.scaling)
+        x = _adapt(self.o.plus(attended, x), self.o_lora, attended, rows)
+        h = rms_norm(self.post_norm, x)
+        gate, up = _adapt(self.gate_up(h), self.gate_up_lora, h, rows).chunk(2, -1)
+        act = self.act(gate) * up
+        return _adapt(self.down.plus(act, x), self.down_lora, act, rows)
+
+
+def _adapt(y: torch.Tensor, adapter: RowAdapter | None, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return y if adapter is None or rows is None else adapter.add_to(y, x, rows)
 
 
 def grouped_attention(query, key, value, mask, scaling: float) -> torch.Tensor:
@@ -204,15 +267,31 @@ def _bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach()
 
 
-def can_fuse(body: nn.Module) -> bool:
-    """True when every projection of ``body`` is a plain ``nn.Linear`` (no LoRA or quantized
-    wrappers) and its layers are Llama-shaped (``LlamaRMSNorm`` norms, no query/key norms)."""
+def _is_row_lora(module: nn.Module) -> bool:
+    """A peft LoRA linear that `RowAdapter` can run: one active adapter, unmerged, plain LoRA
+    (no DoRA, no LoRA bias) over a plain ``nn.Linear``."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(module, LoraLinear) or type(module.base_layer) is not nn.Linear or module.merged:
+        return False
+    names = module.active_adapters
+    return len(names) == 1 and not module.use_dora.get(names[0], False) and \
+        module.lora_B[names[0]].bias is None
+
+
+def can_fuse(body: nn.Module, row_adapters: bool = False) -> bool:
+    """True when every projection of ``body`` is a plain ``nn.Linear`` (with ``row_adapters``,
+    also a peft LoRA linear `RowAdapter` can run; no other wrappers) and its layers are
+    Llama-shaped (``LlamaRMSNorm`` norms, no query/key norms)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def plain(m):
+        return type(m) is nn.Linear or (row_adapters and _is_row_lora(m))
 
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     try:
-        return all(type(getattr(layer.self_attn, n)) is nn.Linear for layer in body.layers for n in names) and \
-            all(type(getattr(layer.mlp, n)) is nn.Linear for layer in body.layers
+        return all(plain(getattr(layer.self_attn, n)) for layer in body.layers for n in names) and \
+            all(plain(getattr(layer.mlp, n)) for layer in body.layers
                 for n in ("gate_proj", "up_proj", "down_proj")) and \
             all(type(norm) is LlamaRMSNorm for layer in body.layers
                 for norm in (layer.input_layernorm, layer.post_attention_layernorm)) and \
@@ -224,16 +303,19 @@ def can_fuse(body: nn.Module) -> bool:
 
 class FusedBody:
     """``LlamaModel``'s forward for serving: ``(inputs_embeds (B, q, H), mask (B, 1, q, kv) bool,
-    position_ids (B, q), cache or None) -> hidden (B, q, H)`` after the final norm; and
-    `lm_logits` with a prepacked LM head.
+    position_ids (B, q), cache or None, rows (n,) or None) -> hidden (B, q, H)`` after the final
+    norm; and `lm_logits` with a prepacked LM head. With ``row_adapters`` the body may hold an
+    unmerged LoRA adapter, which runs on the flattened ``rows`` of a forward only
+    (`types.LoraRows.SAFETY`; `RowAdapter`).
 
     Raises:
         ValueError: ``body`` has a projection that is not a plain ``nn.Linear`` (see `can_fuse`),
             or ``quantization`` does not fit the model (see `check_quantization`).
     """
 
-    def __init__(self, body: nn.Module, lm_head: nn.Linear, quantization: Quantization = Quantization.NONE):
-        if not can_fuse(body):
+    def __init__(self, body: nn.Module, lm_head: nn.Linear, quantization: Quantization = Quantization.NONE,
+                 row_adapters: bool = False):
+        if not can_fuse(body, row_adapters):
             raise ValueError("FusedBody needs merged, plain nn.Linear projections (merge LoRA first)")
         q = Quantization(quantization)  # ValueError on an unknown name
         check_quantization(q, lm_head.weight.device, lm_head.weight.dtype)
@@ -242,11 +324,11 @@ class FusedBody:
         self.groups = body.config.num_attention_heads // body.config.num_key_value_heads
         self.lm_head = Projection(lm_head.weight.detach(), _bias(lm_head), q)
 
-    def __call__(self, x, mask, position_ids, cache=None) -> torch.Tensor:
+    def __call__(self, x, mask, position_ids, cache=None, rows=None) -> torch.Tensor:
         cos, sin = rotary_tables(self.rotary, x, position_ids)
         mask = grouped_mask(mask, x.dtype, self.groups)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None)
+            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, rows)
         return rms_norm(self.norm, x)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:

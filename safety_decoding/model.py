@@ -103,15 +103,17 @@ class SafetyModel(nn.Module):
 
         Returns:
             Whether the fused forward is on: False where the body cannot be fused (LoRA not
-            merged, a layer that is not Llama-shaped), and the model stays as it was.
+            merged, unless the checkpoint runs it on the safety rows only; a layer that is not
+            Llama-shaped), and the model stays as it was.
 
         Raises:
             ValueError: ``quantization`` does not fit the model (`fused.check_quantization`).
         """
         from .fused import FusedBody, can_fuse
 
-        self.fused = FusedBody(self.decoder, self._causal_lm().lm_head, quantization) \
-            if on and can_fuse(self.decoder) else None
+        rows = LoraRows(self.config.lora_rows) == LoraRows.SAFETY
+        self.fused = FusedBody(self.decoder, self._causal_lm().lm_head, quantization, row_adapters=rows) \
+            if on and can_fuse(self.decoder, row_adapters=rows) else None
         return self.fused is not None
 
     def _mask_lora_to_safety_rows(self) -> None:
@@ -161,10 +163,12 @@ class SafetyModel(nn.Module):
         Returns:
             ``(hidden (B, q, H) after the final norm, cache)``.
         """
+        safety_rows = ((kinds == CLS) | (kinds == PROBE)) if LoraRows(self.config.lora_rows) == LoraRows.SAFETY else None
         if self.fused is not None and not torch.is_grad_enabled():  # never under autograd
-            return self.fused(self.embed(ids, kinds), attention_mask, position_ids, past_key_values), past_key_values
-        if LoraRows(self.config.lora_rows) == LoraRows.SAFETY:
-            self._safety_rows = ((kinds == CLS) | (kinds == PROBE)).unsqueeze(-1)
+            rows = None if safety_rows is None else safety_rows.flatten().nonzero().flatten()
+            return self.fused(self.embed(ids, kinds), attention_mask, position_ids, past_key_values, rows), \
+                past_key_values
+        self._safety_rows = None if safety_rows is None else safety_rows.unsqueeze(-1)
         out = self.decoder(
             inputs_embeds=self.embed(ids, kinds),
             attention_mask=attention_mask,

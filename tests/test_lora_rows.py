@@ -59,14 +59,15 @@ def test_token_rows_are_the_base_model_and_safety_rows_are_adapted(tokenizer):
     assert not torch.allclose(everywhere[tokens], base[tokens], atol=1e-3)
 
 
-def test_decoding_with_checks_writes_the_base_models_tokens(tokenizer):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+def test_decoding_with_checks_writes_the_base_models_tokens(tokenizer, fused):
     model = adapted(tokenizer, LoraRows.SAFETY)
     safety = SafetyParams.from_config(model.config, threshold=0.99, action="monitor")
     assert not safety.tokens_read_cls
     prompt = build_chat_prompt(tokenizer, QUESTION)
 
     def ids(m, params):
-        steps = Decoder(m, tokenizer).generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=16), params)])
+        steps = Decoder(m, tokenizer, fused=fused).generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=16), params)])
         return [t.id for step in steps for e in step for t in e.tokens]
 
     checked = ids(model, safety)
@@ -100,3 +101,19 @@ def test_training_examples_for_safety_rows_have_no_lm_loss_and_no_cls_readers(to
     assert safety["kinds"][0] == CLS and safety["cls_targets"] == every["cls_targets"]
     with pytest.raises(ValueError, match="lora_rows"):
         TrainConfig(lora_rows="tokens")
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_fused_forward_runs_the_adapter_on_the_safety_rows_only(tokenizer, quantization):
+    model = adapted(tokenizer, LoraRows.SAFETY)
+    eager, kinds = forward(model, tokenizer, tokens_read_cls=False)
+    assert model.use_fused_forward(True, quantization)
+    try:
+        fused, _ = forward(model, tokenizer, tokens_read_cls=False)
+    finally:
+        model.use_fused_forward(False)
+    if quantization == "none":
+        assert torch.allclose(fused, eager, atol=1e-4)
+    else:  # int8 rounds every product: each row (the probe's too) stays close
+        assert torch.nn.functional.cosine_similarity(fused, eager).min() > 0.99
+    assert not adapted(tokenizer, LoraRows.ALL).use_fused_forward(True)  # an every-row adapter must merge first
