@@ -88,8 +88,9 @@ class SafetyModel(nn.Module):
         self.head = nn.Linear(H, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.adapter_on_safety_rows = not tokens_read_cls(config)  # `LoraRows.SAFETY`
         self._safety_rows = None  # (B, q, 1) rows the adapter runs on, set per forward
-        if LoraRows(config.lora_rows) == LoraRows.SAFETY:
+        if self.adapter_on_safety_rows:
             self._mask_lora_to_safety_rows()
         self.fused = None
         """A `fused.FusedBody` that replaces the body and LM head in `hidden_states` and
@@ -111,7 +112,7 @@ class SafetyModel(nn.Module):
         """
         from .fused import FusedBody, can_fuse
 
-        rows = LoraRows(self.config.lora_rows) == LoraRows.SAFETY
+        rows = self.adapter_on_safety_rows
         self.fused = FusedBody(self.decoder, self._causal_lm().lm_head, quantization, row_adapters=rows) \
             if on and can_fuse(self.decoder, row_adapters=rows) else None
         return self.fused is not None
@@ -163,7 +164,7 @@ class SafetyModel(nn.Module):
         Returns:
             ``(hidden (B, q, H) after the final norm, cache)``.
         """
-        safety_rows = ((kinds == CLS) | (kinds == PROBE)) if LoraRows(self.config.lora_rows) == LoraRows.SAFETY else None
+        safety_rows = ((kinds == CLS) | (kinds == PROBE)) if self.adapter_on_safety_rows else None
         if self.fused is not None and not torch.is_grad_enabled():  # never under autograd
             rows = None if safety_rows is None else safety_rows.flatten().nonzero().flatten()
             return self.fused(self.embed(ids, kinds), attention_mask, position_ids, past_key_values, rows), \
@@ -294,7 +295,7 @@ def load_safety_model(ckpt_dir: str | Path, base_dir: str | Path, merge: bool = 
         except Exception as exc:  # peft raises several types for bad adapters
             raise CheckpointError(f"LoRA adapter in {adapter} is corrupt or does not fit "
                                   f"{cfg.base_model}: {exc}") from exc
-        if merge and LoraRows(cfg.lora_rows) == LoraRows.ALL:
+        if merge and tokens_read_cls(cfg):  # an adapter on every row
             lm = lm.merge_and_unload()
     model = SafetyModel(lm, cfg)
     load_safety_weights(model, ckpt_dir)

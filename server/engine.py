@@ -258,7 +258,8 @@ class Engine:
             self._thread.start()
         if not self._warm:
             warm = GenerationRequest(build_raw_prompt(self.tokenizer, "Hello"),
-                                     SamplingParams(max_new_tokens=2), SafetyParams())
+                                     SamplingParams(max_new_tokens=2),
+                                     SafetyParams.from_config(self._decoder.model.config))
             try:
                 async with self._submit(warm, record=False, bounded=False) as stream:
                     async for _ in stream:
