@@ -13,30 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
-from benchmarks.common import CHECKPOINT, load, markdown_table, write_json
+from benchmarks.common import CHECKPOINT, load, markdown_table, timed_batch, write_json
 
 
 def step_ms(decoder, batch: int, safety_on: bool, steps: int = 12) -> float:
-    from safety_decoding.decode import GenerationRequest
     from safety_decoding.policy import SafetyParams
-    from safety_decoding.prompt import build_chat_prompt
-    from safety_decoding.sampling import SamplingParams
 
-    text = "Please explain the history of the printing press and its effect on Europe. " * 20
-    prompt = build_chat_prompt(decoder.tok, [{"role": "user", "content": text}])
     safety = SafetyParams.from_config(decoder.model.config, enabled=safety_on, action="monitor")
-    rows = decoder.new_batch()
-    rows.add([GenerationRequest(prompt, SamplingParams(max_new_tokens=steps + 8, ignore_eos=True), safety)
-              for _ in range(batch)])
-    for _ in range(3):  # warm-up
-        rows.step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        rows.step()
-    return (time.perf_counter() - t) / steps * 1000
+    return timed_batch(decoder, batch, 300, safety, steps)[1]
 
 
 def main(argv=None) -> dict:

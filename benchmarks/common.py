@@ -31,6 +31,27 @@ def load(checkpoint: Path = CHECKPOINT, dtype: str = "auto", quantization: str =
     return decoder, decoder.tok
 
 
+def timed_batch(decoder, batch: int, prompt_tokens: int, safety, steps: int):
+    """``batch`` identical greedy ``ignore_eos`` requests (a prompt of about ``prompt_tokens``
+    tokens) in one `DecodeBatch`, warmed up by 3 steps; returns ``(rows, ms per decode step over
+    the next steps, prompt token count)``, with room left for ``steps`` more steps."""
+    from safety_decoding.decode import GenerationRequest
+    from safety_decoding.prompt import build_chat_prompt
+    from safety_decoding.sampling import SamplingParams
+
+    sentence = "Please explain the history of the printing press and its effect on Europe. "
+    prompt = build_chat_prompt(decoder.tok, [{"role": "user", "content": sentence * max(1, prompt_tokens // 15)}])
+    rows = decoder.new_batch()
+    rows.add([GenerationRequest(prompt, SamplingParams(max_new_tokens=2 * steps + 8, ignore_eos=True), safety)
+              for _ in range(batch)])
+    for _ in range(3):  # warm-up
+        rows.step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        rows.step()
+    return rows, (time.perf_counter() - t) / steps * 1000, len(prompt.ids)
+
+
 def run_batches(decoder, requests, batch_size: int = 16, desc: str = ""):
     """Run requests in length-sorted batches; returns ``(text, final_event)`` in input order."""
     from tqdm import tqdm

@@ -13,9 +13,8 @@ split is a guide, and ``step ms`` is measured without it.
 from __future__ import annotations
 
 import argparse
-import time
 
-from benchmarks.common import load, markdown_table, write_json
+from benchmarks.common import load, markdown_table, timed_batch, write_json
 from safety_decoding.types import Quantization
 
 PRODUCTS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear", "quantized::linear_dynamic")
@@ -37,29 +36,15 @@ def split(events, steps: int, step_ms: float) -> dict:
 def run(decoder, batch: int, prompt_tokens: int, safety_on: bool, steps: int) -> tuple[dict, list]:
     from torch.profiler import ProfilerActivity, profile
 
-    from safety_decoding.decode import GenerationRequest
     from safety_decoding.policy import SafetyParams
-    from safety_decoding.prompt import build_chat_prompt
-    from safety_decoding.sampling import SamplingParams
 
-    sentence = "Please explain the history of the printing press and its effect on Europe. "
-    text = sentence * max(1, prompt_tokens // 15)
-    prompt = build_chat_prompt(decoder.tok, [{"role": "user", "content": text}])
     safety = SafetyParams.from_config(decoder.model.config, enabled=safety_on)
-    sampling = SamplingParams(max_new_tokens=2 * steps + 8, ignore_eos=True)
-    batch_ = decoder.new_batch()
-    batch_.add([GenerationRequest(prompt, sampling, safety) for _ in range(batch)])
-    for _ in range(3):  # warm-up
-        batch_.step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        batch_.step()
-    step_ms = (time.perf_counter() - t) / steps * 1000
+    batch_, step_ms, n_prompt = timed_batch(decoder, batch, prompt_tokens, safety, steps)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             batch_.step()
     events = prof.key_averages()
-    row = {"batch": batch, "safety": "each" if safety_on else "off", "prompt_tokens": len(prompt.ids),
+    row = {"batch": batch, "safety": "each" if safety_on else "off", "prompt_tokens": n_prompt,
            "step_ms": round(step_ms, 1)} | split(events, steps, step_ms)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
     return row, [(e.key, round(e.self_cpu_time_total / 1000 / steps, 2), e.count // steps) for e in top]

@@ -149,11 +149,11 @@ def _lora_parts(module: nn.Module) -> tuple[nn.Linear, tuple[torch.Tensor, torch
     return module.base_layer, (a, b * module.scaling[name])
 
 
-def _row_adapter(*modules: nn.Module) -> RowAdapter | None:
-    parts = [_lora_parts(m)[1] for m in modules]
-    if all(p is None for p in parts):
+def _row_adapter(*parts: tuple[nn.Linear, tuple | None]) -> RowAdapter | None:
+    """One `RowAdapter` for `_lora_parts` of projections on the same input, or None without LoRA."""
+    if all(lora is None for _, lora in parts):
         return None
-    return RowAdapter(parts, [_lora_parts(m)[0].out_features for m in modules])
+    return RowAdapter([lora for _, lora in parts], [lin.out_features for lin, _ in parts])
 
 
 def _fuse(*linears: nn.Linear, quantization: Quantization = Quantization.NONE) -> Projection:
@@ -173,8 +173,9 @@ class FusedLayer:
         """A peft LoRA projection (`LoraRows.SAFETY` checkpoints) contributes its base weight to
         the fused product and its factors to a `RowAdapter` (None where there are none)."""
         attn, mlp = layer.self_attn, layer.mlp
-        q_, k_, v_, o_ = (_lora_parts(m)[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-        gate, up, down = (_lora_parts(m)[0] for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        parts = [_lora_parts(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                           mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        q_, k_, v_, o_, gate, up, down = (lin for lin, _ in parts)
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.n_heads = q_.out_features // attn.head_dim
         self.n_qk = q_.out_features + k_.out_features
@@ -185,10 +186,8 @@ class FusedLayer:
         # down_proj stays float under int8: its input (SiLU(gate) * up) has outliers that one
         # activation scale per call flattens; see the module docstring.
         self.down = Projection(down.weight.detach(), _bias(down))
-        self.qkv_lora = _row_adapter(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.o_lora = _row_adapter(attn.o_proj)
-        self.gate_up_lora = _row_adapter(mlp.gate_proj, mlp.up_proj)
-        self.down_lora = _row_adapter(mlp.down_proj)
+        self.qkv_lora, self.o_lora = _row_adapter(*parts[:3]), _row_adapter(parts[3])
+        self.gate_up_lora, self.down_lora = _row_adapter(*parts[4:6]), _row_adapter(parts[6])
         self.act = mlp.act_fn
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
 
