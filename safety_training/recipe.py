@@ -3,6 +3,9 @@
 Loss (docs/method.md, "Training objective")::
 
     loss = CE(LM logits, response tokens) + lambda_cls * BCE([CLS] and probe logits, labels)
+           + kl_to_base * KL(base model || LM) on the rows that start or continue a benign answer
+
+(the last term is ours, off by default: docs/method.md, "Decision 18").
 
 The ``[CLS]`` slot is labelled with the query label. Response-window probes (extra ``PROBE``
 slots at the end of a sequence that read the query plus a window of response tokens, exactly as
@@ -21,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +38,7 @@ from .metrics import classification_metrics, held_out_metrics
 from .refusals import is_refusal
 from .sharegpt import Rule
 from .splits import Splits, split_examples
-from safety_decoding.layout import CLS_SLOT, sequence_layout, stack_layouts
+from safety_decoding.layout import CLS_SLOT, SlotBatch, SlotLayout, sequence_layout, stack_layouts
 from safety_decoding.model import ADAPTER_DIR, REFUSAL_COMPLETION, SafetyConfig, SafetyModel, load_safety_weights
 from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.types import LoraRows
@@ -78,6 +82,11 @@ class TrainConfig:
     ``safety`` (LoRA on the ``[CLS]`` and probe rows only; token rows are the frozen base model
     and never read ``[CLS]``, so no LM loss trains and the server writes the whole refusal;
     docs/method.md, "Decision 17")."""
+    kl_to_base: float = 0.0
+    """Weight of the distillation term: KL from the frozen base model's next-token distribution
+    to the LM's on the row that starts every answer and on every row of a benign answer
+    (`kl_rows`), so the adapter may shape what ``[CLS]`` reads while the LM answers as the base
+    model does (docs/method.md, "Decision 18"). 0: off. Needs ``lora_rows: all``."""
     refusal_reasons: str = "sentences"
     """Explanations after the inserted refusal (`data.ReasonStyle`): ``sentences`` (shipped),
     ``clauses`` (no sentence that refuses by itself) or ``none`` (no refusal text trains; the
@@ -155,6 +164,10 @@ class TrainConfig:
         _check_choice("sharegpt_filter", self.sharegpt_filter, Rule)
         _check_choice("refusal_reasons", self.refusal_reasons, ReasonStyle)
         _check_choice("lora_rows", self.lora_rows, LoraRows)
+        if self.kl_to_base < 0:
+            raise ValueError(f"kl_to_base: must be >= 0, got {self.kl_to_base}")
+        if self.kl_to_base and LoraRows(self.lora_rows) is not LoraRows.ALL:
+            raise ValueError("kl_to_base: needs lora_rows: all (with safety rows only the LM is the base model)")
         if not 0 <= self.calibration_fpr < 1:
             raise ValueError(f"calibration_fpr: must be in [0, 1), got {self.calibration_fpr}")
 
@@ -176,6 +189,19 @@ class Batch:
     cls_rows: torch.Tensor     # (M, 2) batch, slot of CLS / PROBE rows
     cls_targets: torch.Tensor  # (M,) float
     cls_is_probe: torch.Tensor  # (M,) bool
+    kl_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))  # (K, 2)
+    plain: SlotBatch | None = None
+    """The same token slots with no ``[CLS]`` and no probes: the base model's input (`kl_rows`)."""
+
+
+class Losses(NamedTuple):
+    """What `compute_loss` returns (scalars, and the head's logits ``(M,)``)."""
+
+    total: torch.Tensor
+    lm: torch.Tensor
+    cls: torch.Tensor
+    kl: torch.Tensor
+    cls_logits: torch.Tensor
 
 
 def training_examples(cfg: TrainConfig):
@@ -341,11 +367,32 @@ def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> di
     # the row before each response token predicts it
     lm_loss = ex.lm_loss and lm_trains
     lm_rows = [layout.response_slot(j) - 1 for j in range(len(resp))] if lm_loss else []
+    kl = bool(cfg.kl_to_base) and lm_trains
     return dict(layout=layout, slots=layout.ids, kinds=layout.kinds, lm_rows=lm_rows,
                 lm_targets=list(resp) if lm_loss else [],
+                kl_rows=kl_rows(text, response_start, ex.query_label == 0) if kl else [],
+                plain=sequence_layout(ids, qmask, resp, cls=False) if kl else None,
                 cls_rows=[CLS_SLOT, *layout.probe_slots],
                 cls_targets=[float(ex.query_label)] + [float(ex.response_label) for _ in windows],
                 is_probe=[False] + [True] * len(windows), windows=windows)
+
+
+def kl_rows(layout: SlotLayout, response_start: int, benign: bool) -> list[int]:
+    """Slots whose next-token distribution `kl_to_base` pins to the base model's.
+
+    The row that predicts the first token of the assistant turn (the last prompt row, or the one
+    before a prefill), where a learned refusal would start; for a benign example also every row
+    that predicts a later response token (prefill included). Harmful answers are left to the
+    other losses. docs/method.md, "Decision 18".
+
+    Args:
+        layout: the example's ``[CLS]`` + prompt + response layout.
+        response_start: first prompt index of the prefill (`prompt.Prompt.response_start`;
+            the prompt length when there is none).
+    """
+    first = layout.prompt_slot(response_start) - 1
+    last = layout.response_slot(layout.response_len) - 1  # the last token predicts nothing
+    return list(range(first, max(last, first + 1) if benign else first + 1))
 
 
 def collate(encoded: list[dict]) -> Batch:
@@ -354,8 +401,9 @@ def collate(encoded: list[dict]) -> Batch:
     slots = stack_layouts([e["layout"] for e in encoded])
     B, L = slots.kinds.shape
     window = torch.zeros(B, L, L, dtype=torch.bool)
-    lm_rows, lm_t, cls_rows, cls_t, probe = [], [], [], [], []
+    lm_rows, lm_t, cls_rows, cls_t, probe, kl = [], [], [], [], [], []
     for b, e in enumerate(encoded):
+        kl += [(b, s) for s in e["kl_rows"]]
         for s, (lo, hi) in zip(e["layout"].probe_slots, e["windows"]):
             window[b, s, lo:hi] = True
         lm_rows += [(b, s) for s in e["lm_rows"]]
@@ -368,11 +416,22 @@ def collate(encoded: list[dict]) -> Batch:
                  torch.tensor(lm_rows, dtype=torch.long).view(-1, 2),
                  torch.tensor(lm_t, dtype=torch.long),
                  torch.tensor(cls_rows, dtype=torch.long).view(-1, 2),
-                 torch.tensor(cls_t), torch.tensor(probe, dtype=torch.bool))
+                 torch.tensor(cls_t), torch.tensor(probe, dtype=torch.bool),
+                 torch.tensor(kl, dtype=torch.long).view(-1, 2),
+                 stack_layouts([e["plain"] for e in encoded]) if kl else None)
 
 
-def compute_loss(model: SafetyModel, batch: Batch, lambda_cls: float):
-    """Returns ``(total, lm_loss, cls_loss, cls_logits (M,))``."""
+def base_log_probs(model: SafetyModel, plain: SlotBatch, rows: torch.Tensor) -> torch.Tensor:
+    """``(K, V)`` next-token log-probabilities of the base model (adapter off, no ``[CLS]``) at
+    ``rows`` ``(K, 2)`` (batch, slot) of ``plain``; no gradient."""
+    with torch.no_grad(), model.lm.disable_adapter():
+        hidden, _ = model.hidden_states(plain.ids, plain.kinds, plain.positions, plain.mask())
+        return F.log_softmax(model.lm_logits(hidden[rows[:, 0], rows[:, 1]]).float(), dim=-1)
+
+
+def compute_loss(model: SafetyModel, batch: Batch, lambda_cls: float, kl_to_base: float = 0.0) -> Losses:
+    """The recipe's loss on one batch (module docstring); the KL term runs only when
+    ``kl_to_base`` is set and the batch has `kl_rows` (one more forward, of the base model)."""
     hidden, _ = model.hidden_states(batch.ids, batch.kinds, batch.positions, batch.mask)
     if len(batch.lm_targets):
         h_lm = hidden[batch.lm_rows[:, 0], batch.lm_rows[:, 1]]
@@ -382,7 +441,14 @@ def compute_loss(model: SafetyModel, batch: Batch, lambda_cls: float):
     h_cls = hidden[batch.cls_rows[:, 0], batch.cls_rows[:, 1]]
     logits = model.safety_logits(h_cls).float()
     cls_loss = F.binary_cross_entropy_with_logits(logits, batch.cls_targets)
-    return lm_loss + lambda_cls * cls_loss, lm_loss, cls_loss, logits
+    total = lm_loss + lambda_cls * cls_loss
+    kl = hidden.new_zeros(())
+    if kl_to_base and len(batch.kl_rows):
+        rows = batch.kl_rows
+        student = F.log_softmax(model.lm_logits(hidden[rows[:, 0], rows[:, 1]]).float(), dim=-1)
+        kl = F.kl_div(student, base_log_probs(model, batch.plain, rows), log_target=True, reduction="batchmean")
+        total = total + kl_to_base * kl
+    return Losses(total, lm_loss, cls_loss, kl, logits)
 
 
 @torch.no_grad()
@@ -393,8 +459,8 @@ def scores(model, encoded, batch_size, lambda_cls):
     q_lab, q_score, p_lab, p_score, lm = [], [], [], [], []
     for i in range(0, len(encoded), batch_size):
         b = collate(encoded[i:i + batch_size])
-        _, lm_loss, _, logits = compute_loss(model, b, lambda_cls)
-        probs = torch.sigmoid(logits).tolist()
+        out = compute_loss(model, b, lambda_cls)
+        lm_loss, probs = out.lm, torch.sigmoid(out.cls_logits).tolist()
         for pr, t, isp in zip(probs, b.cls_targets.tolist(), b.cls_is_probe.tolist()):
             (p_lab if isp else q_lab).append(int(t))
             (p_score if isp else q_score).append(pr)
@@ -516,17 +582,18 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
             for idx in batches:
                 b = collate([enc_train[i] for i in idx])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-                    loss, lm_loss, cls_loss, _ = compute_loss(model, b, cfg.lambda_cls)
+                    losses = compute_loss(model, b, cfg.lambda_cls, cfg.kl_to_base)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                losses.total.backward()
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
                 opt.step()
                 sched.step()
                 step += 1
                 bar.update(1)
-                bar.set_postfix(lm=f"{float(lm_loss):.3f}", cls=f"{float(cls_loss):.3f}")
+                shown = {"lm": float(losses.lm), "cls": float(losses.cls), "kl": float(losses.kl)}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
                 if cfg.log_every_steps and step % cfg.log_every_steps == 0:
-                    log(clock.line(step, time.monotonic(), lm=float(lm_loss), cls=float(cls_loss)))
+                    log(clock.line(step, time.monotonic(), **shown))
                 if cfg.save_every_steps and step % cfg.save_every_steps == 0:
                     save_partial(model, scfg, cfg.output_dir, {"steps": step, "total_steps": total_steps})
                 if (time.monotonic() - start) / 60 > cfg.max_minutes:
