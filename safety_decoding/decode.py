@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import torch
 
 from .attention import use_ess_attention
+from .first_check import DEFAULT_CANDIDATES, draft_candidates, with_candidates
 from .kv_cache import SlotCache
 from .layout import NOT_RESPONSE, SlotBatch, SlotLayout, sequence_layout, stack_layouts
 from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
@@ -40,7 +41,7 @@ from .policy import SafetyParams, SafetyState, Trip
 from .prompt import Prompt
 from .sampling import SamplingParams, logits_processors, make_generator, select_token
 from .text import IncrementalDetokenizer, StopStringBuffer, refusal_separator
-from .types import FinishReason, Quantization
+from .types import Action, FinishReason, Quantization
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class RowState:
     once it starts the rest is inserted at once, and the response ends with it."""
     released: int = 0
     """``records[:released]`` reached the caller."""
+    prechecked: TokenRecord | None = None
+    """``g_0``'s record when the prefill ran its check (`first_check`): step 1 skips it."""
     finish_reason: FinishReason | None = None
     error: str | None = None
 
@@ -414,8 +417,8 @@ class DecodeBatch:
         if rows and self.rows and self.prefill_chunk and max(r.prompt_len for r in rows) > self.prefill_chunk:
             self._joining.append((rows, self._prefill_chunks(rows)))  # `step` runs it
         elif rows:
-            last, cls, cache, slots = self._prefill(rows)
-            events += self._first_tokens(rows, last, cls, slots)
+            last, cls, cache, slots, first = self._prefill(rows, speculate=True)
+            events += self._first_tokens(rows, last, cls, slots, first)
             self._join(rows, cache, slots)
             self._leave()
         return ids, sorted((e for e in events if e), key=lambda e: e.index)
@@ -441,7 +444,7 @@ class DecodeBatch:
         if any(r.finish_reason is not None or not r.records for r in rows):
             raise ValueError("only running rows with a generated token can resume")
         if rows:
-            _, _, cache, slots = self._prefill(rows)
+            _, _, cache, slots, _ = self._prefill(rows)
             for row in rows:
                 row.id = self._new_id()
             self._join(rows, cache, slots)
@@ -454,26 +457,45 @@ class DecodeBatch:
             row.cls_slot = offset
         return batch, SlotCache(self.decoder.model.decoder.config)
 
-    def _prefill(self, rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor, SlotCache, _Slots]:
+    def _prefill(self, rows: list[RowState], speculate: bool = False):
         """One forward over ``rows``' layouts, left-padded; sets each row's ``cls_slot``.
 
+        Args:
+            speculate: carry the decoder's candidate first tokens and their probes for the rows
+                that check ``g_0`` (`first_check`; fresh rows only).
+
         Returns:
-            ``(last (B, H), cls (B, H), their own cache, their slots)``: the final hidden states
-            of the last prompt slot and of ``[CLS]``.
+            ``(last (B, H), cls (B, H), their own cache, their slots, first)``: the final hidden
+            states of the last prompt slot and of ``[CLS]``; ``first`` is None, or per row None
+            or ``(probes (k, H), window)``: the final hidden states of its candidates' probes
+            (in `Decoder.first_candidates` order) and the window they read.
         """
+        d = self.decoder
         batch, cache = self._stack(rows)
-        dev = self.decoder.device  # bookkeeping stays on the CPU; the forward's inputs go to the model
-        hidden, _ = self.decoder.model.hidden_states(batch.ids.to(dev), batch.kinds.to(dev),
-                                                     batch.positions.to(dev), batch.mask().to(dev), cache)
+        windows = [_first_window(r) for r in rows] if speculate and d.first_candidates else [None] * len(rows)
+        if any(w is not None for w in windows):
+            k = len(d.first_candidates)
+            ids, kinds, pos, mask = with_candidates(
+                batch, d.first_candidates, [r.prompt_len for r in rows], windows,
+                [r.req.safety.tokens_read_cls for r in rows])
+        else:
+            k, ids, kinds, pos, mask = 0, batch.ids, batch.kinds, batch.positions, batch.mask()
+        dev = d.device  # bookkeeping stays on the CPU; the forward's inputs go to the model
+        hidden, _ = d.model.hidden_states(ids.to(dev), kinds.to(dev), pos.to(dev), mask.to(dev), cache)
         cls = hidden[torch.arange(len(rows), device=dev), torch.tensor(batch.offsets, device=dev)]
-        return hidden[:, -1], cls, cache, _Slots(batch.kinds, batch.in_query, batch.gen)
+        first = None
+        if k:
+            cache.crop(-2 * k)  # the cache holds what a plain prefill leaves
+            first = [None if w is None else (hidden[b, -k:], w) for b, w in enumerate(windows)]
+        return hidden[:, -1 - 2 * k], cls, cache, _Slots(batch.kinds, batch.in_query, batch.gen), first
 
     def _first_tokens(self, rows: list[RowState], last: torch.Tensor, cls: torch.Tensor,
-                      slots: _Slots) -> list[StepEvent]:
+                      slots: _Slots, first: list | None = None) -> list[StepEvent]:
         """The query verdict and the first token of each freshly prefilled row.
 
         Args:
             last, cls: ``(B, H)`` final hidden states of the last prompt slot and of ``[CLS]``.
+            first: `_prefill`'s speculative first checks, or None.
         """
         d, model = self.decoder, self.decoder.model
         logits = model.lm_logits(last).float().cpu()
@@ -483,7 +505,7 @@ class DecodeBatch:
             try:
                 if row.req.safety.enabled and row.safety.on_query(float(scores[b])):
                     d.queue_refusal(row)
-                events.append(d._advance(slots, b, row, logits[b]))
+                events.append(d._advance(slots, b, row, logits[b], first_check=first and first[b]))
             except Exception as exc:
                 events.append(fail(row, exc))
         return events
@@ -592,7 +614,7 @@ class DecodeBatch:
         for row in self.rows:
             try:
                 n = row.n_generated
-                check = row.safety.needs_check(n)
+                check = row.safety.needs_check(n) and not (n == 1 and row.prechecked is row.records[0])
                 plans.append((check, row.safety.window(n) if check else None))
             except Exception as exc:
                 events.append(fail(row, exc))
@@ -694,13 +716,16 @@ class Decoder:
             else transformers' modules (the eager fallback, ``ESS_FUSED_FORWARD=false``).
         quantization: the fused body's weights (a `types.Quantization` value,
             ``ESS_QUANTIZATION``).
+        first_check: candidate first tokens of the speculative first check (`first_check`,
+            ``ESS_FIRST_CHECK_CANDIDATES``; 0: off).
 
     Raises:
         ValueError: ``quantization`` is not ``none`` and the model cannot run it (not fused, or
             see `fused.check_quantization`).
     """
 
-    def __init__(self, model: SafetyModel, tokenizer, fused: bool = True, quantization: str = "none"):
+    def __init__(self, model: SafetyModel, tokenizer, fused: bool = True, quantization: str = "none",
+                 first_check: int = DEFAULT_CANDIDATES):
         self.model = model
         self.tok = tokenizer
         self.device = next(model.parameters()).device
@@ -714,16 +739,19 @@ class Decoder:
         # EOS plus the document end token (SmolLM2's <|endoftext|> doubles as its unk token).
         ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
         self.stop_ids = {i for i in ids if isinstance(i, int) and i >= 0}
+        self.first_candidates = draft_candidates(model, tokenizer, first_check)
+        """Candidate first tokens of the speculative first check (`first_check`; () off)."""
 
     @classmethod
     def from_checkpoint(cls, checkpoint, base_dir, device: str = "cpu", dtype: str = "float32",
-                        fused: bool = True, quantization: str = "none") -> "Decoder":
+                        fused: bool = True, quantization: str = "none",
+                        first_check: int = DEFAULT_CANDIDATES) -> "Decoder":
         """Load ``checkpoint`` on the prepared base model in ``base_dir`` (LoRA merged).
 
         Args:
             device, dtype: names as ``ESS_DEVICE`` / ``ESS_DTYPE`` take them (``auto`` included,
                 see `device.resolve_device` / `device.resolve_dtype`).
-            fused, quantization: see `Decoder`.
+            fused, quantization, first_check: see `Decoder`.
 
         Raises:
             CheckpointError: see `model.load_safety_model`.
@@ -737,7 +765,8 @@ class Decoder:
 
         dev = resolve_device(device)
         model = load_safety_model(checkpoint, base_dir, dtype=resolve_dtype(dtype, dev)).to(dev)
-        return cls(model, AutoTokenizer.from_pretrained(str(base_dir)), fused=fused, quantization=quantization)
+        return cls(model, AutoTokenizer.from_pretrained(str(base_dir)), fused=fused, quantization=quantization,
+                   first_check=first_check)
 
     def refusal_ids(self, row: RowState) -> list[int]:
         """Token ids of the refusal as it follows ``row``'s text (`text.refusal_separator`: a
@@ -778,11 +807,44 @@ class Decoder:
         self.queue_refusal(row)
 
     def _advance(self, slots: _Slots, b: int, row: RowState, logits: torch.Tensor | None,
-                 checked: bool = False) -> StepEvent | None:
+                 checked: bool = False, first_check: tuple | None = None) -> StepEvent | None:
         """Choose the next token, apply the stops, release what passed (`choose`, `finish`,
-        `release`)."""
+        `release`).
+
+        Args:
+            first_check: ``(probes (k, H), window)`` of the prefill's speculative check of
+                ``g_0`` (`first_check`), or None.
+        """
         trip = finish(row, choose(row, logits), self.stop_ids)
         if trip:  # an unresolved malicious streak at the end: its tokens never pass
             self._trip(slots, b, row, trip)
             row.insert_forced()
+        elif first_check and _first_check_applies(row, self.first_candidates, first_check[1]):
+            row.prechecked = row.records[0]
+            probe = first_check[0][self.first_candidates.index(row.records[0].id)]
+            trip = row.safety.on_check(float(torch.sigmoid(self.model.safety_logits(probe[None]).float())), 1)
+            if trip:  # as step 1 would: g_0 goes, the refusal starts in its place
+                self._trip(slots, b, row, trip)
+                return self._advance(slots, b, row, None, True)
+            checked = True
         return release(row, checked)
+
+
+def _first_window(row: RowState) -> tuple[int, int] | None:
+    """The window of the check at ``g_0`` if this fresh row speculates on it (`first_check`),
+    else None: safety on, an action that holds tokens (``monitor`` releases at once), no
+    ``update_cls`` (the probe's K/V would have to replace ``[CLS]``), and a check due at one
+    generated token."""
+    p = row.req.safety
+    if not p.enabled or p.action == Action.MONITOR or p.update_cls or row.records:
+        return None
+    return row.safety.window(1) if row.safety.needs_check(1) else None
+
+
+def _first_check_applies(row: RowState, candidates: tuple[int, ...], window: tuple[int, int]) -> bool:
+    """Whether the sampled ``g_0`` has a speculative verdict that is the check step 1 would run:
+    ``g_0`` a candidate, not forced (a refusal after the query verdict), the response going on,
+    and the window the same (the query verdict can switch it to rule 1)."""
+    rec = row.records[0] if row.n_generated == 1 else None
+    return (rec is not None and not rec.forced and rec.id in candidates and row.finish_reason is None
+            and row.safety.needs_check(1) and row.safety.window(1) == window)

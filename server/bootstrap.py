@@ -48,7 +48,8 @@ def build_app(settings, decoder=None):
         base = resolve_base_model(settings.base_model_dir)
         try:
             return Decoder.from_checkpoint(settings.checkpoint, base, settings.device, settings.dtype,
-                                           fused=settings.fused_forward, quantization=settings.quantization)
+                                           fused=settings.fused_forward, quantization=settings.quantization,
+                                           first_check=settings.first_check_candidates)
         except (CheckpointError, ValueError) as exc:
             raise ServeError(str(exc)) from exc
 
