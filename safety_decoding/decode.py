@@ -133,6 +133,9 @@ class RowState:
     """``records[:released]`` reached the caller."""
     prechecked: TokenRecord | None = None
     """``g_0``'s record when the prefill ran its check (`first_check`): step 1 skips it."""
+    ending: FinishReason | None = None
+    """The response ended (EOS or length) with tokens no check has cleared yet: the next step
+    only checks them (`needs_final_check`), then the row ends with this reason."""
     finish_reason: FinishReason | None = None
     error: str | None = None
 
@@ -235,7 +238,8 @@ def finish(row: RowState, record: TokenRecord, stop_ids: set[int]) -> Trip | Non
     """Add ``record`` to the response (unless it ends it) and decide whether the row ends.
 
     EOS (a sampled stop id, not kept), then length (``max_new_tokens``), then abort (the
-    request's ``cancelled``). An EOS or length end asks the policy for the end trip
+    request's ``cancelled``). An EOS or length end with tokens still held for a check becomes
+    `RowState.ending` (`needs_final_check`); otherwise it asks the policy for the end trip
     (`SafetyState.on_finish`). A server-written refusal (`RowState.refusal_ends`) is completed
     at once when its first token is inserted, or when steering has followed it to its end,
     and ends the response as an EOS would.
@@ -255,7 +259,19 @@ def finish(row: RowState, record: TokenRecord, stop_ids: set[int]) -> Trip | Non
         row.finish_reason = FinishReason.LENGTH
     if row.finish_reason is None and row.req.cancelled():
         row.finish_reason = FinishReason.ABORT
+    if row.finish_reason in RELEASE_ALL and needs_final_check(row):
+        row.ending, row.finish_reason = row.finish_reason, None
+        return None
     return row.safety.on_finish() if row.finish_reason in RELEASE_ALL else None
+
+
+def needs_final_check(row: RowState) -> bool:
+    """Whether a response that ends now holds tokens that no passing check covers (the newest
+    token under ``each``, a ``periodic`` tail, or a client's prefill and ``g_0`` when
+    ``max_new_tokens`` is 1), outside a malicious streak (`SafetyState.on_finish` settles
+    that). Such tokens get one more check before the end instead of leaving unchecked: a
+    client asking for one token at a time must not get text no check has read. Our choice."""
+    return not row.safety.streak and row.safety.releasable(row.n_generated) < row.n_generated
 
 
 def release(row: RowState, checked: bool = False) -> StepEvent | None:
@@ -614,7 +630,8 @@ class DecodeBatch:
         for row in self.rows:
             try:
                 n = row.n_generated
-                check = row.safety.needs_check(n) and not (n == 1 and row.prechecked is row.records[0])
+                check = row.ending is not None or (
+                    row.safety.needs_check(n) and not (n == 1 and row.prechecked is row.records[0]))
                 plans.append((check, row.safety.window(n) if check else None))
             except Exception as exc:
                 events.append(fail(row, exc))
@@ -656,7 +673,8 @@ class DecodeBatch:
         for b, row in enumerate(rows):
             n = row.n_generated
             step_ids[b, 0] = row.records[-1].id
-            step_kind[b, 0] = TOKEN
+            # an EOS end's newest token is in the cache already: its final step only checks
+            step_kind[b, 0] = PAD if row.ending == FinishReason.EOS else TOKEN
             step_pos[b, 0] = row.prompt_len + n - 1
             step_reads[b, 0] = row.req.safety.enabled and row.req.safety.tokens_read_cls
             new_gen[b, 0] = n - 1
@@ -685,6 +703,8 @@ class DecodeBatch:
                 if trip:
                     d._trip(slots, b, row, trip)
                     events.append(d._advance(slots, b, row, None, check[b]))
+                elif row.ending:
+                    events.append(d._end(slots, b, row))
                 else:
                     events.append(d._advance(slots, b, row, logits[b], check[b]))
             except Exception as exc:
@@ -801,7 +821,9 @@ class Decoder:
     # ---- per-row helpers -------------------------------------------------------------------
 
     def _trip(self, slots: _Slots, b: int, row: RowState, trip: Trip) -> None:
-        """Drop ``g_{S_t}..`` from the response and the cache view, queue the refusal."""
+        """Drop ``g_{S_t}..`` from the response and the cache view, queue the refusal (a pending
+        end is off: the refusal fills the room left)."""
+        row.ending = None
         slots.drop_from(b, trip.truncate_to)
         row.truncate(trip.truncate_to)
         self.queue_refusal(row)
@@ -827,7 +849,19 @@ class Decoder:
                 self._trip(slots, b, row, trip)
                 return self._advance(slots, b, row, None, True)
             checked = True
+        if row.ending and not needs_final_check(row):  # the prefill's check cleared the end
+            return self._end(slots, b, row)
         return release(row, checked)
+
+    def _end(self, slots: _Slots, b: int, row: RowState) -> StepEvent | None:
+        """End a `RowState.ending` row once its final check ran (a malicious streak it leaves
+        open is an end trip, `SafetyState.on_finish`); release everything."""
+        row.finish_reason, row.ending = row.ending, None
+        trip = row.safety.on_finish()
+        if trip:
+            self._trip(slots, b, row, trip)
+            row.insert_forced()
+        return release(row, True)
 
 
 def _first_window(row: RowState) -> tuple[int, int] | None:

@@ -10,7 +10,9 @@ slots at ``g_0``'s position, each reading the prompt and itself, never another c
 one probe per candidate (reading the query and the window rule 2 gives at one generated token,
 with its candidate as ``g_0``). When the sampled ``g_0`` is a candidate, its probe's verdict is
 the check of ``g_0``: the same inputs, positions and mask as the first decode step's probe, so
-the same function. ``g_0`` then leaves with the prefill, and step 1 does not check it again. The
+the same function (in float32 the same values; where a kernel depends on the rows of a call,
+bfloat16 blocking or int8's per-call activation scale, a score moves in its last digits, as it
+does between batch compositions). ``g_0`` then leaves with the prefill, and step 1 does not check it again. The
 candidate slots are cropped from the cache after the forward, which then holds what a plain
 prefill leaves. A miss costs nothing but the extra rows (``2k`` in a prefill of hundreds).
 
@@ -131,6 +133,8 @@ def with_candidates(batch: SlotBatch, candidates: tuple[int, ...], positions: li
     window = torch.zeros(B, L + 2 * k, L + 2 * k, dtype=torch.bool)
     for b, w in enumerate(windows):
         if w is not None:  # a prefill's tokens in the window, then the probe's own candidate
+            # (g_0 is in every window at one generated token; `decode._first_check_applies`
+            # still compares the window with the one step 1 would use)
             window[b, L + k:, :L] = (batch.gen[b] >= w[0]) & (batch.gen[b] < min(w[1], 0))
             window[b, L + k + torch.arange(k), L + torch.arange(k)] = True
     rows = torch.arange(L + 2 * k).expand(B, -1)

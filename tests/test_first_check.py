@@ -118,3 +118,12 @@ def test_candidates_are_the_models_likeliest_first_tokens(tiny_model, tokenizer)
     cands = draft_candidates(tiny_model, tokenizer, 4)
     assert len(set(cands)) == 4 and draft_candidates(tiny_model, tokenizer, 0) == ()
     assert Decoder(tiny_model, tokenizer, first_check=4).first_candidates == cands
+
+
+def test_a_one_token_response_ends_with_the_prefill_when_its_check_ran_there(tiny_model, tokenizer):
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    [(ids0, _)] = run(Decoder(tiny_model, tokenizer, first_check=0), [prompt])
+    [(ids1, events1)] = run(with_first(Decoder(tiny_model, tokenizer), [ids0[0]]), [prompt], max_new_tokens=1)
+    assert ids1 == ids0[:1] and len(events1) == 1
+    pre, last = events1[0]
+    assert pre and last.finish_reason == "length" and [t["tokens"] for t in last.safety["trace"]] == [0, 1]
