@@ -19,15 +19,15 @@ DATA_DIR = default_data_dir()  # filled by `ess data fetch`
 CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-ess"
 
 
-def load(checkpoint: Path = CHECKPOINT, dtype: str = "auto", quantization: str = "none"):
-    """``(decoder, tokenizer)`` for the checkpoint on the prepared base model, on the CPU in
-    ``dtype`` (``auto``: what ``ess serve`` picks here, `safety_decoding.device`) with
-    ``quantization`` (``ESS_QUANTIZATION``)."""
+def load(checkpoint: Path = CHECKPOINT, dtype: str = "auto", quantization: str = "none", device: str = "cpu"):
+    """``(decoder, tokenizer)`` for the checkpoint on the prepared base model, on ``device`` in
+    ``dtype`` (names as ``ESS_DEVICE`` / ``ESS_DTYPE`` take them; ``auto``: what ``ess serve``
+    picks here, `safety_decoding.device`) with ``quantization`` (``ESS_QUANTIZATION``)."""
     from safety_decoding.base_model import prepare_base_model
     from safety_decoding.decode import Decoder
 
     decoder = Decoder.from_checkpoint(checkpoint, prepare_base_model(log=lambda m: print(m, file=sys.stderr)),
-                                      dtype=dtype, quantization=quantization)
+                                      device=device, dtype=dtype, quantization=quantization)
     return decoder, decoder.tok
 
 

@@ -17,7 +17,9 @@ Reported: tokens/s end to end (prefill, every check and the hold-back included: 
 that releases tokens late is not credited for it), ``overhead_ratio`` = time / plain time,
 median time to first released token, and ``peak_memory_bytes``: weights (the guard's copy included)
 plus the largest KV cache, computed from shapes in the run's dtype (CPU has no allocator peak to read;
-on CUDA ``torch.cuda.max_memory_allocated`` is reported as well).
+on CUDA ``torch.cuda.max_memory_allocated`` over the whole run is reported as well).
+
+Device: ``--device`` (default ``auto``, as ``ESS_DEVICE``: CUDA when present, else the CPU).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                     help="precision of the model and the guard, as ESS_DTYPE (default auto)")
+    ap.add_argument("--device", default="auto", help="as ESS_DEVICE: auto, cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--quantization", default="none", choices=Quantization.values(),
                     help="ESS_QUANTIZATION of the model (int8 needs --dtype float32; the guard stays float)")
     ap.add_argument("--json", default="benchmarks/results/overhead.json")
@@ -107,12 +110,12 @@ def main(argv=None) -> dict:
     reps = args.reps or (1 if args.quick else 2)
     prompts_text = PROMPTS[:2] if args.quick else PROMPTS
 
-    decoder, tok = load(dtype=args.dtype, quantization=args.quantization)
+    decoder, tok = load(dtype=args.dtype, quantization=args.quantization, device=args.device)
     from safety_decoding.base_model import base_model_dir
     from safety_training.guard import load_base_body, load_guard
 
     dtype = next(decoder.model.parameters()).dtype
-    guard = load_guard(GUARD_DIR, base_model_dir(), body=load_base_body(base_model_dir(), dtype))
+    guard = load_guard(GUARD_DIR, base_model_dir(), body=load_base_body(base_model_dir(), dtype).to(decoder.device))
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     prompts = [build_chat_prompt(tok, [{"role": "user", "content": p}]) for p in prompts_text]
     cfgs = configs(args.quick, decoder.model.config)
@@ -137,12 +140,14 @@ def main(argv=None) -> dict:
                         "tokens_per_second": round(tps, 2),
                         "ttft_seconds": round(statistics.median(r["ttft"] for r in rs), 4),
                         "peak_memory_bytes": peak, "runs": len(rs)})
+    cuda = ({"cuda_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(decoder.device),
+             "cuda_device_name": torch.cuda.get_device_name(decoder.device)} if decoder.device.type == "cuda" else {})
     plain = results[0]["tokens_per_second"]
     for r in results:
         r["overhead_ratio"] = round(plain / r["tokens_per_second"], 4)
     out = {"new_tokens": new_tokens, "reps": reps, "prompts": len(prompts), "batch_size": 1,
-           "device": "cpu", "dtype": dtype_name(dtype), "quantization": args.quantization,
-           "torch_threads": torch.get_num_threads(), "results": results}
+           "device": str(decoder.device), "dtype": dtype_name(dtype), "quantization": args.quantization,
+           "torch_threads": torch.get_num_threads(), **cuda, "results": results}
     print()
     print(markdown_table(
         ["system", "schedule", "action", "tokens/s", "overhead ratio", "TTFT p50 (s)", "peak memory (MB)"],

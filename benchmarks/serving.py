@@ -131,6 +131,7 @@ async def run_http(url: str, requests_for, concurrencies) -> list[dict]:
         for c in concurrencies:
             records, wall = await closed_loop(send, requests_for(c), c)
             out.append({"concurrency": c, **summarize(records, wall)})
+            print(f"  concurrency {c}: {out[-1]}", file=sys.stderr)  # a run cut short keeps what it measured
     return out
 
 
@@ -156,7 +157,7 @@ def hf_sender(worker, model, tok):
 
     def generate(prompt: str, n: int) -> tuple[float | None, int]:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
+                                      return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
         streamer = FirstToken()
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -203,13 +204,13 @@ def main(argv=None) -> dict:
     min_requests = args.min_requests or (4 if args.quick else 8)
     conc = sorted(set(args.concurrency))
 
-    import torch
     from transformers import AutoTokenizer
 
     from safety_decoding.base_model import prepare_base_model
     from safety_decoding.device import dtype_name, resolve_device, resolve_dtype
 
-    dtype = resolve_dtype(args.dtype, resolve_device("auto"))
+    device = resolve_device("auto")  # the servers' ESS_DEVICE default
+    dtype = resolve_dtype(args.dtype, device)
 
     base = prepare_base_model(log=lambda m: print(m, file=sys.stderr))
     tok = AutoTokenizer.from_pretrained(str(base))
@@ -241,13 +242,13 @@ def main(argv=None) -> dict:
         # Load and generate on one thread, as the server's engine does (see
         # server.engine.load_off_thread: a second OpenMP team slows decoding ~1.8x).
         with ThreadPoolExecutor(1) as worker:  # the same dtype as the servers
-            lm = worker.submit(lambda: load_safety_model(CHECKPOINT, base, dtype=dtype).lm).result()
+            lm = worker.submit(lambda: load_safety_model(CHECKPOINT, base, dtype=dtype).lm.to(device)).result()
             for point in asyncio.run(run_hf(worker, lm, tok, requests_for, conc)):
                 results.append({"system": "hf_generate", "schedule": None, "safety": False, **point})
 
     add_scaling(results)
     out = {"dtype": dtype_name(dtype), "max_output_tokens": max_output, "max_prompt_tokens": max_prompt, "seed": args.seed,
-           "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
+           "device": str(device), "cpu_count": os.cpu_count(),
            "results": results}
     print()
     print(markdown_table(

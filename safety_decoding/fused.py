@@ -225,7 +225,8 @@ def grouped_attention(query, key, value, mask, scaling: float) -> torch.Tensor:
     B, Hq, q, D = query.shape
     rows = query.reshape(B, key.shape[1], -1, D)  # a view: the heads of a group are adjacent
     out = nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
-    return out.view(B, Hq, q, D).transpose(1, 2).reshape(B, q, Hq * D)
+    # reshape, not view: CUDA kernels may return ``out`` with other strides (tests/test_cuda.py)
+    return out.reshape(B, Hq, q, D).transpose(1, 2).reshape(B, q, Hq * D)
 
 
 def grouped_mask(mask: torch.Tensor, dtype: torch.dtype, groups: int) -> torch.Tensor:

@@ -33,16 +33,19 @@ class Guard:
 
     @torch.inference_mode()
     def features(self, ids: list[list[int]]) -> torch.Tensor:
-        """Last-token hidden states ``(B, H)`` of right-padded texts."""
+        """Last-token hidden states ``(B, H)`` float32 on the CPU, of right-padded texts (the
+        body runs on its own device)."""
         B, L = len(ids), max(len(x) for x in ids)
         batch = torch.zeros(B, L, dtype=torch.long)
         mask = torch.zeros(B, L, dtype=torch.long)
         for i, x in enumerate(ids):
             batch[i, :len(x)] = torch.tensor(x)
             mask[i, :len(x)] = 1
-        hidden = self.body(input_ids=batch, attention_mask=mask).last_hidden_state
-        last = torch.tensor([len(x) - 1 for x in ids])
-        return hidden[torch.arange(B), last].float()  # the regression is float32 whatever the body's dtype
+        dev = next(self.body.parameters()).device
+        hidden = self.body(input_ids=batch.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        last = torch.tensor([len(x) - 1 for x in ids], device=dev)
+        # the regression is float32 whatever the body's dtype
+        return hidden[torch.arange(B, device=dev), last].float().cpu()
 
     def scores(self, ids: list[list[int]]) -> list[float]:
         """p_malicious of each prompt + response text (token ids, chat template included)."""
