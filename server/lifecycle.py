@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -158,16 +159,41 @@ def server_config(app, settings, **overrides) -> uvicorn.Config:
     return uvicorn.Config(app, **options)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, as uvicorn binds one (``SO_REUSEADDR``).
+
+    `serve` binds before the model loads: uvicorn binds after the app is built, so a busy port
+    would fail only after the load (our choice).
+
+    Raises:
+        ServeError: the address cannot be bound (in use, or not this machine's).
+    """
+    from .bootstrap import ServeError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); set ESS_PORT "
+                         "(--port) or ESS_HOST (--host)") from exc
+    return sock
+
+
 def serve(settings, app=None) -> int:
     """Serve ``app`` (built from ``settings`` by `bootstrap.build_app` when None) until a
     shutdown signal, drain (module docstring), and return the exit status (0).
 
     Raises:
-        ServeError: the app cannot be built.
+        ServeError: the address cannot be bound (`listen`), or the app cannot be built.
     """
-    if app is None:
-        from .bootstrap import build_app
+    sock = listen(settings.host, settings.port)
+    with sock:
+        if app is None:
+            from .bootstrap import build_app
 
-        app = build_app(settings)
-    DrainingServer(server_config(app, settings), settings.shutdown_timeout_seconds).run()
+            app = build_app(settings)
+        DrainingServer(server_config(app, settings), settings.shutdown_timeout_seconds).run(sockets=[sock])
     return 0

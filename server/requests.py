@@ -100,12 +100,15 @@ def tokens_overflow(prompt_tokens: int, max_new_tokens: int | None,
     return None
 
 
-def completion_budget(prompt_tokens: int, max_new_tokens: int | None, limits: Limits) -> int:
+def completion_budget(prompt_tokens: int, max_new_tokens: int | None, limits: Limits,
+                      default: int | None = None) -> int:
     """Tokens the completion may have once `tokens_overflow` passed: ``max_new_tokens``, or
-    unset as many as fit up to the server's limit (vLLM: the rest of the context)."""
+    unset ``default`` (None: as many as fit, vLLM's rest of the context), never more than fit
+    or than the server's limit (a default is not the client's ask, so it is not an error)."""
     if max_new_tokens is not None:
         return max_new_tokens
-    return min(limits.max_new_tokens, limits.context - prompt_tokens)
+    room = min(limits.max_new_tokens, limits.context - prompt_tokens)
+    return room if default is None else min(default, room)
 
 
 # ---- what a protocol supplies --------------------------------------------------------------
@@ -122,6 +125,8 @@ class RequestAdapter(Protocol):
     """Prefix of the safety override fields (``parameters.safety``, ``safety``)."""
     max_new_tokens: int | None
     """What the request asked for; None: unset."""
+    default_max_new_tokens: int | None
+    """The protocol's default when unset (None: as many as fit, `completion_budget`)."""
     input_chars: int
     """Characters of client text that will be tokenized (for `chars_overflow`)."""
     safety: SafetyOverrides | None
@@ -191,8 +196,8 @@ class Serving:
         if overflow is not None:
             raise adapter.too_long(overflow)
         try:
-            sampling = adapter.sampling_params(completion_budget(len(prompt.ids), max_new,
-                                                                 limits))
+            sampling = adapter.sampling_params(completion_budget(len(prompt.ids), max_new, limits,
+                                                                 adapter.default_max_new_tokens))
         except ParameterError as exc:
             raise InvalidRequest(adapter.sampling_field(exc.field), exc.message) from exc
         try:

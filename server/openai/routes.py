@@ -25,7 +25,7 @@ from server.errors import (CLIENT_CLOSED_STATUS, VALIDATION_STATUS, InputTooLong
 from server.handling import sse_response
 from server.openapi import stream_response
 from server.requests import ABORTED, Overflow, Serving, TooLong
-from .schemas import (ChatCompletionRequest, Completion, CompletionRequest, build_chat,
+from .schemas import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, Completion, CompletionRequest, build_chat,
                       build_completion, model_card, new_completion_id, openai_finish_reason,
                       to_sampling_params, usage_json)
 
@@ -67,6 +67,7 @@ class OpenAIRequest:
         self.chat = isinstance(body, ChatCompletionRequest)
         self.input_field = "messages" if self.chat else "prompt"
         self.max_new_tokens_field, self.max_new_tokens = body.max_tokens_field()
+        self.default_max_new_tokens = None if self.chat else COMPLETIONS_MAX_TOKENS
         self.input_chars = (sum(len(m.content) for m in body.messages) if self.chat
                             else len(body.prompt))
         self.safety = body.safety

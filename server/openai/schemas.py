@@ -37,6 +37,10 @@ def _unsupported(what: str = "not supported by this server") -> PydanticCustomEr
 
 # JSON schemas of the fields whose before-validators take more than their Python type says,
 # or that are accepted only empty, so that the OpenAPI document says what is accepted.
+COMPLETIONS_MAX_TOKENS = 16
+"""``max_tokens`` of ``/v1/completions`` when unset or null: OpenAI's documented default (vLLM's
+too); chat has none (as many as fit)."""
+
 _NULL = {"type": "null"}
 _TEXT_PART = {"type": "object", "properties": {"type": {"const": "text"},
                                                "text": {"type": "string"}},
@@ -265,6 +269,9 @@ class CompletionRequest(_OpenAIRequest):
     model's own chat-template turns is split as a chat would be (`build_raw_prompt`).
     """
 
+    max_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate at most; unset or null: 16, as OpenAI, or fewer "
+                                "where fewer fit.")
     # Not empty: an empty prompt has no token to start from (`build_raw_prompt`).
     prompt: Annotated[Text, PROMPT_SCHEMA] = Field(
         min_length=1, description="One string (a list of exactly one is accepted).")

@@ -50,6 +50,7 @@ class TGIRequest:
     """
 
     max_new_tokens_field = "parameters.max_new_tokens"
+    default_max_new_tokens = None  # unset: as many as fit
     safety_field = "parameters.safety"
 
     def __init__(self, body: GenerateRequest):

@@ -100,3 +100,25 @@ def test_second_signal_cuts_the_drain_short(tiny_model, tokenizer):
         assert "shutting down" in cut.result()[-1]
     thread.join(15)
     assert not thread.is_alive() and time.monotonic() - t0 < 10
+
+
+def test_a_busy_port_fails_before_the_model_loads(monkeypatch):
+    """`serve` binds first: a second server on a busy port stops in a second with the address
+    and the setting to change, without building the app (which loads the model)."""
+    import socket
+
+    import pytest
+
+    import server.bootstrap as bootstrap
+    from server.bootstrap import ServeError
+    from server.lifecycle import serve
+
+    built = []
+    monkeypatch.setattr(bootstrap, "build_app", lambda settings: built.append(settings))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port} .*ESS_PORT"):
+            serve(Settings(host="127.0.0.1", port=port))
+    assert built == []

@@ -124,3 +124,14 @@ def test_a_held_back_stop_prefix_is_released_when_the_stop_does_not_follow(url, 
     chunks = _stream(url, route, templated, stop=["answer was", "done!"])
     assert "".join(_piece(c) for c in chunks) == TEXT
     assert _whole_text(_whole(url, route, templated, stop=["answer was", "done!"])) == TEXT
+
+
+def test_max_tokens_defaults_to_16_on_completions_only(url, templated, script):
+    """OpenAI's defaults: 16 tokens on /v1/completions when max_tokens is unset or null, and as
+    many as fit on chat."""
+    assert len(script) > 16
+    for body in ({"model": "m", "prompt": templated}, {"model": "m", "prompt": templated, "max_tokens": None}):
+        short = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        assert short["usage"]["completion_tokens"] == 16 and short["choices"][0]["finish_reason"] == "length"
+    chat = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, timeout=60).json()
+    assert chat["choices"][0]["message"]["content"] == TEXT

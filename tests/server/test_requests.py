@@ -3,6 +3,8 @@ breaks, the completion budget, and how each protocol words the error (no model, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from server.openai.routes import too_long_message as vllm_message
@@ -39,6 +41,10 @@ def test_completion_budget():
     assert completion_budget(10, None, LIMITS) == 64   # the server's limit
     assert completion_budget(50, None, LIMITS) == 50   # the rest of the context
     assert completion_budget(50, 7, LIMITS) == 7       # what was asked for
+    assert completion_budget(10, None, LIMITS, default=16) == 16  # a protocol's default
+    assert completion_budget(95, None, LIMITS, default=16) == 5   # ... where it fits
+    assert completion_budget(10, None, dataclasses.replace(LIMITS, max_new_tokens=4),
+                             default=16) == 4                     # ... under the server's limit
 
 
 def test_tgi_wording_is_tgis_validation_error():
