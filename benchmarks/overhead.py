@@ -1,8 +1,9 @@
 """What the safety signal costs: ``ess bench overhead [--quick] [--json PATH]``.
 
 One run, interleaved: for every prompt and repetition each configuration runs back to back,
-so machine noise hits all alike. Batch size 1, greedy, ``ignore_eos`` (every configuration
-generates exactly ``new_tokens``), benign prompts (so the checks run to the end).
+so machine noise hits all alike, in a seeded order that changes from round to round
+(`shuffled`). Batch size 1, greedy, ``ignore_eos`` (every configuration generates exactly
+``new_tokens``), benign prompts (so the checks run to the end).
 
 Configurations:
 - ``plain``: the same model without ``[CLS]`` and without checks;
@@ -25,6 +26,7 @@ Device: ``--device`` (default ``auto``, as ``ESS_DEVICE``: CUDA when present, el
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -87,6 +89,13 @@ def timed_run(decoder, prompt, sampling, cfg, guard) -> dict:
     return {"tokens": n, "ttft": first - t0, "seconds": end - t0, "slots": 1 + len(prompt.ids) + n}
 
 
+def shuffled(n: int, round_: int) -> list[int]:
+    """Config indices in a seeded random order for round ``round_``: no config always runs
+    after the same one (the guard's copy of the weights evicts what the caches hold of the
+    model, and the config after it pays for that)."""
+    return random.Random(round_).sample(range(n), n)
+
+
 def kv_bytes(model_config, slots: int, element_bytes: int = 4) -> int:
     c = model_config
     head_dim = getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
@@ -121,10 +130,9 @@ def main(argv=None) -> dict:
     cfgs = configs(args.quick, decoder.model.config)
     timed_run(decoder, prompts[0], SamplingParams(max_new_tokens=4), cfgs[1], guard)  # warm-up
     runs = [[] for _ in cfgs]
-    for _ in range(reps):
-        for p in prompts:
-            for i, cfg in enumerate(cfgs):
-                runs[i].append(timed_run(decoder, p, sampling, cfg, guard))
+    for r, p in enumerate(p for _ in range(reps) for p in prompts):
+        for i in shuffled(len(cfgs), r):
+            runs[i].append(timed_run(decoder, p, sampling, cfgs[i], guard))
 
     params = sum(p.numel() * p.element_size() for p in decoder.model.parameters())
     guard_params = sum(p.numel() * p.element_size() for p in guard.body.parameters())

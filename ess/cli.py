@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safety_decoding.types import Action, Schedule
 from safety_training.datasets import DataError, default_data_dir, require_data
-from server.bootstrap import ServeError, build_app, resolve_base_model
+from server.bootstrap import ServeError, resolve_base_model
 from server.settings import DEFAULT_CHECKPOINT
 
 
@@ -179,11 +179,10 @@ def _serve(args) -> int:
     from server.lifecycle import serve
 
     try:
-        app = build_app(settings)
+        return serve(settings)  # binds, loads; SIGTERM drains (server.lifecycle), then exit status 0
     except ServeError as exc:
         print(f"ess serve: error: {exc}", file=sys.stderr)
         return 1
-    return serve(settings, app)  # SIGTERM drains (server.lifecycle), then exit status 0
 
 
 def _trace(args) -> int:

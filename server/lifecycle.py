@@ -195,5 +195,8 @@ def serve(settings, app=None) -> int:
             from .bootstrap import build_app
 
             app = build_app(settings)
-        DrainingServer(server_config(app, settings), settings.shutdown_timeout_seconds).run(sockets=[sock])
+        config = server_config(app, settings)  # configures uvicorn's loggers
+        # uvicorn names the address only when it binds the socket itself
+        log.info("ess serve: listening on http://%s:%d (Press CTRL+C to quit)", *sock.getsockname()[:2])
+        DrainingServer(config, settings.shutdown_timeout_seconds).run(sockets=[sock])
     return 0

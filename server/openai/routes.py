@@ -25,9 +25,9 @@ from server.errors import (CLIENT_CLOSED_STATUS, VALIDATION_STATUS, InputTooLong
 from server.handling import sse_response
 from server.openapi import stream_response
 from server.requests import ABORTED, Overflow, Serving, TooLong
-from .schemas import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, Completion, CompletionRequest, build_chat,
-                      build_completion, model_card, new_completion_id, openai_finish_reason,
-                      to_sampling_params, usage_json)
+from .schemas import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, Completion, CompletionRequest,
+                      build_chat, build_completion, model_card, new_completion_id,
+                      openai_finish_reason, to_sampling_params, usage_json)
 
 
 def too_long_message(overflow: TooLong) -> str:

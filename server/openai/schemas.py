@@ -35,12 +35,12 @@ def _unsupported(what: str = "not supported by this server") -> PydanticCustomEr
     return PydanticCustomError("unsupported", what)
 
 
+COMPLETIONS_MAX_TOKENS = 16
+"""``max_tokens`` of ``/v1/completions`` when unset or null: OpenAI's documented default (vLLM's when
+unset); chat has none (as many as fit)."""
+
 # JSON schemas of the fields whose before-validators take more than their Python type says,
 # or that are accepted only empty, so that the OpenAPI document says what is accepted.
-COMPLETIONS_MAX_TOKENS = 16
-"""``max_tokens`` of ``/v1/completions`` when unset or null: OpenAI's documented default (vLLM's
-too); chat has none (as many as fit)."""
-
 _NULL = {"type": "null"}
 _TEXT_PART = {"type": "object", "properties": {"type": {"const": "text"},
                                                "text": {"type": "string"}},
