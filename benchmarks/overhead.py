@@ -119,7 +119,13 @@ def main(argv=None) -> dict:
     reps = args.reps or (1 if args.quick else 2)
     prompts_text = PROMPTS[:2] if args.quick else PROMPTS
 
-    decoder, tok = load(dtype=args.dtype, quantization=args.quantization, device=args.device)
+    from safety_decoding.device import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        ap.error(f"--device: {exc}")
+    decoder, tok = load(dtype=args.dtype, quantization=args.quantization, device=str(device))
     from safety_decoding.base_model import base_model_dir
     from safety_training.guard import load_base_body, load_guard
 
@@ -155,7 +161,7 @@ def main(argv=None) -> dict:
         r["overhead_ratio"] = round(plain / r["tokens_per_second"], 4)
     out = {"new_tokens": new_tokens, "reps": reps, "prompts": len(prompts), "batch_size": 1,
            "device": str(decoder.device), "dtype": dtype_name(dtype), "quantization": args.quantization,
-           "torch_threads": torch.get_num_threads(), **cuda, "results": results}
+           "torch_threads": torch.get_num_threads(), "order": "shuffled", **cuda, "results": results}
     print()
     print(markdown_table(
         ["system", "schedule", "action", "tokens/s", "overhead ratio", "TTFT p50 (s)", "peak memory (MB)"],

@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # torch is imported where used: settings and CLI parsers read
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 """What ``ESS_DTYPE`` and every ``--dtype`` option accept."""
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+"""What ``ESS_DEVICE`` and every ``--device`` option accept."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -41,10 +43,15 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given.
 
     Raises:
-        ValueError: a CUDA device was asked for and none is available.
+        ValueError: ``name`` is not `DEVICE_PATTERN`'s, or a CUDA device was asked for and none
+            is available.
     """
+    import re
+
     import torch
 
+    if not re.fullmatch(DEVICE_PATTERN, name):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -159,11 +159,17 @@ def server_config(app, settings, **overrides) -> uvicorn.Config:
     return uvicorn.Config(app, **options)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port``, as uvicorn binds one (``SO_REUSEADDR``).
+LISTEN_BACKLOG = 2048
+"""Connections the kernel queues before they are accepted (uvicorn's default backlog)."""
 
-    `serve` binds before the model loads: uvicorn binds after the app is built, so a busy port
-    would fail only after the load (our choice).
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening, as uvicorn makes one (``SO_REUSEADDR``).
+
+    `serve` listens before the model loads, so a busy port fails at once (uvicorn binds only
+    after the app is built). It listens, not only binds: with ``SO_REUSEADDR`` a second bind of a
+    port that nobody listens on yet succeeds. Connections made during the load wait in the
+    backlog and are answered once the server is up (our choice, where uvicorn refused them).
 
     Raises:
         ServeError: the address cannot be bound (in use, or not this machine's).
@@ -175,11 +181,17 @@ def listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
-        raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); set ESS_PORT "
-                         "(--port) or ESS_HOST (--host)") from exc
+        raise ServeError(f"cannot listen on {url_host(host)}:{port} ({exc.strerror or exc}); set "
+                         "ESS_PORT (--port) or ESS_HOST (--host)") from exc
     return sock
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def serve(settings, app=None) -> int:
@@ -197,6 +209,7 @@ def serve(settings, app=None) -> int:
             app = build_app(settings)
         config = server_config(app, settings)  # configures uvicorn's loggers
         # uvicorn names the address only when it binds the socket itself
-        log.info("ess serve: listening on http://%s:%d (Press CTRL+C to quit)", *sock.getsockname()[:2])
+        host, port = sock.getsockname()[:2]
+        log.info("ess serve: listening on http://%s:%d (Press CTRL+C to quit)", url_host(host), port)
         DrainingServer(config, settings.shutdown_timeout_seconds).run(sockets=[sock])
     return 0

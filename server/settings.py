@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from safety_decoding.device import DTYPE_NAMES
+from safety_decoding.device import DEVICE_PATTERN, DTYPE_NAMES
 from safety_decoding.types import Action, Quantization, Schedule
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-ess"
@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     model_name: str = Field("smollm2-135m-ess",
                             description="ESS_MODEL_NAME: model name reported in responses.")
     device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        "auto", pattern=DEVICE_PATTERN,
         description="ESS_DEVICE: `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.")
     dtype: Literal[DTYPE_NAMES] = Field(
         "auto", description="ESS_DTYPE: weights and activations; `auto` is bfloat16 on CUDA and on "

@@ -39,6 +39,12 @@ def test_cuda_without_a_gpu_is_a_clear_error():
         resolve_device("cuda:0")
 
 
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "CPU", ""])
+def test_an_unknown_device_name_is_a_clear_error(name):
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+        resolve_device(name)
+
+
 def test_settings_validate_device_and_dtype(monkeypatch):
     from pydantic import ValidationError
 

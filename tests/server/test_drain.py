@@ -103,22 +103,25 @@ def test_second_signal_cuts_the_drain_short(tiny_model, tokenizer):
 
 
 def test_a_busy_port_fails_before_the_model_loads(monkeypatch):
-    """`serve` binds first: a second server on a busy port stops in a second with the address
-    and the setting to change, without building the app (which loads the model)."""
-    import socket
-
+    """`serve` listens first: a second server on a busy port stops in a second with the address
+    and the setting to change, without building the app (which loads the model); so does one
+    that starts while the first is still loading (bound and listening, not yet serving)."""
     import pytest
 
     import server.bootstrap as bootstrap
     from server.bootstrap import ServeError
-    from server.lifecycle import serve
+    from server.lifecycle import listen, serve
 
     built = []
     monkeypatch.setattr(bootstrap, "build_app", lambda settings: built.append(settings))
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with listen("127.0.0.1", 0) as loading:
+        port = loading.getsockname()[1]
         with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port} .*ESS_PORT"):
             serve(Settings(host="127.0.0.1", port=port))
     assert built == []
+
+
+def test_the_listening_address_is_written_as_a_url():
+    from server.lifecycle import url_host
+
+    assert (url_host("::1"), url_host("127.0.0.1"), url_host("localhost")) == ("[::1]", "127.0.0.1", "localhost")
