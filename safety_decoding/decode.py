@@ -694,7 +694,8 @@ class DecodeBatch:
             _update_cls(cache, [b for b in range(B) if check[b] and rows[b].req.safety.update_cls], rows)
             cache.crop(-1)  # drop the probe's slot (its K/V may live on in the [CLS] slot)
             probe_scores = torch.sigmoid(model.safety_logits(hidden[:, 1]).float()).cpu()
-        logits = model.lm_logits(hidden[:, 0]).float().cpu()
+        # a final check only checks: no LM head when every row runs one (a batch of 1 ending)
+        logits = None if all(row.ending for row in rows) else model.lm_logits(hidden[:, 0]).float().cpu()
         slots = self.slots = _Slots(key_kind[:, :kv + 1], key_in_query[:, :kv + 1],
                                     torch.cat([slots.gen, new_gen[:, :1]], 1))
         for b, row in enumerate(rows):  # from here on a failure is the row's alone
