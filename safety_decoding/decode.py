@@ -804,6 +804,13 @@ class Decoder:
         row.forced_tokens = deque(self.refusal_ids(row))
         row.refusal_ends = bool(self.refusal_completion)
 
+    def prefill_columns(self, request: GenerationRequest) -> int:
+        """Columns the prefill of ``request`` runs: ``[CLS]``, its prompt, and with safety on
+        the first check's ``2k`` candidate and probe slots (`first_check`; an upper bound: a
+        ``monitor`` or ``update_cls`` row does not speculate). What ``ESS_MAX_BATCHED_TOKENS``
+        counts, so a budget holds for the rows the forward really has."""
+        return 1 + len(request.prompt.ids) + (2 * len(self.first_candidates) if request.safety.enabled else 0)
+
     def new_batch(self, prefill_chunk: int | None = None) -> DecodeBatch:
         """An empty running batch (continuous batching: `DecodeBatch.add` / `.step`;
         ``prefill_chunk``: see `DecodeBatch`)."""

@@ -297,9 +297,14 @@ def build_raw_prompt(tokenizer, text: str) -> Prompt:
     ``[CLS]``; text without markers is all query.
 
     Raises:
-        PromptError: the text is empty.
+        PromptError: the text is empty, or none of it is query (only markers, the template's
+            default system text and an open assistant turn): the raw twin of `build_chat_prompt`'s
+            "no user message", so a prefill sent alone is never checked against an empty query.
     """
     prompt = encode_segments(tokenizer, raw_segments(text, _turn_markers(tokenizer)))
     if not prompt.ids:
         raise PromptError("the prompt is empty")
+    if not any(prompt.query_mask):
+        raise PromptError("the prompt has no request: only template markers and an assistant turn "
+                          "(send the request as a user turn)")
     return prompt

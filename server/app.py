@@ -9,6 +9,7 @@ starts (and warms) it and stops it on shutdown. Both protocols' routes share one
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -50,9 +51,15 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         if not server_safety.enabled:
             log.warning(SAFETY_OFF_WARNING)
         await engine.start()
+        # The startup heap (model, modules, app) leaves the collector's view: scanning it in
+        # every full collection made a prefill in the server about 8 % slower than in process.
+        # vLLM and SGLang freeze theirs after warm-up too. Cycles made later are still collected.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             await engine.stop()
 
     app = FastAPI(title="ESS Serve", version="0.1.0", lifespan=lifespan)

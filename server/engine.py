@@ -1,8 +1,8 @@
 """The engine: one daemon thread owns the `Decoder`; async callers get per-request event streams.
 
 Continuous batching: the thread keeps one `DecodeBatch`. At every step boundary it admits
-waiting requests FIFO (up to ``max_num_seqs`` running and ``max_batched_tokens`` prompt tokens
-per prefill), runs their prefill, then one decode step for every running request; finished
+waiting requests FIFO (up to ``max_num_seqs`` running and ``max_batched_tokens`` columns per
+prefill), runs their prefill, then one decode step for every running request; finished
 requests leave the batch at once. Events are routed by ``StepEvent.index``.
 
 Hand-off: the thread puts events into each request's ``asyncio.Queue`` with
@@ -176,8 +176,9 @@ class Engine:
     Args:
         decoder: the library decoder (model + tokenizer); used only on the engine thread.
         max_num_seqs: requests decoded together (vLLM's name); more wait.
-        max_batched_tokens: prompt tokens one prefill may take (vLLM's
-            ``max_num_batched_tokens``); a longer prompt still runs, alone.
+        max_batched_tokens: columns one prefill may take (vLLM's ``max_num_batched_tokens``;
+            `Decoder.prefill_columns`: the prompt, ``[CLS]`` and the first check's slots); a
+            longer prompt still runs, alone.
         max_waiting: requests that may wait behind the running ones; more raise
             `EngineOverloaded`.
         request_timeout: seconds from submit after which a request is stopped at the next
@@ -395,7 +396,7 @@ class Engine:
             admitted, tokens = [], 0
             while self._waiting and running + len(admitted) < self.max_num_seqs:
                 job = self._waiting[0]
-                n = len(job.request.prompt.ids)
+                n = self._decoder.prefill_columns(job.request)
                 if admitted and tokens + n > self.max_batched_tokens:
                     break
                 self._waiting.popleft()

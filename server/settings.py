@@ -93,8 +93,10 @@ class Settings(BaseSettings):
         8, ge=1, le=256, description="ESS_MAX_NUM_SEQS: requests decoded together in the running "
                                      "batch (continuous batching); more wait in the queue.")
     max_batched_tokens: int = Field(
-        4096, ge=1, description="ESS_MAX_BATCHED_TOKENS: prompt tokens one prefill may take; "
-                                "requests past it join at a later step (a longer prompt runs alone).")
+        4096, ge=1, description="ESS_MAX_BATCHED_TOKENS: tokens one prefill may take (each "
+                                "request's prompt, its [CLS] and, with safety on, the first check's "
+                                "candidate slots); requests past it join at a later step (a longer "
+                                "prompt runs alone).")
     prefill_chunk: int = Field(
         64, ge=0, description="ESS_PREFILL_CHUNK: a join whose prompt is longer than this "
                                          "(tokens) prefills in chunks of it, one per decode step, so "

@@ -242,8 +242,9 @@ def test_requests_join_the_running_batch_and_match_solo_runs(tiny_model, tokeniz
 def test_prefill_token_budget_splits_admission(tiny_model, tokenizer):
     async def main():
         decoder = SlowDecoder(tiny_model, tokenizer, delay=0.01)
-        n = len(build_raw_prompt(tokenizer, "Hello there").ids)
-        engine = Engine(decoder, max_num_seqs=8, max_batched_tokens=2 * n)
+        n = decoder.prefill_columns(_request(tokenizer, n=4))
+        assert n > len(build_raw_prompt(tokenizer, "Hello there").ids) + 1  # the first check's slots
+        engine = Engine(decoder, max_num_seqs=8, max_batched_tokens=2 * n + 1)
         await engine.start()
         decoder.adds = []
         streams = [engine.submit(_request(tokenizer, n=4)) for _ in range(5)]
