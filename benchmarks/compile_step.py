@@ -6,8 +6,9 @@ inductor fuses the small element-wise operations into generated C++ kernels; wit
 it also prepacks the weights for oneDNN, and ``max-autotune`` adds AMX micro-GEMM templates.
 `StaticStep` is the body's function written that way (the same layers, norms and rotary
 arithmetic as `FusedBody`; token rows, no LoRA rows). The benchmark times one decode forward
-of the body (``--rows`` 1: a token; 2: a token and its ``[CLS]`` probe; ``--kv`` slots already
-filled) for `FusedBody` eager (the server's), `StaticStep` eager, and `StaticStep` compiled in
+of the body (``--rows`` 1: a token; 2: the shape of a token and its ``[CLS]`` probe, which with
+a merged adapter cost what two token rows do; ``--kv`` slots already filled; `FusedBody`'s
+call also crops its cache back, a few microseconds) for `FusedBody` eager (the server's), `StaticStep` eager, and `StaticStep` compiled in
 each ``--modes`` entry, with each compile's wall time (cold: no FX graph cache).
 `tests/test_compile_step.py` checks that `StaticStep` computes `FusedBody`'s function.
 

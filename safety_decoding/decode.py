@@ -805,10 +805,11 @@ class Decoder:
         row.refusal_ends = bool(self.refusal_completion)
 
     def prefill_columns(self, request: GenerationRequest) -> int:
-        """Columns the prefill of ``request`` runs: ``[CLS]``, its prompt, and with safety on
-        the first check's ``2k`` candidate and probe slots (`first_check`; an upper bound: a
-        ``monitor`` or ``update_cls`` row does not speculate). What ``ESS_MAX_BATCHED_TOKENS``
-        counts, so a budget holds for the rows the forward really has."""
+        """Columns of ``request``'s own layout in a prefill: ``[CLS]``, its prompt, and with
+        safety on the first check's ``2k`` candidate and probe slots (`first_check`; a
+        ``monitor`` or ``update_cls`` row does not speculate, but shares them with rows that do).
+        What ``ESS_MAX_BATCHED_TOKENS`` sums over a join. Rows are left-padded to the longest, so
+        a join of mixed lengths runs more columns than the sum (vLLM's budget has no padding)."""
         return 1 + len(request.prompt.ids) + (2 * len(self.first_candidates) if request.safety.enabled else 0)
 
     def new_batch(self, prefill_chunk: int | None = None) -> DecodeBatch:

@@ -54,6 +54,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         # The startup heap (model, modules, app) leaves the collector's view: scanning it in
         # every full collection made a prefill in the server about 8 % slower than in process.
         # vLLM and SGLang freeze theirs after warm-up too. Cycles made later are still collected.
+        # Process-wide: two apps in one process (tests) unfreeze it at the first shutdown, which
+        # costs only collection time.
         gc.collect()
         gc.freeze()
         try:
