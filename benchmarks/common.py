@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -74,6 +75,13 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def shuffled(n: int, round_: int) -> list[int]:
+    """Indices ``0..n-1`` in a seeded random order for round ``round_``, so that no
+    configuration always runs after the same one (in `benchmarks.overhead` the guard's copy of
+    the weights evicts what the caches hold of the model, and whatever runs next pays for it)."""
+    return random.Random(round_).sample(range(n), n)
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -8,20 +8,21 @@ it also prepacks the weights for oneDNN, and ``max-autotune`` adds AMX micro-GEM
 arithmetic as `FusedBody`; token rows, no LoRA rows). The benchmark times one decode forward
 of the body (``--rows`` 1: a token; 2: the shape of a token and its ``[CLS]`` probe, which with
 a merged adapter cost what two token rows do; ``--kv`` slots already filled; `FusedBody`'s
-call also crops its cache back, a few microseconds) for `FusedBody` eager (the server's), `StaticStep` eager, and `StaticStep` compiled in
-each ``--modes`` entry, with each compile's wall time (cold: no FX graph cache).
-`tests/test_compile_step.py` checks that `StaticStep` computes `FusedBody`'s function.
+call also crops its cache back, a few microseconds): `FusedBody` eager (the server's),
+`StaticStep` eager, and `StaticStep` compiled in each ``--modes`` entry, with each compile's
+wall time (cold: no FX graph cache). `tests/test_compile_step.py` checks that `StaticStep`
+computes `FusedBody`'s function.
 
-Every forward is timed in the same rounds, in a seeded order per round (the machine's load moves
-all of them alike). Run: ``python -m benchmarks.compile_step [--modes default freezing autotune]
-[--json PATH]`` (about 5 minutes on 2 cores; each compile takes 20-45 s there).
+Every forward is timed in the same rounds, in a seeded order per round
+(`benchmarks.common.shuffled`: the machine's load moves all of them alike).
+
+Run: ``python -m benchmarks.compile_step [--modes default freezing autotune] [--json PATH]``
+(about 5 minutes on 2 cores; each compile takes 20-45 s there).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from benchmarks.common import load, markdown_table
+from benchmarks.common import load, markdown_table, shuffled, write_json
 
 MODES = {"default": {}, "freezing": {"freezing": True},
          "autotune": {"freezing": True, "max_autotune": True}}
@@ -161,11 +162,11 @@ def main(argv=None) -> dict:
                 rows[(f"static compiled ({mode})", r)] = {"call": lambda c=compiled, r=r: c(*inputs[r]),
                                                          "compile_s": round(time.perf_counter() - t, 1)}
         print(f"  {mode}: compiled", file=sys.stderr)
-    times = {key: [] for key in rows}
-    order = random.Random(0)
-    for _ in range(args.rounds):
-        for key in order.sample(list(rows), len(rows)):
-            times[key].append(median_ms(rows[key]["call"], args.repeats))
+    keys = list(rows)
+    times = {key: [] for key in keys}
+    for round_ in range(args.rounds):
+        for i in shuffled(len(keys), round_):
+            times[keys[i]].append(median_ms(rows[keys[i]]["call"], args.repeats))
     results = []
     for (name, r), row in rows.items():
         ms = round(statistics.median(times[(name, r)]), 2)
@@ -177,8 +178,7 @@ def main(argv=None) -> dict:
     print(markdown_table(["forward", "rows", "ms", "speed x FusedBody", "compile s"],
                          [[r["forward"], r["rows"], r["ms"], r["x_fused"], r.get("compile_s", "-")]
                           for r in results]))
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(args.json, out)
     return out
 
 

@@ -2,7 +2,7 @@
 
 One run, interleaved: for every prompt and repetition each configuration runs back to back,
 so machine noise hits all alike, in a seeded order that changes from round to round
-(`shuffled`). Batch size 1, greedy, ``ignore_eos`` (every configuration generates exactly
+(`benchmarks.common.shuffled`). Batch size 1, greedy, ``ignore_eos`` (every configuration generates exactly
 ``new_tokens``), benign prompts (so the checks run to the end).
 
 Configurations:
@@ -26,13 +26,12 @@ Device: ``--device`` (default ``auto``, as ``ESS_DEVICE``: CUDA when present, el
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import REPO, load, markdown_table, write_json
+from benchmarks.common import REPO, load, markdown_table, shuffled, write_json
 
 from safety_decoding.decode import GenerationRequest
 from safety_decoding.device import DTYPE_NAMES, dtype_name
@@ -87,13 +86,6 @@ def timed_run(decoder, prompt, sampling, cfg, guard) -> dict:
                 first = time.perf_counter()
     end = time.perf_counter()
     return {"tokens": n, "ttft": first - t0, "seconds": end - t0, "slots": 1 + len(prompt.ids) + n}
-
-
-def shuffled(n: int, round_: int) -> list[int]:
-    """Config indices in a seeded random order for round ``round_``: no config always runs
-    after the same one (the guard's copy of the weights evicts what the caches hold of the
-    model, and the config after it pays for that)."""
-    return random.Random(round_).sample(range(n), n)
 
 
 def kv_bytes(model_config, slots: int, element_bytes: int = 4) -> int:

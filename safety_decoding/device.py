@@ -9,6 +9,7 @@ Our choice, as vLLM's ``--dtype auto`` (the checkpoint's dtype on GPU) but aware
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,8 +47,6 @@ def resolve_device(name: str) -> torch.device:
         ValueError: ``name`` is not `DEVICE_PATTERN`'s, or a CUDA device was asked for and none
             is available.
     """
-    import re
-
     import torch
 
     if not re.fullmatch(DEVICE_PATTERN, name):
