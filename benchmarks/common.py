@@ -20,15 +20,18 @@ DATA_DIR = default_data_dir()  # filled by `ess data fetch`
 CHECKPOINT = REPO / "checkpoints" / "smollm2-135m-ess"
 
 
-def load(checkpoint: Path = CHECKPOINT, dtype: str = "auto", quantization: str = "none", device: str = "cpu"):
+def load(checkpoint: Path = CHECKPOINT, dtype: str = "auto", quantization: str = "none", device: str = "cpu",
+         compile: bool = False):
     """``(decoder, tokenizer)`` for the checkpoint on the prepared base model, on ``device`` in
     ``dtype`` (names as ``ESS_DEVICE`` / ``ESS_DTYPE`` take them; ``auto``: what ``ess serve``
-    picks here, `safety_decoding.device`) with ``quantization`` (``ESS_QUANTIZATION``)."""
+    picks here, `safety_decoding.device`) with ``quantization`` (``ESS_QUANTIZATION``) and
+    ``compile`` (``ESS_COMPILE``: one-row decode steps compiled on their first call)."""
     from safety_decoding.base_model import prepare_base_model
     from safety_decoding.decode import Decoder
 
     decoder = Decoder.from_checkpoint(checkpoint, prepare_base_model(log=lambda m: print(m, file=sys.stderr)),
-                                      device=device, dtype=dtype, quantization=quantization)
+                                      device=device, dtype=dtype, quantization=quantization,
+                                      compile=compile)
     return decoder, decoder.tok
 
 

@@ -1,17 +1,15 @@
 """``torch.compile`` of a decode step against our eager `fused.FusedBody`, on this machine.
 
-gpt-fast's lever: write the decode step with static shapes (a preallocated KV cache written
-with ``index_copy_``, attention over every slot under an additive mask) and compile it. On CPU,
-inductor fuses the small element-wise operations into generated C++ kernels; with ``freezing``
-it also prepacks the weights for oneDNN, and ``max-autotune`` adds AMX micro-GEMM templates.
-`StaticStep` is the body's function written that way (the same layers, norms and rotary
-arithmetic as `FusedBody`; token rows, no LoRA rows). The benchmark times one decode forward
-of the body (``--rows`` 1: a token; 2: the shape of a token and its ``[CLS]`` probe, which with
-a merged adapter cost what two token rows do; ``--kv`` slots already filled; `FusedBody`'s
-call also crops its cache back, a few microseconds): `FusedBody` eager (the server's),
-`StaticStep` eager, and `StaticStep` compiled in each ``--modes`` entry, with each compile's
-wall time (cold: no FX graph cache). `tests/test_compile_step.py` checks that `StaticStep`
-computes `FusedBody`'s function.
+gpt-fast's lever: write the decode step for the compiler and compile it. On CPU, inductor fuses
+the small element-wise operations into generated C++ kernels; with ``freezing`` it also
+prepacks the weights, and ``max-autotune`` adds AMX micro-GEMM templates. The graph is the
+server's, `compiled.StepGraph` (K/V written into the cache buffers, attention over the used
+slots; the KV length and capacity marked dynamic as `compiled.CompiledStep` marks them). The
+benchmark times one decode forward of the body (``--rows`` 1: a token; 2: a token and its
+``[CLS]`` probe; ``--kv`` slots already filled; `FusedBody`'s call also crops its cache back, a
+few microseconds): `FusedBody` eager (``ESS_COMPILE=false``), `StepGraph` eager, and
+`StepGraph` compiled in each ``--modes`` entry (``autotune`` is what ``ESS_COMPILE=true``
+runs), with each compile's wall time (cold: no FX graph cache).
 
 Every forward is timed in the same rounds, in a seeded order per round
 (`benchmarks.common.shuffled`: the machine's load moves all of them alike).
@@ -29,67 +27,28 @@ import time
 
 import torch
 import torch._dynamo
-from torch import nn
 
 from benchmarks.common import load, markdown_table, shuffled, write_json
+from safety_decoding.compiled import StepGraph
 
 MODES = {"default": {}, "freezing": {"freezing": True},
          "autotune": {"freezing": True, "max_autotune": True}}
 """Inductor settings per mode name (``torch.compile`` options: ``torch._inductor.config`` fields)."""
 
 
-class StaticStep(nn.Module):
-    """The body's forward over a fixed-size KV cache: ``(x (B, q, H), cos, signed_sin (B, 1, q, D),
-    mask (B, 1, g*q, C) additive, keys/values (L, B, Hkv, C, D), slots (q,)) -> (B, q, H)`` after
-    the final norm; writes the rows' K/V at ``slots``. Weights are buffers (inductor freezes
-    them); the same arithmetic as `fused.FusedLayer` (`fused.rotate`, `fused.grouped_attention`)."""
-
-    def __init__(self, body: nn.Module):
-        super().__init__()
-        cfg = body.config
-        self.n_layers, self.eps = cfg.num_hidden_layers, cfg.rms_norm_eps
-        self.hidden, self.head_dim = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        for i, layer in enumerate(body.layers[:self.n_layers]):
-            a, m = layer.self_attn, layer.mlp
-            weights = {"qkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                       "o": a.o_proj.weight, "gate_up": torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-                       "down": m.down_proj.weight, "norm_in": layer.input_layernorm.weight,
-                       "norm_post": layer.post_attention_layernorm.weight}
-            for name, w in weights.items():
-                self.register_buffer(f"{name}{i}", w.detach().clone().contiguous())
-        self.register_buffer("norm", body.norm.weight.detach().clone())
-
-    def _norm(self, x, weight):  # LlamaRMSNorm: float32 variance, then the weight in x's dtype
-        return weight * nn.functional.rms_norm(x.float(), (self.hidden,), None, self.eps).to(x.dtype)
-
-    def forward(self, x, cos, sin, mask, keys, values, slots):
-        from safety_decoding.fused import grouped_attention, rotate
-
-        B, q, _ = x.shape
-        D, n_qk = self.head_dim, (self.n_heads + self.n_kv) * self.head_dim
-        for i in range(self.n_layers):
-            w = lambda name: getattr(self, f"{name}{i}")  # noqa: E731
-            qkv = self._norm(x, w("norm_in")) @ w("qkv").t()
-            qk = rotate(qkv[..., :n_qk].view(B, q, -1, D).transpose(1, 2), cos, sin)
-            query, key = qk.split([self.n_heads, self.n_kv], 1)
-            keys[i].index_copy_(2, slots, key)
-            values[i].index_copy_(2, slots, qkv[..., n_qk:].view(B, q, self.n_kv, D).transpose(1, 2))
-            attended = grouped_attention(query, keys[i], values[i], mask, D ** -0.5)
-            x = x + attended @ w("o").t()
-            gate, up = (self._norm(x, w("norm_post")) @ w("gate_up").t()).chunk(2, -1)
-            x = x + (nn.functional.silu(gate) * up) @ w("down").t()
-        return self._norm(x, self.norm)
-
-
-def static_inputs(step: StaticStep, rows: int, kv: int, capacity: int, dtype: torch.dtype):
-    """Random inputs of one decode forward of ``rows`` rows after ``kv`` filled slots."""
-    g, D = step.n_heads // step.n_kv, step.head_dim
-    mask = torch.zeros(1, 1, g * rows, capacity, dtype=dtype)
-    mask[..., kv + rows:] = float("-inf")
-    cache = torch.randn(step.n_layers, 1, step.n_kv, capacity, D, dtype=dtype)
-    return (torch.randn(1, rows, step.hidden, dtype=dtype), torch.randn(1, 1, rows, D, dtype=dtype),
-            torch.randn(1, 1, rows, D, dtype=dtype), mask, cache, cache.clone(), torch.arange(kv, kv + rows))
+def graph_inputs(graph: StepGraph, rows: int, kv: int, capacity: int, dtype: torch.dtype):
+    """Random inputs of one decode forward of ``rows`` rows after ``kv`` filled slots of
+    ``capacity`` (each call writes the same slots again)."""
+    g, D = graph.n_heads // graph.n_kv, graph.head_dim
+    with torch.inference_mode():  # the server's steps run on inference tensors
+        buffers = [torch.randn(1, graph.n_kv, capacity, D, dtype=dtype) for _ in range(2 * graph.n_layers)]
+        mask = torch.zeros(1, 1, g * rows, kv + rows, dtype=dtype)
+    torch._dynamo.mark_dynamic(mask, 3)
+    for b in buffers:
+        torch._dynamo.mark_dynamic(b, 2)
+    with torch.inference_mode():
+        return (torch.randn(1, rows, graph.hidden, dtype=dtype), torch.randn(1, 1, rows, D, dtype=dtype),
+                torch.randn(1, 1, rows, D, dtype=dtype), mask, buffers[:graph.n_layers], buffers[graph.n_layers:])
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -142,12 +101,12 @@ def main(argv=None) -> dict:
     if decoder.model.fused is None:
         raise SystemExit("the fused forward is off for this checkpoint: nothing to compare with")
     dtype = next(decoder.model.parameters()).dtype
-    step = StaticStep(decoder.model.decoder).eval()
-    inputs = {r: static_inputs(step, r, args.kv, args.capacity, dtype) for r in args.rows}
+    step = StepGraph(decoder.model.decoder).eval()
+    inputs = {r: graph_inputs(step, r, args.kv, args.capacity, dtype) for r in args.rows}
     # Every forward is built (and compiled) first, then all are timed in the same rounds, so a
     # change in the machine's load lands on all of them alike.
     rows = {("FusedBody eager", r): {"call": fused_forward(decoder, r, args.kv)} for r in args.rows}
-    rows |= {("static eager", r): {"call": lambda r=r: step(*inputs[r])} for r in args.rows}
+    rows |= {("StepGraph eager", r): {"call": lambda r=r: step(*inputs[r])} for r in args.rows}
     for mode in args.modes:
         # Options make each mode its own backend (dynamo keeps one compiled entry per backend),
         # and the same settings hold globally while it compiles: freezing is decided when dynamo
@@ -159,7 +118,7 @@ def main(argv=None) -> dict:
                 t = time.perf_counter()
                 with torch.inference_mode():
                     compiled(*inputs[r])  # the first call compiles
-                rows[(f"static compiled ({mode})", r)] = {"call": lambda c=compiled, r=r: c(*inputs[r]),
+                rows[(f"StepGraph compiled ({mode})", r)] = {"call": lambda c=compiled, r=r: c(*inputs[r]),
                                                          "compile_s": round(time.perf_counter() - t, 1)}
         print(f"  {mode}: compiled", file=sys.stderr)
     keys = list(rows)

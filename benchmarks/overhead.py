@@ -21,6 +21,9 @@ plus the largest KV cache, computed from shapes in the run's dtype (CPU has no a
 on CUDA ``torch.cuda.max_memory_allocated`` over the whole run is reported as well).
 
 Device: ``--device`` (default ``auto``, as ``ESS_DEVICE``: CUDA when present, else the CPU).
+``--compile`` (default true, as ``ess serve``): every configuration's decode steps run the
+compiled one-row step (`safety_decoding.compiled`, compiled by the untimed warm-up run); the
+external guard's own forward stays eager.
 """
 
 from __future__ import annotations
@@ -105,6 +108,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto", help="as ESS_DEVICE: auto, cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--quantization", default="none", choices=Quantization.values(),
                     help="ESS_QUANTIZATION of the model (int8 needs --dtype float32; the guard stays float)")
+    ap.add_argument("--compile", default="true", choices=["true", "false"],
+                    help="as ESS_COMPILE (default true, as ess serve): the compiled one-row decode step")
     ap.add_argument("--json", default="benchmarks/results/overhead.json")
     args = ap.parse_args(argv)
     new_tokens = args.new_tokens or (48 if args.quick else 128)
@@ -117,7 +122,8 @@ def main(argv=None) -> dict:
         device = resolve_device(args.device)
     except ValueError as exc:
         ap.error(f"--device: {exc}")
-    decoder, tok = load(dtype=args.dtype, quantization=args.quantization, device=str(device))
+    decoder, tok = load(dtype=args.dtype, quantization=args.quantization, device=str(device),
+                        compile=args.compile == "true")
     from safety_decoding.base_model import base_model_dir
     from safety_training.guard import load_base_body, load_guard
 
@@ -153,6 +159,7 @@ def main(argv=None) -> dict:
         r["overhead_ratio"] = round(plain / r["tokens_per_second"], 4)
     out = {"new_tokens": new_tokens, "reps": reps, "prompts": len(prompts), "batch_size": 1,
            "device": str(decoder.device), "dtype": dtype_name(dtype), "quantization": args.quantization,
+           "compiled": decoder.compiled,
            "torch_threads": torch.get_num_threads(), "order": "shuffled", **cuda, "results": results}
     print()
     print(markdown_table(

@@ -21,7 +21,9 @@ token is the first chunk with text. Concurrency 1, 8 and 16 by default; llama-se
 many slots (``--parallel``) as the largest concurrency, ESS as many running sequences
 (``ESS_MAX_NUM_SEQS``). Both use every core (llama.cpp's default thread count, torch's).
 
-Reported per (system, precision, safety, concurrency): output tokens/s, TTFT p50/p99, TPOT
+ESS runs with ``ESS_COMPILE`` true and false (``--compile``): the compiled one-row decode step
+(`safety_decoding.compiled`) and the eager fused forward; a compiled server's start includes its
+compile (the warm-up request). Reported per (system, precision, compiled, safety, concurrency): output tokens/s, TTFT p50/p99, TPOT
 p50/p99 (seconds), the server's peak RSS (``VmHWM``, MiB), and ``x_llama`` = ESS output
 tokens/s over llama.cpp BF16's at the same concurrency (``x_llama_q8_0``: over Q8_0's, where
 that row ran; the fair ratio for ESS's int8 rows). ``--quantization none int8`` adds ESS rows
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -261,6 +264,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="auto", help="ESS_DTYPE of the ESS servers (default auto)")
     ap.add_argument("--quantization", nargs="+", choices=Quantization.values(), default=["none"],
                     help="ESS_QUANTIZATION of the ESS rows (default none; int8 needs float32)")
+    ap.add_argument("--compile", nargs="+", choices=["true", "false"], default=["true", "false"],
+                    help="ESS_COMPILE of the ESS rows (default both: compiled and eager)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="benchmarks/results/peer.json")
     args = ap.parse_args(argv)
@@ -289,15 +294,14 @@ def main(argv=None) -> dict:
     for kind, gguf in ggufs.items():
         results += measure(llama_server_process(binary, gguf, max(conc), context), requests_for, conc,
                            {"system": "llama.cpp", "precision": kind, "safety": None})
-    for quant in args.quantization:
-        for safety in ("each", None):
-            env = {"ESS_MAX_NUM_SEQS": str(max(conc)), "ESS_MAX_WAITING": str(4 * max(conc)),
-                   "ESS_MAX_NEW_TOKENS_LIMIT": str(max_output), "ESS_DTYPE": args.dtype,
-                   "ESS_QUANTIZATION": quant,
-                   "ESS_SAFETY_ENABLED": "true" if safety else "false", "ESS_SAFETY_SCHEDULE": safety or "each"}
-            precision = precision_name(ess_dtype, quant)
-            results += measure(ChildServer.ess(env), requests_for, conc,
-                               {"system": "ess", "precision": precision, "safety": safety or "off"})
+    for quant, compiled, safety in itertools.product(args.quantization, args.compile, ("each", None)):
+        env = {"ESS_MAX_NUM_SEQS": str(max(conc)), "ESS_MAX_WAITING": str(4 * max(conc)),
+               "ESS_MAX_NEW_TOKENS_LIMIT": str(max_output), "ESS_DTYPE": args.dtype,
+               "ESS_QUANTIZATION": quant, "ESS_COMPILE": compiled,
+               "ESS_SAFETY_ENABLED": "true" if safety else "false", "ESS_SAFETY_SCHEDULE": safety or "each"}
+        results += measure(ChildServer.ess(env), requests_for, conc,
+                           {"system": "ess", "precision": precision_name(ess_dtype, quant),
+                            "compiled": compiled == "true", "safety": safety or "off"})
     add_ratios(results)
     prefill = {precision_name(ess_dtype, q): round(prefill_seconds([p for p, _ in requests_for(1)], args.dtype, q), 4)
                for q in args.quantization}
@@ -308,9 +312,10 @@ def main(argv=None) -> dict:
            "prefill_p50_seconds": prefill, "results": results}
     print()
     print(markdown_table(
-        ["system", "precision", "safety", "concurrency", "output tok/s", "x llama.cpp bf16", "x q8_0", "TTFT p50 s",
+        ["system", "precision", "compiled", "safety", "concurrency", "output tok/s", "x llama.cpp bf16", "x q8_0", "TTFT p50 s",
          "TTFT p99 s", "TTFT / prefill", "TPOT p50 s", "TPOT p99 s", "peak RSS MiB"],
-        [[r["system"], r["precision"], r["safety"] or "-", r["concurrency"], f"{r['output_tokens_per_second']:.1f}",
+        [[r["system"], r["precision"], {True: "yes", False: "no"}.get(r.get("compiled"), "-"), r["safety"] or "-",
+          r["concurrency"], f"{r['output_tokens_per_second']:.1f}",
           r["x_llama"], r["x_llama_q8_0"], f"{r['ttft_p50_seconds']:.3f}", f"{r['ttft_p99_seconds']:.3f}",
           r.get("ttft_over_prefill") or "-", r["tpot_p50_seconds"],
           r["tpot_p99_seconds"], r["peak_rss_mib"]] for r in results]))

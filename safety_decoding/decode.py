@@ -739,6 +739,9 @@ class Decoder:
             ``ESS_QUANTIZATION``).
         first_check: candidate first tokens of the speculative first check (`first_check`,
             ``ESS_FIRST_CHECK_CANDIDATES``; 0: off).
+        compile: run one-row decode steps through `compiled.CompiledStep` where it can run
+            (`SafetyModel.use_compiled_step`; ``ESS_COMPILE``). The first such step compiles
+            (about 100 s on 2 cores).
 
     Raises:
         ValueError: ``quantization`` is not ``none`` and the model cannot run it (not fused, or
@@ -746,7 +749,7 @@ class Decoder:
     """
 
     def __init__(self, model: SafetyModel, tokenizer, fused: bool = True, quantization: str = "none",
-                 first_check: int = DEFAULT_CANDIDATES):
+                 first_check: int = DEFAULT_CANDIDATES, compile: bool = False):
         self.model = model
         self.tok = tokenizer
         self.device = next(model.parameters()).device
@@ -755,6 +758,11 @@ class Decoder:
         if quantization != Quantization.NONE and not on:
             raise ValueError(f"quantization: {quantization} needs the fused forward (ESS_FUSED_FORWARD=true, "
                              "merged weights)")
+        self.compiled = model.use_compiled_step(compile and on)
+        """Whether one-row decode steps run compiled (`compile`, where it can run)."""
+        if compile and not self.compiled:
+            log.info("compile: the compiled decode step needs the fused forward on CPU, no quantization and "
+                     "an adapter merged into every row; every step runs eager")
         self.refusal = model.config.refusal_prefix
         self.refusal_completion = model.config.refusal_completion
         # EOS plus the document end token (SmolLM2's <|endoftext|> doubles as its unk token).
@@ -766,13 +774,13 @@ class Decoder:
     @classmethod
     def from_checkpoint(cls, checkpoint, base_dir, device: str = "cpu", dtype: str = "float32",
                         fused: bool = True, quantization: str = "none",
-                        first_check: int = DEFAULT_CANDIDATES) -> "Decoder":
+                        first_check: int = DEFAULT_CANDIDATES, compile: bool = False) -> "Decoder":
         """Load ``checkpoint`` on the prepared base model in ``base_dir`` (LoRA merged).
 
         Args:
             device, dtype: names as ``ESS_DEVICE`` / ``ESS_DTYPE`` take them (``auto`` included,
                 see `device.resolve_device` / `device.resolve_dtype`).
-            fused, quantization, first_check: see `Decoder`.
+            fused, quantization, first_check, compile: see `Decoder`.
 
         Raises:
             CheckpointError: see `model.load_safety_model`.
@@ -787,7 +795,7 @@ class Decoder:
         dev = resolve_device(device)
         model = load_safety_model(checkpoint, base_dir, dtype=resolve_dtype(dtype, dev)).to(dev)
         return cls(model, AutoTokenizer.from_pretrained(str(base_dir)), fused=fused, quantization=quantization,
-                   first_check=first_check)
+                   first_check=first_check, compile=compile)
 
     def refusal_ids(self, row: RowState) -> list[int]:
         """Token ids of the refusal as it follows ``row``'s text (`text.refusal_separator`: a

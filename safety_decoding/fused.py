@@ -319,14 +319,20 @@ class FusedBody:
             raise ValueError("FusedBody needs merged, plain nn.Linear projections (merge LoRA first)")
         q = Quantization(quantization)  # ValueError on an unknown name
         check_quantization(q, lm_head.weight.device, lm_head.weight.dtype)
+        self.quantization, self.row_adapters = q, row_adapters
         self.layers = [FusedLayer(layer, q) for layer in body.layers[: body.config.num_hidden_layers]]
         self.norm, self.rotary = body.norm, body.rotary_emb
         self.groups = body.config.num_attention_heads // body.config.num_key_value_heads
         self.lm_head = Projection(lm_head.weight.detach(), _bias(lm_head), q)
+        self.compiled = None
+        """A `compiled.CompiledStep` that runs the one-row decode steps it accepts, or None
+        (`Decoder`'s ``compile``)."""
 
     def __call__(self, x, mask, position_ids, cache=None, rows=None) -> torch.Tensor:
         cos, sin = rotary_tables(self.rotary, x, position_ids)
         mask = grouped_mask(mask, x.dtype, self.groups)
+        if self.compiled is not None and self.compiled.ready(x, cache, rows):
+            return self.compiled(x, cos, sin, mask, cache)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, rows)
         return rms_norm(self.norm, x)

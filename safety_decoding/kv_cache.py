@@ -62,12 +62,23 @@ class SlotLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, m = self._nk, key_states.shape[2]
+        k, v = self.reserve(m)
+        k[:, :, n:n + m] = key_states
+        v[:, :, n:n + m] = value_states
+        self.advance(m)
+        return self.keys, self.values
+
+    def reserve(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(B, Hkv, capacity, D)`` K and V buffers, grown to hold ``m`` more slots (for a
+        forward that writes them itself, `compiled.CompiledStep`; then `advance`)."""
+        n = self._nk
         if n + m > self._k.shape[2]:
             self._k, self._v = _buffer(self.keys, _room(n + m)), _buffer(self.values, _room(n + m))
-        self._k[:, :, n:n + m] = key_states
-        self._v[:, :, n:n + m] = value_states
-        self._nk = self._nv = n + m
-        return self.keys, self.values
+        return self._k, self._v
+
+    def advance(self, m: int) -> None:
+        """Count ``m`` more used slots (written into the `reserve` buffers)."""
+        self._nk = self._nv = self._nk + m
 
     def get_seq_length(self) -> int:
         return self._nk
@@ -91,3 +102,13 @@ class SlotCache(DynamicCache):
         if any(type(layer) is not DynamicLayer for layer in self.layers):
             raise ValueError("SlotCache supports full-attention layers only")
         self.layers = [SlotLayer() for _ in self.layers]
+
+    def reserve(self, m: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's K and V buffers with room for ``m`` more slots (`SlotLayer.reserve`)."""
+        pairs = [layer.reserve(m) for layer in self.layers]
+        return [k for k, _ in pairs], [v for _, v in pairs]
+
+    def advance(self, m: int) -> None:
+        """`SlotLayer.advance` on every layer."""
+        for layer in self.layers:
+            layer.advance(m)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .masks import CLS, PROBE
-from .types import LoraRows
+from .types import LoraRows, Quantization
 
 CHECKPOINT_CONFIG = "ess_config.json"
 SAFETY_WEIGHTS = "safety_head.safetensors"
@@ -116,6 +116,24 @@ class SafetyModel(nn.Module):
         self.fused = FusedBody(self.decoder, self._causal_lm().lm_head, quantization, row_adapters=rows) \
             if on and can_fuse(self.decoder, row_adapters=rows) else None
         return self.fused is not None
+
+    def use_compiled_step(self, on: bool = True) -> bool:
+        """Run one-row decode steps through `compiled.CompiledStep` (built now from the current
+        weights; it compiles on its first call) or, with ``on`` False, all through the fused
+        forward again.
+
+        Returns:
+            Whether it is on: False where it cannot run (the fused forward off, on CUDA, int8
+            weights, a LoRA adapter on the safety rows only), and the model stays as it was.
+        """
+        from .compiled import CompiledStep
+
+        fused = self.fused
+        can = fused is not None and fused.quantization == Quantization.NONE and not fused.row_adapters and \
+            next(self.parameters()).device.type == "cpu"
+        if fused is not None:
+            fused.compiled = CompiledStep(self.decoder) if on and can else None
+        return bool(on and can)
 
     def _mask_lora_to_safety_rows(self) -> None:
         """Zero every LoRA branch's output on token rows (`LoraRows.SAFETY`): a forward hook on

@@ -49,7 +49,7 @@ def build_app(settings, decoder=None):
         try:
             return Decoder.from_checkpoint(settings.checkpoint, base, settings.device, settings.dtype,
                                            fused=settings.fused_forward, quantization=settings.quantization,
-                                           first_check=settings.first_check_candidates)
+                                           first_check=settings.first_check_candidates, compile=settings.compile)
         except (CheckpointError, ValueError) as exc:
             raise ServeError(str(exc)) from exc
 

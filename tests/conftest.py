@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Servers the tests start (in process or as `ess serve`) run the eager forward: compiling adds
+# 100-150 s to each start on 2 cores. tests/test_compiled.py tests the compiled step.
+os.environ.setdefault("ESS_COMPILE", "false")
 
 ASSETS = Path(__file__).parent / "assets"
 REPO = Path(__file__).resolve().parent.parent

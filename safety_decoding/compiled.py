@@ -1,0 +1,170 @@
+"""A compiled decode forward: the body's function for one row, compiled by inductor on CPU.
+
+gpt-fast's lever (``torch.compile`` of the decode step) in the form that pays on a 2-core CPU
+with AMX (`benchmarks.compile_step`): inductor with weight ``freezing`` (weights become constants,
+prepacked once) and ``max_autotune`` (its AMX/AVX512 micro-GEMM templates), which also fuses
+the norms, the rotary arithmetic and the residual adds into generated C++ kernels. The shapes
+the graph is compiled for are the batch (one row) and the rows per step (``q``: 1, a token; 2,
+a token and its ``[CLS]`` probe). The KV length is a dynamic dimension: the graph reads the
+`kv_cache.SlotCache` buffers as they are (any capacity), writes the step's K/V at the slots
+after the used ones and attends over the used slots, so a generation never recompiles.
+
+Larger batches, prefills, LoRA rows on the safety rows only, CUDA and int8 run `FusedBody`'s
+eager forward: at 8 rows and more the products already cost about what one row does on AMX
+(``ess bench peer``: concurrency 8 runs at 1.7x llama.cpp), while at one row the step is
+bound by its ~1,500 small eager operations. Our choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .fused import grouped_attention, rotate
+from .kv_cache import SlotCache
+
+log = logging.getLogger(__name__)
+
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True}
+"""``torch._inductor.config`` fields the graph compiles with: one forward of the body runs
+1.75x as fast as `FusedBody`'s eager one with both, 1.29x with ``freezing`` alone and 0.97x
+with neither (`benchmarks.compile_step`, `benchmarks/results/compile_step.json`)."""
+
+ROWS = (1, 2)
+"""Rows per step the graph is compiled for: a token, and a token with its ``[CLS]`` probe."""
+
+
+class StepGraph(nn.Module):
+    """The body's decode forward over `SlotCache` buffers (what inductor compiles).
+
+    ``forward(x (B, q, H), cos, signed_sin (B, 1, q, D) from `fused.rotary_tables`, mask
+    (B, 1, g*q, n) additive from `fused.grouped_mask`, keys, values: per layer (B, Hkv, C, D)
+    buffers with C >= n) -> hidden (B, q, H)`` after the final norm. The step's rows take the
+    slots ``n - q .. n - 1``; their K/V are written there in place. Weights are buffers, so that
+    ``freezing`` folds them. The arithmetic is `fused.FusedLayer`'s (transformers' RMSNorm:
+    variance in float32, the weight in the input's dtype; `fused.rotate`;
+    `fused.grouped_attention`).
+    """
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        cfg = body.config
+        self.n_layers, self.eps = cfg.num_hidden_layers, cfg.rms_norm_eps
+        self.hidden = cfg.hidden_size
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.scaling = body.layers[0].self_attn.scaling
+        for i, layer in enumerate(body.layers[:self.n_layers]):
+            a, m = layer.self_attn, layer.mlp
+            weights = {"qkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                       "o": a.o_proj.weight, "gate_up": torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                       "down": m.down_proj.weight, "norm_in": layer.input_layernorm.weight,
+                       "norm_post": layer.post_attention_layernorm.weight}
+            for name, w in weights.items():
+                self.register_buffer(f"{name}{i}", w.detach().contiguous(), persistent=False)
+        self.register_buffer("norm", body.norm.weight.detach(), persistent=False)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight * nn.functional.rms_norm(x.float(), (self.hidden,), None, self.eps).to(x.dtype)
+
+    def forward(self, x, cos, sin, mask, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        B, q, _ = x.shape
+        D, n = self.head_dim, mask.shape[-1]
+        n_qk = (self.n_heads + self.n_kv) * D
+        slots = torch.arange(n - q, n, device=x.device)
+        for i in range(self.n_layers):
+            w = lambda name: getattr(self, f"{name}{i}")  # noqa: E731
+            qkv = self._norm(x, w("norm_in")) @ w("qkv").t()
+            qk = rotate(qkv[..., :n_qk].view(B, q, -1, D).transpose(1, 2), cos, sin)
+            query, key = qk.split([self.n_heads, self.n_kv], 1)
+            keys[i].index_copy_(2, slots, key)
+            values[i].index_copy_(2, slots, qkv[..., n_qk:].view(B, q, self.n_kv, D).transpose(1, 2))
+            attended = grouped_attention(query, keys[i][:, :, :n], values[i][:, :, :n], mask, self.scaling)
+            x = x + attended @ w("o").t()
+            gate, up = (self._norm(x, w("norm_post")) @ w("gate_up").t()).chunk(2, -1)
+            x = x + (nn.functional.silu(gate) * up) @ w("down").t()
+        return self._norm(x, self.norm)
+
+
+class CompiledStep:
+    """`StepGraph` compiled for one-row decode steps (`ROWS`), called by `fused.FusedBody`.
+
+    Compiling takes about 50 s per rows count on 2 cores (inductor generates, autotunes and
+    builds C++ with the system's compiler); the first forward `ready` accepts compiles every
+    count of `ROWS` (in the server, its warm-up request).
+
+    Raises (``__init__``):
+        ValueError: the body is not on a CPU (CUDA runs the eager forward; our choice until a GPU
+            path is measured).
+    """
+
+    def __init__(self, body: nn.Module):
+        device = next(body.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"the compiled decode step runs on CPU only, the model is on {device}")
+        self.graph = StepGraph(body).eval()
+        self.fn = torch.compile(self.graph, dynamic=False, options=INDUCTOR_OPTIONS)
+        self.compile_seconds: dict[int, float] = {}
+        """Seconds each rows count took to compile (`warm_up`); empty before."""
+        self.failure: str | None = None
+        """Why compiling failed (every step then runs eager), or None."""
+
+    def ready(self, x: torch.Tensor, cache, rows) -> bool:
+        """Whether a forward of ``x (B, q, H)`` on ``cache`` with LoRA ``rows`` runs compiled:
+        one row of `ROWS` rows after a filled `SlotCache`, no LoRA rows, inference tensors
+        (``torch.inference_mode``, as `decode.DecodeBatch.step` runs: the graph is compiled for
+        them, and other tensors would compile it again), and a graph that compiled. The first
+        forward that qualifies compiles every count of `ROWS` (`warm_up`); a failure to compile
+        (no C++ compiler, for one) is logged once and leaves every step eager."""
+        if not (x.shape[0] == 1 and x.shape[1] in ROWS and rows is None and isinstance(cache, SlotCache)
+                and cache.get_seq_length() > 0 and x.is_inference() and cache.layers[0].keys.is_inference()):
+            return False
+        if not self.compile_seconds and self.failure is None:
+            try:
+                self.warm_up()
+            except Exception as exc:  # inductor raises many types; any of them means eager
+                self.failure = f"{type(exc).__name__}: {exc}"
+                log.warning("the decode step did not compile, every step runs eager: %s", self.failure)
+        return self.failure is None
+
+    def __call__(self, x, cos, sin, mask, cache: SlotCache) -> torch.Tensor:
+        """`StepGraph`'s forward on ``cache``'s buffers (a forward `ready` accepted); ``cache``
+        then holds the step's slots."""
+        import torch._inductor.config as inductor
+
+        # One spare slot: the graph is compiled for buffers longer than the slots it reads (dynamo
+        # guards on it), so a buffer filled to the last slot would compile it again.
+        keys, values = cache.reserve(x.shape[1] + 1)
+        with inductor.patch(INDUCTOR_OPTIONS):  # freezing is decided when dynamo traces
+            hidden = self.fn(x, cos, sin, mask, keys, values)
+        cache.advance(x.shape[1])
+        return hidden
+
+    def warm_up(self, rows: Iterable[int] = ROWS) -> dict[int, float]:
+        """Compile for each rows count now (`compile_seconds`).
+
+        The KV length and capacity are marked dynamic, and given distinct sizes here (dynamo
+        would otherwise take equal sizes for one symbol)."""
+        import torch._inductor.config as inductor
+
+        g = self.graph
+        dtype = g.norm.dtype
+        with torch.inference_mode():
+            for q in rows:
+                t = time.perf_counter()
+                x = torch.zeros(1, q, g.hidden, dtype=dtype)
+                cos, sin = (torch.ones(1, 1, q, g.head_dim, dtype=dtype) for _ in range(2))  # not aliased
+                mask = torch.zeros(1, 1, g.n_heads // g.n_kv * q, 37, dtype=dtype)
+                buffers = [torch.zeros(1, g.n_kv, 101, g.head_dim, dtype=dtype) for _ in range(2 * g.n_layers)]
+                torch._dynamo.mark_dynamic(mask, 3)
+                for b in buffers:
+                    torch._dynamo.mark_dynamic(b, 2)
+                with inductor.patch(INDUCTOR_OPTIONS):
+                    self.fn(x, cos, sin, mask, buffers[:g.n_layers], buffers[g.n_layers:])
+                self.compile_seconds[q] = round(time.perf_counter() - t, 1)
+                log.info("compiled the decode step for %d row(s) in %.1f s", q, self.compile_seconds[q])
+        return self.compile_seconds
