@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .fused import grouped_attention, rotate
+from .fused import concat_bias, grouped_attention, rotate
 from .kv_cache import SlotCache
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ class StepGraph(nn.Module):
     slots ``n - q .. n - 1``; their K/V are written there in place. Weights are buffers, so that
     ``freezing`` folds them. The arithmetic is `fused.FusedLayer`'s (transformers' RMSNorm:
     variance in float32, the weight in the input's dtype; `fused.rotate`;
-    `fused.grouped_attention`).
+    `fused.grouped_attention`; projection biases and the config's MLP activation where the model
+    has them).
     """
 
     def __init__(self, body: nn.Module):
@@ -58,18 +59,26 @@ class StepGraph(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.scaling = body.layers[0].self_attn.scaling
+        self.act = body.layers[0].mlp.act_fn  # transformers builds every layer's from config.hidden_act
         for i, layer in enumerate(body.layers[:self.n_layers]):
             a, m = layer.self_attn, layer.mlp
-            weights = {"qkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                       "o": a.o_proj.weight, "gate_up": torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-                       "down": m.down_proj.weight, "norm_in": layer.input_layernorm.weight,
-                       "norm_post": layer.post_attention_layernorm.weight}
-            for name, w in weights.items():
-                self.register_buffer(f"{name}{i}", w.detach().contiguous(), persistent=False)
+            projections = {"qkv": (a.q_proj, a.k_proj, a.v_proj), "o": (a.o_proj,),
+                           "gate_up": (m.gate_proj, m.up_proj), "down": (m.down_proj,)}
+            for name, linears in projections.items():
+                self.register_buffer(f"{name}{i}", torch.cat([lin.weight.detach() for lin in linears]).contiguous(),
+                                     persistent=False)
+                self.register_buffer(f"{name}_bias{i}", concat_bias(*linears), persistent=False)  # None: no bias
+            self.register_buffer(f"norm_in{i}", layer.input_layernorm.weight.detach(), persistent=False)
+            self.register_buffer(f"norm_post{i}", layer.post_attention_layernorm.weight.detach(), persistent=False)
         self.register_buffer("norm", body.norm.weight.detach(), persistent=False)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return weight * nn.functional.rms_norm(x.float(), (self.hidden,), None, self.eps).to(x.dtype)
+
+    def _project(self, x: torch.Tensor, name: str, i: int) -> torch.Tensor:
+        bias = getattr(self, f"{name}_bias{i}")
+        y = x @ getattr(self, f"{name}{i}").t()
+        return y if bias is None else y + bias
 
     def forward(self, x, cos, sin, mask, keys: list[torch.Tensor], values: list[torch.Tensor]):
         B, q, _ = x.shape
@@ -77,16 +86,15 @@ class StepGraph(nn.Module):
         n_qk = (self.n_heads + self.n_kv) * D
         slots = torch.arange(n - q, n, device=x.device)
         for i in range(self.n_layers):
-            w = lambda name: getattr(self, f"{name}{i}")  # noqa: E731
-            qkv = self._norm(x, w("norm_in")) @ w("qkv").t()
+            qkv = self._project(self._norm(x, getattr(self, f"norm_in{i}")), "qkv", i)
             qk = rotate(qkv[..., :n_qk].view(B, q, -1, D).transpose(1, 2), cos, sin)
             query, key = qk.split([self.n_heads, self.n_kv], 1)
             keys[i].index_copy_(2, slots, key)
             values[i].index_copy_(2, slots, qkv[..., n_qk:].view(B, q, self.n_kv, D).transpose(1, 2))
             attended = grouped_attention(query, keys[i][:, :, :n], values[i][:, :, :n], mask, self.scaling)
-            x = x + attended @ w("o").t()
-            gate, up = (self._norm(x, w("norm_post")) @ w("gate_up").t()).chunk(2, -1)
-            x = x + (nn.functional.silu(gate) * up) @ w("down").t()
+            x = x + self._project(attended, "o", i)
+            gate, up = self._project(self._norm(x, getattr(self, f"norm_post{i}")), "gate_up", i).chunk(2, -1)
+            x = x + self._project(self.act(gate) * up, "down", i)
         return self._norm(x, self.norm)
 
 

@@ -156,14 +156,18 @@ def _row_adapter(*parts: tuple[nn.Linear, tuple | None]) -> RowAdapter | None:
     return RowAdapter([lora for _, lora in parts], [lin.out_features for lin, _ in parts])
 
 
+def concat_bias(*linears: nn.Linear) -> torch.Tensor | None:
+    """The biases of linears whose outputs are concatenated (zeros for those without), or None
+    when none has one."""
+    if all(lin.bias is None for lin in linears):
+        return None
+    return torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                      for lin in linears])
+
+
 def _fuse(*linears: nn.Linear, quantization: Quantization = Quantization.NONE) -> Projection:
     """One `Projection` for several linears on the same input (outputs concatenated)."""
-    weight = torch.cat([lin.weight.detach() for lin in linears])
-    biases = [lin.bias for lin in linears]
-    bias = None if all(b is None for b in biases) else torch.cat([
-        b.detach() if b is not None else lin.weight.new_zeros(lin.out_features)
-        for b, lin in zip(biases, linears)])
-    return Projection(weight, bias, quantization)
+    return Projection(torch.cat([lin.weight.detach() for lin in linears]), concat_bias(*linears), quantization)
 
 
 class FusedLayer:

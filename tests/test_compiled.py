@@ -158,10 +158,23 @@ def test_compile_runs_only_where_it_can(tokenizer):
     assert Decoder(model, tokenizer).compiled is False  # off unless asked
 
 
-def test_the_graph_is_the_fused_bodys_function_uncompiled(tokenizer):
-    """`StepGraph` itself (eager), so a failure above points at the compiler or at the graph."""
-    model = tiny_safety_model(tokenizer, seed=5)
-    decoder = Decoder(model, tokenizer)
+@pytest.mark.parametrize("variant", [{}, {"attention_bias": True, "mlp_bias": True}, {"hidden_act": "gelu"}])
+def test_the_graph_is_the_fused_bodys_function_uncompiled(tokenizer, variant):
+    """`StepGraph` itself (eager), so a failure above points at the compiler or at the graph;
+    also on the Llama variants `fused.can_fuse` admits (projection biases, another activation)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safety_decoding.model import SafetyConfig, SafetyModel
+
+    torch.manual_seed(5)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True, **variant)).eval()
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)  # transformers starts them at zero
+    decoder = Decoder(SafetyModel(lm, SafetyConfig("tiny", "none", 64, len(tokenizer))).eval(), tokenizer)
     body, cfg = decoder.model.fused, decoder.model.decoder.config
     graph = StepGraph(decoder.model.decoder)
     cache = _prefilled(body, cfg, 9)
