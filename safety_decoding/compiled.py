@@ -9,7 +9,8 @@ a token and its ``[CLS]`` probe). The KV length is a dynamic dimension: the grap
 `kv_cache.SlotCache` buffers as they are (any capacity), writes the step's K/V at the slots
 after the used ones and attends over the used slots, so a generation never recompiles.
 
-Larger batches, prefills, LoRA rows on the safety rows only, CUDA and int8 run `FusedBody`'s
+Larger batches, prefills (a chunk of 1 or 2 columns for one row excepted: the graph computes any
+rows appended to a cache), LoRA rows on the safety rows only, CUDA and int8 run `FusedBody`'s
 eager forward: at 8 rows and more the products already cost about what one row does on AMX
 (``ess bench peer``: concurrency 8 runs at 1.7x llama.cpp), while at one row the step is
 bound by its ~1,500 small eager operations. Our choice.

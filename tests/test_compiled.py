@@ -122,7 +122,7 @@ def test_runs_one_row_steps_after_a_prefill_only(compiled_decoder):
     x = lambda b, q: rows[(b, q)]  # noqa: E731
     assert compiled.ready(x(1, 1), cache, None) and compiled.ready(x(1, 2), cache, None)
     assert not compiled.ready(x(2, 1), cache, None)  # a batch: eager
-    assert not compiled.ready(x(1, 3), cache, None)  # a prefill chunk
+    assert not compiled.ready(x(1, 3), cache, None)  # a prefill chunk of 3 (of 1-2: compiled)
     assert not compiled.ready(x(1, 1), SlotCache(cfg), None)  # a prefill
     assert not compiled.ready(x(1, 1), None, None)
     assert not compiled.ready(x(1, 2), cache, torch.tensor([1]))  # LoRA on the probe row
