@@ -26,10 +26,9 @@ import sys
 import time
 
 import torch
-import torch._dynamo
 
 from benchmarks.common import load, markdown_table, shuffled, write_json
-from safety_decoding.compiled import StepGraph
+from safety_decoding.compiled import StepGraph, mark_dynamic
 
 MODES = {"default": {}, "freezing": {"freezing": True},
          "autotune": {"freezing": True, "max_autotune": True}}
@@ -43,10 +42,7 @@ def graph_inputs(graph: StepGraph, rows: int, kv: int, capacity: int, dtype: tor
     with torch.inference_mode():  # the server's steps run on inference tensors
         buffers = [torch.randn(1, graph.n_kv, capacity, D, dtype=dtype) for _ in range(2 * graph.n_layers)]
         mask = torch.zeros(1, 1, g * rows, kv + rows, dtype=dtype)
-    torch._dynamo.mark_dynamic(mask, 3)
-    for b in buffers:
-        torch._dynamo.mark_dynamic(b, 2)
-    with torch.inference_mode():
+        mark_dynamic(mask, buffers)
         return (torch.randn(1, rows, graph.hidden, dtype=dtype), torch.randn(1, 1, rows, D, dtype=dtype),
                 torch.randn(1, 1, rows, D, dtype=dtype), mask, buffers[:graph.n_layers], buffers[graph.n_layers:])
 

@@ -99,6 +99,14 @@ class StepGraph(nn.Module):
         return self._norm(x, self.norm)
 
 
+def mark_dynamic(mask: torch.Tensor, buffers: list[torch.Tensor]) -> None:
+    """Mark the dimensions a decode step's graph takes as dynamic: the KV length (``mask``'s
+    last) and the capacity of the K/V ``buffers`` (their third)."""
+    torch._dynamo.mark_dynamic(mask, 3)
+    for b in buffers:
+        torch._dynamo.mark_dynamic(b, 2)
+
+
 class CompiledStep:
     """`StepGraph` compiled for one-row decode steps (`ROWS`), called by `fused.FusedBody`.
 
@@ -169,9 +177,7 @@ class CompiledStep:
                 cos, sin = (torch.ones(1, 1, q, g.head_dim, dtype=dtype) for _ in range(2))  # not aliased
                 mask = torch.zeros(1, 1, g.n_heads // g.n_kv * q, 37, dtype=dtype)
                 buffers = [torch.zeros(1, g.n_kv, 101, g.head_dim, dtype=dtype) for _ in range(2 * g.n_layers)]
-                torch._dynamo.mark_dynamic(mask, 3)
-                for b in buffers:
-                    torch._dynamo.mark_dynamic(b, 2)
+                mark_dynamic(mask, buffers)
                 with inductor.patch(INDUCTOR_OPTIONS):
                     self.fn(x, cos, sin, mask, buffers[:g.n_layers], buffers[g.n_layers:])
                 self.compile_seconds[q] = round(time.perf_counter() - t, 1)
