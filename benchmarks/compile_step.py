@@ -8,14 +8,14 @@ slots; the KV length and capacity marked dynamic as `compiled.CompiledStep` mark
 benchmark times one decode forward of the body (``--rows`` 1: a token; 2: a token and its
 ``[CLS]`` probe; ``--kv`` slots already filled; `FusedBody`'s call also crops its cache back, a
 few microseconds): `FusedBody` eager (``ESS_COMPILE=false``), `StepGraph` eager, and
-`StepGraph` compiled in each ``--modes`` entry (``autotune`` is what ``ESS_COMPILE=true``
+`StepGraph` compiled in each ``--modes`` entry (``served`` is what ``ESS_COMPILE=true``
 runs), with each compile's wall time (cold: no FX graph cache).
 
 Every forward is timed in the same rounds, in a seeded order per round
 (`benchmarks.common.shuffled`: the machine's load moves all of them alike).
 
-Run: ``python -m benchmarks.compile_step [--modes default freezing autotune] [--json PATH]``
-(about 5 minutes on 2 cores; each compile takes 20-45 s there).
+Run: ``python -m benchmarks.compile_step [--modes default freezing autotune served] [--json PATH]``
+(about 8 minutes on 2 cores; each compile takes 20-60 s there).
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ import time
 import torch
 
 from benchmarks.common import load, markdown_table, shuffled, write_json
-from safety_decoding.compiled import StepGraph, mark_dynamic
+from safety_decoding.compiled import INDUCTOR_OPTIONS, StepGraph, mark_dynamic
 
 MODES = {"default": {}, "freezing": {"freezing": True},
-         "autotune": {"freezing": True, "max_autotune": True}}
-"""Inductor settings per mode name (``torch.compile`` options: ``torch._inductor.config`` fields)."""
+         "autotune": {"freezing": True, "max_autotune": True}, "served": INDUCTOR_OPTIONS}
+"""Inductor settings per mode name (``torch.compile`` options: ``torch._inductor.config`` fields);
+``served`` is what ``ESS_COMPILE=true`` runs (``autotune`` plus ``cpp_wrapper``)."""
 
 
 def graph_inputs(graph: StepGraph, rows: int, kv: int, capacity: int, dtype: torch.dtype):

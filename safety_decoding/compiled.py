@@ -30,10 +30,15 @@ from .kv_cache import SlotCache
 
 log = logging.getLogger(__name__)
 
-INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True}
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "cpp_wrapper": True}
 """``torch._inductor.config`` fields the graph compiles with: one forward of the body runs
-1.75x as fast as `FusedBody`'s eager one with both, 1.29x with ``freezing`` alone and 0.97x
-with neither (`benchmarks.compile_step`, `benchmarks/results/compile_step.json`)."""
+1.79-1.88x as fast as `FusedBody`'s eager one with all three, 1.78-1.81x without
+``cpp_wrapper``, 1.28-1.34x with ``freezing`` alone and 0.94-1.0x with none
+(`benchmarks.compile_step`, `benchmarks/results/compile_step.json`). ``cpp_wrapper`` runs the
+whole graph as one C++ call that releases the GIL (the Python wrapper holds it through each
+kernel), so the event loop's thread streams frames while a step runs; it adds about 10 s of
+compiling per rows count. Inductor's FX graph cache cannot keep these graphs ("mkldnn tensors
+unpickleable": the packed weights of the GEMM templates), so every process compiles anew."""
 
 ROWS = (1, 2)
 """Rows per step the graph is compiled for: a token, and a token with its ``[CLS]`` probe."""
@@ -110,7 +115,7 @@ def mark_dynamic(mask: torch.Tensor, buffers: list[torch.Tensor]) -> None:
 class CompiledStep:
     """`StepGraph` compiled for one-row decode steps (`ROWS`), called by `fused.FusedBody`.
 
-    Compiling takes about 50 s per rows count on 2 cores (inductor generates, autotunes and
+    Compiling takes about 55 s per rows count on 2 cores (inductor generates, autotunes and
     builds C++ with the system's compiler); the first forward `ready` accepts compiles every
     count of `ROWS` (in the server, its warm-up request).
 

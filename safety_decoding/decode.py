@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 RELEASE_ALL = (FinishReason.EOS, FinishReason.LENGTH)
 """Finish reasons after which everything generated is released (once the end trip ran)."""
 
+PREFILL_BUCKET = 16
+"""A prefill's columns are left-padded to a multiple of this. Our choice: on CPU, oneDNN and
+the attention kernel build a primitive for each new row count of a product and cache it, which
+costs a prefill of a length not seen before about 8 ms (a fifth of a 40-token prefill on 2 AMX
+cores, bfloat16); with buckets, a few dozen row counts cover every prompt, at the price of up to
+15 padding columns (``python -m benchmarks.prefill_shapes``)."""
+
 
 @dataclass
 class GenerationRequest:
@@ -467,8 +474,9 @@ class DecodeBatch:
         return [r.id for r in rows]
 
     def _stack(self, rows: list[RowState]) -> tuple[SlotBatch, SlotCache]:
-        """``rows``' layouts left-padded (each row's ``cls_slot`` set) and an empty cache."""
-        batch = stack_layouts([row.layout() for row in rows], left=True)
+        """``rows``' layouts left-padded to a multiple of `Decoder.prefill_bucket` columns (each row's
+        ``cls_slot`` set) and an empty cache."""
+        batch = stack_layouts([row.layout() for row in rows], left=True, multiple_of=self.decoder.prefill_bucket)
         for row, offset in zip(rows, batch.offsets):
             row.cls_slot = offset
         return batch, SlotCache(self.decoder.model.decoder.config)
@@ -741,7 +749,7 @@ class Decoder:
             ``ESS_FIRST_CHECK_CANDIDATES``; 0: off).
         compile: run one-row decode steps through `compiled.CompiledStep` where it can run
             (`SafetyModel.use_compiled_step`; ``ESS_COMPILE``). The first such step compiles
-            (about 100 s on 2 cores).
+            (about 110 s on 2 cores).
 
     Raises:
         ValueError: ``quantization`` is not ``none`` and the model cannot run it (not fused, or
@@ -770,6 +778,8 @@ class Decoder:
         self.stop_ids = {i for i in ids if isinstance(i, int) and i >= 0}
         self.first_candidates = draft_candidates(model, tokenizer, first_check)
         """Candidate first tokens of the speculative first check (`first_check`; () off)."""
+        self.prefill_bucket = PREFILL_BUCKET
+        """A prefill's columns are a multiple of this (1: no bucketing; `PREFILL_BUCKET`)."""
 
     @classmethod
     def from_checkpoint(cls, checkpoint, base_dir, device: str = "cpu", dtype: str = "float32",

@@ -152,14 +152,17 @@ class SlotBatch:
                                         self.reads_cls, window)
 
 
-def stack_layouts(layouts: Sequence[SlotLayout], left: bool = False) -> SlotBatch:
-    """Pad ``layouts`` to the longest and stack them.
+def stack_layouts(layouts: Sequence[SlotLayout], left: bool = False, multiple_of: int = 1) -> SlotBatch:
+    """Pad ``layouts`` to the longest, rounded up to a multiple of ``multiple_of``, and stack them.
 
     Args:
         left: pad on the left (the decoder: every row's next token lands in the same last
             column); else on the right (training and evaluation).
+        multiple_of: columns of the stacked batch are a multiple of this (the decoder's
+            `PREFILL_BUCKET`).
     """
     B, L = len(layouts), max(len(x) for x in layouts)
+    L = -(-L // multiple_of) * multiple_of
     ids = torch.zeros(B, L, dtype=torch.long)
     kinds = torch.full((B, L), PAD, dtype=torch.long)
     in_query = torch.zeros(B, L, dtype=torch.bool)

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         True, description="ESS_COMPILE: run decode steps of a single running request through a forward "
                           "compiled by torch.compile (inductor, weights frozen, AMX/AVX512 GEMM templates; "
                           "about 1.6x faster per token on 2 cores) where it can run: CPU, the fused "
-                          "forward, ESS_QUANTIZATION=none. Compiling adds about 100 s to startup on 2 "
+                          "forward, ESS_QUANTIZATION=none. Compiling adds about 110 s to startup on 2 "
                           "cores (the warm-up). false: every step runs the eager fused forward.")
     quantization: Literal[Quantization.values()] = Field(
         Quantization.NONE.value, description="ESS_QUANTIZATION: `none`, or `int8`: the fused forward's projections "

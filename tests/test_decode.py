@@ -53,6 +53,18 @@ def test_batched_rows_match_single_rows(tiny_model, tokenizer):
     assert out == singles
 
 
+@pytest.mark.parametrize("bucket", [7, 16])
+def test_prefill_bucket_padding_changes_no_generation(tiny_model, tokenizer, bucket):
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    dec = Decoder(tiny_model, tokenizer)
+    dec.prefill_bucket = 1
+    text, events = run(dec, prompt)
+    dec.prefill_bucket = bucket
+    padded_text, padded = run(dec, prompt)
+    assert padded_text == text and padded[-1].finish_reason == events[-1].finish_reason
+    assert padded[-1].safety["query_score"] == pytest.approx(events[-1].safety["query_score"], abs=1e-5)
+
+
 def test_seed_makes_sampling_deterministic(tiny_model, tokenizer):
     dec = Decoder(tiny_model, tokenizer)
     prompt = build_chat_prompt(tokenizer, QUESTION)

@@ -53,6 +53,14 @@ def test_padding_left_for_the_decoder_and_right_for_training():
     assert (right.gen[0, 3:] == NOT_RESPONSE).all() and not right.reads_cls[0, 3:].any()
 
 
+def test_padding_rounds_the_columns_up_to_a_multiple():
+    short, long = sequence_layout(PROMPT[:2], QUERY[:2]), sequence_layout(PROMPT, QUERY, RESPONSE)
+    batch = stack_layouts([short, long], left=True, multiple_of=5)  # 3 and 8 slots
+    assert batch.kinds.shape[1] == 10 and batch.offsets == (7, 2)
+    assert batch.kinds[1, :2].tolist() == [PAD] * 2 and batch.kinds[1, 2] == CLS
+    assert stack_layouts([long], left=True, multiple_of=8).kinds.shape[1] == 8
+
+
 def test_mask_follows_the_layout(tokenizer):
     p = build_chat_prompt(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     x = sequence_layout(p.ids, p.query_mask, (5, 6), probes=1)
