@@ -212,14 +212,16 @@ def prefill_seconds(prompts: list[str], dtype: str, quantization: str = "none") 
     with ``quantization`` (``ESS_QUANTIZATION``)."""
     from benchmarks.common import load
     from safety_decoding.decode import GenerationRequest
+    from safety_decoding.policy import SafetyParams
     from safety_decoding.prompt import build_chat_prompt
     from safety_decoding.sampling import SamplingParams
 
     decoder, tok = load(CHECKPOINT, dtype, quantization)
+    safety = SafetyParams.from_config(decoder.model.config)  # the server's policy for the request
     times = []
     for text in ["Hello"] + prompts:  # the first is a warm-up
         req = GenerationRequest(build_chat_prompt(tok, [{"role": "user", "content": text}]),
-                                SamplingParams(max_new_tokens=1))
+                                SamplingParams(max_new_tokens=1), safety)
         t0 = time.perf_counter()
         decoder.new_batch().add([req])
         times.append(time.perf_counter() - t0)

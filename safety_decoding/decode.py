@@ -51,9 +51,9 @@ RELEASE_ALL = (FinishReason.EOS, FinishReason.LENGTH)
 PREFILL_BUCKET = 16
 """A prefill's columns are left-padded to a multiple of this. Our choice: on CPU, oneDNN and
 the attention kernel build a primitive for each new row count of a product and cache it, which
-costs a prefill of a length not seen before about 8 ms (a fifth of a 40-token prefill on 2 AMX
-cores, bfloat16); with buckets, a few dozen row counts cover every prompt, at the price of up to
-15 padding columns (``python -m benchmarks.prefill_shapes``)."""
+made a prefill of a length not seen before 15 % slower than one of a length seen before (2 AMX
+cores, bfloat16, ShareGPT prompts); with buckets, a few dozen row counts cover every prompt, at
+the price of up to 15 padding columns, about 2 % (``python -m benchmarks.prefill_shapes``)."""
 
 
 @dataclass

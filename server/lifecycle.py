@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import logging.config
 import socket
 
 import uvicorn
@@ -151,11 +152,28 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(POLL_SECONDS)
 
 
+OWN_LOGGERS = ("ess", "server", "safety_decoding")
+"""Our packages' loggers: `server_config` sends their records to uvicorn's handler (the
+engine's warm-up, the compiled step's compile time, a failed compile)."""
+
+
+def log_config() -> dict:
+    """uvicorn's logging config, plus `OWN_LOGGERS` on its ``default`` handler (stderr). Without
+    them, our INFO records had no handler and were dropped (Python logs only warnings then)."""
+    import copy
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    for name in OWN_LOGGERS:
+        # propagate: a handler on the root (pytest's caplog, an embedding app's) still sees them
+        config["loggers"][name] = {"handlers": ["default"], "level": "INFO", "propagate": True}
+    return config
+
+
 def server_config(app, settings, **overrides) -> uvicorn.Config:
     """The uvicorn config of ``ess serve``; ``timeout_graceful_shutdown`` is only a backstop
     for responses that ignore the drain (uvicorn cancels them `FLUSH_SECONDS` after it)."""
     options = {"host": settings.host, "port": settings.port, "log_level": "info",
-               "timeout_graceful_shutdown": FLUSH_SECONDS, **overrides}
+               "log_config": log_config(), "timeout_graceful_shutdown": FLUSH_SECONDS, **overrides}
     return uvicorn.Config(app, **options)
 
 
@@ -201,6 +219,7 @@ def serve(settings, app=None) -> int:
     Raises:
         ServeError: the address cannot be bound (`listen`), or the app cannot be built.
     """
+    logging.config.dictConfig(log_config())  # before the model loads, which logs too
     sock = listen(settings.host, settings.port)
     with sock:
         if app is None:
