@@ -49,7 +49,7 @@ def worker(bucket: int, prompts: int, seed: int, dtype: str) -> dict:
 
     first = [timed(r) for r in requests][1:]  # the first prompt is a warm-up
     again = [timed(r) for r in requests][1:]
-    lengths = [len(r.prompt.ids) for r in requests[1:]]
+    lengths = [1 + len(r.prompt.ids) for r in requests[1:]]  # [CLS] and the prompt
     return {"bucket": bucket, "first": first, "again": again, "distinct_lengths": len(set(lengths)),
             "padding": statistics.mean(-(-n // bucket) * bucket - n for n in lengths)}
 

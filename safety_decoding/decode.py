@@ -52,8 +52,9 @@ PREFILL_BUCKET = 16
 """A prefill's columns are left-padded to a multiple of this. Our choice: on CPU, oneDNN and
 the attention kernel build a primitive for each new row count of a product and cache it, which
 made a prefill of a length not seen before 15 % slower than one of a length seen before (2 AMX
-cores, bfloat16, ShareGPT prompts); with buckets, a few dozen row counts cover every prompt, at
-the price of up to 15 padding columns, about 2 % (``python -m benchmarks.prefill_shapes``)."""
+cores, bfloat16, ShareGPT prompts); with buckets, 32 row counts cover every prompt of up to 512
+tokens, at the price of up to 15 padding columns, about 2 % (``python -m
+benchmarks.prefill_shapes``). Chunked prefills are not bucketed: their chunks have fixed widths."""
 
 
 @dataclass
@@ -473,10 +474,10 @@ class DecodeBatch:
             self._join(rows, cache, slots)
         return [r.id for r in rows]
 
-    def _stack(self, rows: list[RowState]) -> tuple[SlotBatch, SlotCache]:
-        """``rows``' layouts left-padded to a multiple of `Decoder.prefill_bucket` columns (each row's
+    def _stack(self, rows: list[RowState], bucket: int = 1) -> tuple[SlotBatch, SlotCache]:
+        """``rows``' layouts left-padded to a multiple of ``bucket`` columns (each row's
         ``cls_slot`` set) and an empty cache."""
-        batch = stack_layouts([row.layout() for row in rows], left=True, multiple_of=self.decoder.prefill_bucket)
+        batch = stack_layouts([row.layout() for row in rows], left=True, multiple_of=bucket)
         for row, offset in zip(rows, batch.offsets):
             row.cls_slot = offset
         return batch, SlotCache(self.decoder.model.decoder.config)
@@ -495,7 +496,7 @@ class DecodeBatch:
             (in `Decoder.first_candidates` order) and the window they read.
         """
         d = self.decoder
-        batch, cache = self._stack(rows)
+        batch, cache = self._stack(rows, d.prefill_bucket)
         windows = [_first_window(r) for r in rows] if speculate and d.first_candidates else [None] * len(rows)
         if any(w is not None for w in windows):
             k = len(d.first_candidates)
@@ -547,7 +548,7 @@ class DecodeBatch:
         (`_update_cls`) and its verdict is the query verdict: the same function as one forward.
         """
         model, size, dev = self.decoder.model, self.prefill_chunk, self.decoder.device
-        batch, cache = self._stack(rows)
+        batch, cache = self._stack(rows)  # not bucketed: chunks have fixed widths of their own
         B, P = batch.kinds.shape
         readers = batch.reads_cls.any(0).nonzero()
         first_reader = min(int(readers[0]) if len(readers) else P, P - 1)
@@ -826,8 +827,9 @@ class Decoder:
         """Columns of ``request``'s own layout in a prefill: ``[CLS]``, its prompt, and with
         safety on the first check's ``2k`` candidate and probe slots (`first_check`; a
         ``monitor`` or ``update_cls`` row does not speculate, but shares them with rows that do).
-        What ``ESS_MAX_BATCHED_TOKENS`` sums over a join. Rows are left-padded to the longest, so
-        a join of mixed lengths runs more columns than the sum (vLLM's budget has no padding)."""
+        What ``ESS_MAX_BATCHED_TOKENS`` sums over a join. Rows are left-padded to the longest,
+        rounded up to `Decoder.prefill_bucket`, so a join runs more columns than the sum (vLLM's
+        budget has no padding): a soft limit."""
         return 1 + len(request.prompt.ids) + (2 * len(self.first_candidates) if request.safety.enabled else 0)
 
     def new_batch(self, prefill_chunk: int | None = None) -> DecodeBatch:

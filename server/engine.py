@@ -445,7 +445,7 @@ class Engine:
             ids = fresh.resume([row for row, _ in retry])
         except Exception as again:
             self._fail([job for _, job in retry], again)
-            return self._decoder.new_batch()
+            return self._decoder.new_batch(self.prefill_chunk)
         jobs.update(zip(ids, (job for _, job in retry)))
         return fresh
 

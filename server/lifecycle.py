@@ -152,7 +152,7 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(POLL_SECONDS)
 
 
-OWN_LOGGERS = ("ess", "server", "safety_decoding")
+OWN_LOGGERS = ("ess", "safety_decoding")
 """Our packages' loggers: `server_config` sends their records to uvicorn's handler (the
 engine's warm-up, the compiled step's compile time, a failed compile)."""
 
@@ -164,7 +164,8 @@ def log_config() -> dict:
 
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     for name in OWN_LOGGERS:
-        # propagate: a handler on the root (pytest's caplog, an embedding app's) still sees them
+        # propagate: a handler on the root (pytest's caplog) still sees them; an embedding app
+        # that puts one on the root prints our lines twice, which beats losing them
         config["loggers"][name] = {"handlers": ["default"], "level": "INFO", "propagate": True}
     return config
 

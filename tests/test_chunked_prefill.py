@@ -93,3 +93,21 @@ def test_a_join_into_an_empty_batch_prefills_at_once(tiny_model, tokenizer):
 def test_prefill_chunk_must_be_positive(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="prefill_chunk"):
         Decoder(tiny_model, tokenizer).new_batch(prefill_chunk=0)
+
+
+def test_chunked_joins_are_not_bucketed(tiny_model, tokenizer):
+    """The prefill bucket pads whole prefills only: a chunked join runs no chunk of padding."""
+    counts = []
+    for bucket in (1, 16):
+        dec = Decoder(tiny_model, tokenizer)
+        dec.prefill_bucket = bucket
+        batch = dec.new_batch(prefill_chunk=3)
+        batch.add([GenerationRequest(build_chat_prompt(tokenizer, [{"role": "user", "content": "Hi"}]),
+                                     SamplingParams(max_new_tokens=40, ignore_eos=True))])
+        join = _requests(tokenizer)[1:2]
+        assert (1 + len(join[0].prompt.ids)) % 16 > 3  # a bucket would add at least one chunk of padding
+        batch.add(join)
+        while batch._joining:
+            batch.step()
+        counts.append(batch.prefill_chunks_run)
+    assert counts[0] == counts[1] > 1, counts

@@ -127,21 +127,18 @@ def test_the_listening_address_is_written_as_a_url():
     assert (url_host("::1"), url_host("127.0.0.1"), url_host("localhost")) == ("[::1]", "127.0.0.1", "localhost")
 
 
-def test_our_info_records_reach_the_server_log(capsys):
+def test_our_info_records_reach_the_server_log():
     """`ess serve` shows the engine's and the compiled step's INFO lines (they were dropped:
-    no handler took our loggers' records below WARNING)."""
-    import logging.config
+    no handler took our loggers' records below WARNING). In a child process: the config is
+    process-wide."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from server.lifecycle import OWN_LOGGERS, log_config
-
-    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in OWN_LOGGERS}
-    try:
-        logging.config.dictConfig(log_config())
-        logging.getLogger("safety_decoding.compiled").info("compiled the decode step for 1 row(s)")
-        logging.getLogger("server.engine").info("engine warm")
-        err = capsys.readouterr().err
-        assert "compiled the decode step for 1 row(s)" in err and "engine warm" in err
-    finally:
-        for name, (handlers, level) in saved.items():
-            logging.getLogger(name).handlers[:] = handlers
-            logging.getLogger(name).setLevel(level)
+    code = ("import logging, logging.config; from server.lifecycle import log_config; "
+            "logging.config.dictConfig(log_config()); "
+            "logging.getLogger('safety_decoding.compiled').info('compiled the decode step for 1 row(s)'); "
+            "logging.getLogger('ess.engine').info('engine warm')")
+    repo = Path(__file__).resolve().parents[2]
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo).stderr
+    assert "compiled the decode step for 1 row(s)" in err and "engine warm" in err
