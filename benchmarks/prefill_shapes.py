@@ -30,6 +30,7 @@ def worker(bucket: int, prompts: int, seed: int, dtype: str) -> dict:
     from benchmarks.common import load
     from benchmarks.serving import workload
     from safety_decoding.decode import GenerationRequest
+    from safety_decoding.layout import round_up
     from safety_decoding.policy import SafetyParams
     from safety_decoding.prompt import build_chat_prompt
     from safety_decoding.sampling import SamplingParams
@@ -51,7 +52,7 @@ def worker(bucket: int, prompts: int, seed: int, dtype: str) -> dict:
     again = [timed(r) for r in requests][1:]
     lengths = [1 + len(r.prompt.ids) for r in requests[1:]]  # [CLS] and the prompt
     return {"bucket": bucket, "first": first, "again": again, "distinct_lengths": len(set(lengths)),
-            "padding": statistics.mean(-(-n // bucket) * bucket - n for n in lengths)}
+            "padding": statistics.mean(round_up(n, bucket) - n for n in lengths)}
 
 
 def main(argv=None) -> dict:

@@ -152,6 +152,11 @@ class SlotBatch:
                                         self.reads_cls, window)
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The least multiple of ``multiple`` that is at least ``n``."""
+    return -(-n // multiple) * multiple
+
+
 def stack_layouts(layouts: Sequence[SlotLayout], left: bool = False, multiple_of: int = 1) -> SlotBatch:
     """Pad ``layouts`` to the longest, rounded up to a multiple of ``multiple_of``, and stack them.
 
@@ -161,8 +166,7 @@ def stack_layouts(layouts: Sequence[SlotLayout], left: bool = False, multiple_of
         multiple_of: columns of the stacked batch are a multiple of this (the decoder's
             `PREFILL_BUCKET`).
     """
-    B, L = len(layouts), max(len(x) for x in layouts)
-    L = -(-L // multiple_of) * multiple_of
+    B, L = len(layouts), round_up(max(len(x) for x in layouts), multiple_of)
     ids = torch.zeros(B, L, dtype=torch.long)
     kinds = torch.full((B, L), PAD, dtype=torch.long)
     in_query = torch.zeros(B, L, dtype=torch.bool)

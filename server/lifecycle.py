@@ -25,6 +25,7 @@ that flag only when the drain is over, so sse-starlette has nothing left to cut.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import logging.config
 import socket
@@ -160,8 +161,6 @@ engine's warm-up, the compiled step's compile time, a failed compile)."""
 def log_config() -> dict:
     """uvicorn's logging config, plus `OWN_LOGGERS` on its ``default`` handler (stderr). Without
     them, our INFO records had no handler and were dropped (Python logs only warnings then)."""
-    import copy
-
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     for name in OWN_LOGGERS:
         # propagate: a handler on the root (pytest's caplog) still sees them; an embedding app
