@@ -70,6 +70,7 @@ class OpenAIRequest:
         self.default_max_new_tokens = None if self.chat else COMPLETIONS_MAX_TOKENS
         self.input_chars = (sum(len(m.content) for m in body.messages) if self.chat
                             else len(body.prompt))
+        self.turns = len(body.messages) if self.chat else 1
         self.safety = body.safety
 
     def check(self) -> None:
@@ -159,10 +160,11 @@ async def openai_frames(stream: RequestStream, shape: Completion):
     (empty delta, finish_reason, ``safety``); the usage chunk when asked; ``[DONE]``.
     """
     try:
-        first = shape.first_chunk()
-        if first is not None:
-            yield _json(first)
+        role = shape.first_chunk()
         async for ev in stream:
+            if role is not None:  # with the first event, not before the prefill (as vLLM, llama.cpp)
+                yield _json(role)
+                role = None
             if ev.finish_reason == FinishReason.ABORT:
                 yield _json(openai_error_body(ABORTED, "unavailable"))
                 break

@@ -58,6 +58,7 @@ class TGIRequest:
         self.body = body
         self.max_new_tokens = p.max_new_tokens
         self.input_chars = len(body.inputs) + len(p.response_prefix)
+        self.turns = 1
         self.safety = p.safety
         self.trace = p.details
         self.seed = resolve_seed(p, sampling_enabled(p))

