@@ -158,22 +158,25 @@ OWN_LOGGERS = ("ess", "safety_decoding")
 engine's warm-up, the compiled step's compile time, a failed compile)."""
 
 
-def log_config() -> dict:
-    """uvicorn's logging config, plus `OWN_LOGGERS` on its ``default`` handler (stderr). Without
-    them, our INFO records had no handler and were dropped (Python logs only warnings then)."""
+def log_config(level: str = "info") -> dict:
+    """uvicorn's logging config, plus `OWN_LOGGERS` on its ``default`` handler (stderr) at
+    ``level`` (a key of uvicorn's ``LOG_LEVELS``, ``ESS_LOG_LEVEL``). Without them, our INFO
+    records had no handler and were dropped (Python logs only warnings then)."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     for name in OWN_LOGGERS:
         # propagate: a handler on the root (pytest's caplog) still sees them; an embedding app
         # that puts one on the root prints our lines twice, which beats losing them
-        config["loggers"][name] = {"handlers": ["default"], "level": "INFO", "propagate": True}
+        config["loggers"][name] = {"handlers": ["default"], "level": uvicorn.config.LOG_LEVELS[level],
+                                   "propagate": True}
     return config
 
 
 def server_config(app, settings, **overrides) -> uvicorn.Config:
     """The uvicorn config of ``ess serve``; ``timeout_graceful_shutdown`` is only a backstop
     for responses that ignore the drain (uvicorn cancels them `FLUSH_SECONDS` after it)."""
-    options = {"host": settings.host, "port": settings.port, "log_level": "info",
-               "log_config": log_config(), "timeout_graceful_shutdown": FLUSH_SECONDS, **overrides}
+    options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+               "log_config": log_config(settings.log_level), "timeout_graceful_shutdown": FLUSH_SECONDS,
+               **overrides}
     return uvicorn.Config(app, **options)
 
 
@@ -219,7 +222,7 @@ def serve(settings, app=None) -> int:
     Raises:
         ServeError: the address cannot be bound (`listen`), or the app cannot be built.
     """
-    logging.config.dictConfig(log_config())  # before the model loads, which logs too
+    logging.config.dictConfig(log_config(settings.log_level))  # before the model loads, which logs too
     sock = listen(settings.host, settings.port)
     with sock:
         if app is None:

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from uvicorn.config import LOG_LEVELS
 
 from safety_decoding.device import DEVICE_PATTERN, DTYPE_NAMES
 from safety_decoding.types import Action, Quantization, Schedule
@@ -124,6 +125,10 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(
         15.0, ge=0, description="ESS_SSE_PING_SECONDS: keep-alive comment interval on streams "
                                 "(0 disables).")
+    log_level: Literal[tuple(LOG_LEVELS)] = Field(
+        "info", description="ESS_LOG_LEVEL: the least severe level logged, for uvicorn's loggers and "
+                            "ours (`critical`, `error`, `warning`, `info`, `debug`, `trace`; any case); "
+                            "`warning` drops the per-request access lines and the startup INFO lines.")
 
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), repr=False,
@@ -137,6 +142,12 @@ class Settings(BaseSettings):
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="ESS_CORS_ORIGINS: comma-separated origins allowed to call the API from "
                         "a browser (`*` for any); unset or empty: no CORS headers at all.")
+
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -4,12 +4,14 @@ finishes in time finishes, what does not ends with an error event and a complete
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from _http import stream_payloads
 from _server_helpers import SlowDecoder, start_server
@@ -127,18 +129,34 @@ def test_the_listening_address_is_written_as_a_url():
     assert (url_host("::1"), url_host("127.0.0.1"), url_host("localhost")) == ("[::1]", "127.0.0.1", "localhost")
 
 
-def test_our_info_records_reach_the_server_log():
+@pytest.mark.parametrize("level, shown", [("INFO", True), ("warning", False)])
+def test_our_info_records_reach_the_server_log_at_ess_log_level(level, shown):
     """`ess serve` shows the engine's and the compiled step's INFO lines (they were dropped:
-    no handler took our loggers' records below WARNING). In a child process: the config is
-    process-wide."""
+    no handler took our loggers' records below WARNING), unless ESS_LOG_LEVEL is above INFO.
+    In a child process: the config is process-wide."""
     import subprocess
     import sys
     from pathlib import Path
 
     code = ("import logging, logging.config; from server.lifecycle import log_config; "
-            "logging.config.dictConfig(log_config()); "
+            "from server.settings import Settings; "
+            "logging.config.dictConfig(log_config(Settings().log_level)); "
             "logging.getLogger('safety_decoding.compiled').info('compiled the decode step for 1 row(s)'); "
-            "logging.getLogger('ess.engine').info('engine warm')")
+            "logging.getLogger('ess.engine').info('engine warm'); "
+            "logging.getLogger('ess.engine').warning('a warning')")
     repo = Path(__file__).resolve().parents[2]
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo).stderr
-    assert "compiled the decode step for 1 row(s)" in err and "engine warm" in err
+    env = {**os.environ, "ESS_LOG_LEVEL": level}
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=repo, env=env).stderr
+    assert ("compiled the decode step for 1 row(s)" in err and "engine warm" in err) == shown
+    assert "a warning" in err
+
+
+def test_an_unknown_log_level_is_refused_naming_the_setting(monkeypatch):
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    monkeypatch.setenv("ESS_LOG_LEVEL", "verbose")
+    with pytest.raises(ValidationError, match="log_level"):
+        Settings()
