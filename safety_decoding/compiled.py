@@ -155,14 +155,17 @@ class CompiledStep:
 
     def __call__(self, x, cos, sin, mask, cache: SlotCache) -> torch.Tensor:
         """`StepGraph`'s forward on ``cache``'s buffers (a forward `ready` accepted); ``cache``
-        then holds the step's slots."""
-        import torch._inductor.config as inductor
+        then holds the step's slots.
 
+        No ``inductor.patch(INDUCTOR_OPTIONS)`` here: the options matter only while dynamo traces
+        (`warm_up`), and `ready`'s conditions with the dynamic KV dimensions leave nothing to
+        recompile (tests/test_compiled.py runs under ``fail_on_recompile``). Patching around
+        every call made a step 0.9 ms (one row) to 1.3 ms (two) slower on 2 cores with AMX, for
+        the same graph and the same values (session 18)."""
         # One spare slot: the graph is compiled for buffers longer than the slots it reads (dynamo
         # guards on it), so a buffer filled to the last slot would compile it again.
         keys, values = cache.reserve(x.shape[1] + 1)
-        with inductor.patch(INDUCTOR_OPTIONS):  # freezing is decided when dynamo traces
-            hidden = self.fn(x, cos, sin, mask, keys, values)
+        hidden = self.fn(x, cos, sin, mask, keys, values)
         cache.advance(x.shape[1])
         return hidden
 
