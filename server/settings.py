@@ -143,7 +143,6 @@ class Settings(BaseSettings):
         (), description="ESS_CORS_ORIGINS: comma-separated origins allowed to call the API from "
                         "a browser (`*` for any); unset or empty: no CORS headers at all.")
 
-
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_log_level(cls, value):

@@ -155,14 +155,16 @@ DONE = ServerSentEvent("[DONE]", sep="\n")
 async def openai_frames(stream: RequestStream, shape: Completion):
     """The SSE chunks of one request; closing this generator aborts it in the engine.
 
-    Order: chat's role chunk; one chunk per step that released text (held UTF-8 bytes and
-    stop-string prefixes are released later or never, by the library); the final choice chunk
-    (empty delta, finish_reason, ``safety``); the usage chunk when asked; ``[DONE]``.
+    Order: chat's role chunk, sent with the first event (after the prefill, as vLLM and
+    llama.cpp send it; it did not change time to first token); one chunk per step that released
+    text (held UTF-8 bytes and stop-string prefixes are released later or never, by the
+    library); the final choice chunk (empty delta, finish_reason, ``safety``); the usage chunk
+    when asked; ``[DONE]``.
     """
     try:
         role = shape.first_chunk()
         async for ev in stream:
-            if role is not None:  # with the first event, not before the prefill (as vLLM, llama.cpp)
+            if role is not None:
                 yield _json(role)
                 role = None
             if ev.finish_reason == FinishReason.ABORT:

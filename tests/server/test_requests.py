@@ -1,5 +1,6 @@
 """The one request path's pure rules (`server.requests`): which bound an over-long input
-breaks, the completion budget, and how each protocol words the error (no model, no HTTP)."""
+breaks, where a prompt is built, the completion budget, and how each protocol words the error
+(no model, no HTTP)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,6 @@ def test_openai_wording_is_vllms():
     assert vllm_message(TooLong(Overflow.CONTEXT, 2047, 2100)) == alone
     assert vllm_message(TooLong(Overflow.CONTEXT, 2047, 2100, 10)) == alone
     assert "maximum input length is 80 tokens" in vllm_message(TooLong(Overflow.INPUT, 80, 81))
-
 
 
 class _Adapter:
