@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
                     help="training config whose splits train and score the heads (default: the "
                          "thirteenth run's, the largest benign mix)")
     ap.add_argument("--checkpoint", default=str(CHECKPOINT))
-    ap.add_argument("--l2", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    ap.add_argument("--l2", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     ap.add_argument("--json", default="benchmarks/results/head_refit.json")
     args = ap.parse_args(argv)
 

@@ -40,6 +40,9 @@ kernel), so the event loop's thread streams frames while a step runs; it adds ab
 compiling per rows count. Inductor's FX graph cache cannot keep these graphs ("mkldnn tensors
 unpickleable": the packed weights of the GEMM templates), so every process compiles anew."""
 
+RECOMPILE_REFUSED = "Detected recompile"
+"""How torch's ``fail_on_recompile`` stance words its refusal (`CompiledStep.__call__`)."""
+
 ROWS = (1, 2)
 """Rows per step the graph is compiled for: a token, and a token with its ``[CLS]`` probe."""
 
@@ -153,19 +156,31 @@ class CompiledStep:
                 log.warning("the decode step did not compile, every step runs eager: %s", self.failure)
         return self.failure is None
 
-    def __call__(self, x, cos, sin, mask, cache: SlotCache) -> torch.Tensor:
+    def __call__(self, x, cos, sin, mask, cache: SlotCache) -> torch.Tensor | None:
         """`StepGraph`'s forward on ``cache``'s buffers (a forward `ready` accepted); ``cache``
-        then holds the step's slots.
+        then holds the step's slots. None: the inputs needed a new graph, which is refused (see
+        below; logged, and every later step runs eager, as after a failed compile); the caller
+        runs the eager forward, ``cache`` untouched.
 
-        No ``inductor.patch(INDUCTOR_OPTIONS)`` here: the options matter only while dynamo traces
-        (`warm_up`), and `ready`'s conditions with the dynamic KV dimensions leave nothing to
-        recompile (tests/test_compiled.py runs under ``fail_on_recompile``). Patching around
-        every call cost about 0.2 ms of a decode step (0.9-1.3 ms a call in a bare loop) on 2
-        cores with AMX, for the same graph and the same values (session 18)."""
+        Dynamo reads inductor's ``freezing`` when it traces, so a graph traced outside
+        `warm_up`'s ``inductor.patch(INDUCTOR_OPTIONS)`` would lose the packed weights, after
+        about a minute of compiling on the engine thread. `ready`'s conditions and the dynamic
+        KV dimensions leave nothing to recompile (tests/test_compiled.py), and the call runs
+        under ``fail_on_recompile`` in case something does. Not patching the options around
+        every call saved about 0.2 ms of a decode step (0.9-1.3 ms a call in a bare loop) on 2
+        cores with AMX; the stance costs nothing measurable (session 18)."""
         # One spare slot: the graph is compiled for buffers longer than the slots it reads (dynamo
         # guards on it), so a buffer filled to the last slot would compile it again.
         keys, values = cache.reserve(x.shape[1] + 1)
-        hidden = self.fn(x, cos, sin, mask, keys, values)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                hidden = self.fn(x, cos, sin, mask, keys, values)
+        except RuntimeError as exc:
+            if not str(exc).startswith(RECOMPILE_REFUSED):
+                raise
+            self.failure = f"a decode step needed a new graph: {str(exc).splitlines()[0]}"
+            log.warning("%s; every step runs eager from now on", self.failure)
+            return None
         cache.advance(x.shape[1])
         return hidden
 

@@ -336,7 +336,9 @@ class FusedBody:
         cos, sin = rotary_tables(self.rotary, x, position_ids)
         mask = grouped_mask(mask, x.dtype, self.groups)
         if self.compiled is not None and self.compiled.ready(x, cache, rows):
-            return self.compiled(x, cos, sin, mask, cache)
+            hidden = self.compiled(x, cos, sin, mask, cache)
+            if hidden is not None:  # None: it refused a new graph (`CompiledStep.__call__`)
+                return hidden
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, rows)
         return rms_norm(self.norm, x)

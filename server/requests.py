@@ -9,6 +9,7 @@ same way: one serving base (``entrypoints/openai/serving_engine.py``) and protoc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -31,8 +32,8 @@ from .tgi.schemas import SafetyOverrides, to_safety_params
 ABORTED = "the request was aborted: the server is shutting down"
 """The error a request aborted by shutdown gets (503, or an error event on a stream)."""
 INLINE_PROMPT_CHARS, INLINE_PROMPT_TURNS = 4096, 8
-"""Inputs up to this many characters in this many turns are templated and tokenized on the
-event loop (about 0.3 ms of one core); larger ones in a worker thread (`builds_inline`)."""
+"""The largest input whose prompt is built on the event loop (`builds_inline`): characters of
+client text, and texts (turns)."""
 
 
 # ---- limits and the over-long rule ---------------------------------------------------------
@@ -103,13 +104,19 @@ def tokens_overflow(prompt_tokens: int, max_new_tokens: int | None,
     return None
 
 
-def builds_inline(input_chars: int, turns: int) -> bool:
-    """Whether a request's prompt is built on the event loop rather than in a worker thread.
+def builds_inline(texts: Sequence[str]) -> bool:
+    """Whether a chat-templated prompt of client ``texts`` (one per turn, a prefill included) is
+    built on the event loop rather than in a worker thread: at most `INLINE_PROMPT_TURNS` texts
+    of `INLINE_PROMPT_CHARS` characters in all, every one ASCII.
 
-    Our choice: the hop to the thread cost about 0.9 ms of time to first token at concurrency 1
-    (``ess serve``, session 18), more than the template and tokenizer take for a typical chat
-    request (0.17 ms for 2,000 characters); long inputs, or many turns, still leave the loop."""
-    return input_chars <= INLINE_PROMPT_CHARS and turns <= INLINE_PROMPT_TURNS
+    Our choice: the hop to the thread cost 0.3-0.9 ms of time to first token at concurrency 1
+    (``ess serve``, session 18), more than the template and tokenizer take for such a request
+    (0.17 ms for 2,000 characters). Non-ASCII text is normalized character by character in
+    Python (`prompt.normalize_client_text`), and a raw prompt is split at every template marker
+    with a tokenizer call per piece (`prompt.build_raw_prompt`), so neither is passed here: they
+    stay off the loop, where a burst of them cannot stall other streams."""
+    return (len(texts) <= INLINE_PROMPT_TURNS and sum(map(len, texts)) <= INLINE_PROMPT_CHARS
+            and all(t.isascii() for t in texts))
 
 
 def completion_budget(prompt_tokens: int, max_new_tokens: int | None, limits: Limits,
@@ -141,8 +148,8 @@ class RequestAdapter(Protocol):
     """The protocol's default when unset (None: as many as fit, `completion_budget`)."""
     input_chars: int
     """Characters of client text that will be tokenized (for `chars_overflow`)."""
-    turns: int
-    """Client turns the template lays out (1: a raw prompt)."""
+    prompt_inline: bool
+    """Whether `build_prompt` runs on the event loop (`builds_inline`; False for a raw prompt)."""
     safety: SafetyOverrides | None
     trace: bool
 
@@ -150,7 +157,7 @@ class RequestAdapter(Protocol):
         """Protocol-specific field rules. Raises: InvalidRequest."""
 
     def build_prompt(self, tokenizer) -> Prompt:
-        """Runs on the event loop or in a worker thread (`builds_inline`). Raises: PromptError."""
+        """Runs on the event loop or in a worker thread (`prompt_inline`). Raises: PromptError."""
 
     def prompt_field(self, exc: PromptError) -> str:
         """The request field behind a `PromptError`."""
@@ -202,7 +209,7 @@ class Serving:
         if overflow is not None:
             raise adapter.too_long(overflow)
         try:
-            if builds_inline(adapter.input_chars, adapter.turns):
+            if adapter.prompt_inline:
                 prompt = adapter.build_prompt(self.engine.tokenizer)
             else:  # tokenizing a long input takes milliseconds: keep it off the event loop
                 prompt = await anyio.to_thread.run_sync(adapter.build_prompt, self.engine.tokenizer)

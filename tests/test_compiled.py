@@ -74,6 +74,7 @@ def test_compiled_steps_equal_the_eager_fused_steps(compiled_decoder, q):
             cache.crop(-1), twin.crop(-1)
         n += 1
     assert cache.layers[0].reserve(0)[0].shape[2] > capacity
+    assert body.compiled.failure is None  # no step fell back to eager
 
 
 def test_generations_are_the_same_compiled_and_eager(compiled_decoder, tokenizer, monkeypatch):
@@ -112,6 +113,36 @@ def test_generations_are_the_same_compiled_and_eager(compiled_decoder, tokenizer
         assert compiled == eager
         assert all(len(r["ids"]) > 0 for r in compiled.values())
     assert set(calls) == {1, 2}  # steps with and without a probe ran compiled
+    assert fused.compiled.failure is None
+
+
+def test_a_step_that_would_recompile_runs_eager_and_later_steps_too(tokenizer, monkeypatch, caplog):
+    """A graph traced outside the warm-up would lose the frozen weights, so a refused recompile
+    (``fail_on_recompile``) falls back to the eager forward with the same values, logged once."""
+    decoder = Decoder(tiny_safety_model(tokenizer, seed=4), tokenizer, compile=True)
+    body, cfg = decoder.model.fused, decoder.model.decoder.config
+    compiled = body.compiled
+    compiled.compile_seconds = {1: 0.0, 2: 0.0}  # as after a warm-up, without compiling
+    calls = []
+
+    def refuse(*args):
+        calls.append(1)
+        raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'. ...")
+
+    monkeypatch.setattr(compiled, "fn", refuse)
+    torch.manual_seed(0)
+    cache = _prefilled(body, cfg, 6)
+    twin = _copy(cache, cfg)
+    with torch.inference_mode():
+        x, mask, positions = torch.randn(1, 1, cfg.hidden_size), torch.ones(1, 1, 1, 7, dtype=torch.bool), torch.tensor([[6]])
+        got = body(x, mask, positions, cache)
+        body.compiled = None
+        want = body(x, mask, positions, twin)
+        body.compiled = compiled
+    torch.testing.assert_close(got, want)
+    assert cache.get_seq_length() == twin.get_seq_length() == 7
+    assert compiled.failure and "needed a new graph" in caplog.text
+    assert not compiled.ready(x, cache, None) and calls == [1]  # later steps go eager at once
 
 
 def test_runs_one_row_steps_after_a_prefill_only(compiled_decoder):

@@ -116,3 +116,23 @@ def test_errors_mid_stream_are_one_error_chunk_before_done(item, kind):
 def test_openai_paths():
     assert is_openai_path("/v1") and is_openai_path("/v1/chat/completions")
     assert not is_openai_path("/v10/x") and not is_openai_path("/generate")
+
+
+def test_the_role_chunk_waits_for_the_first_event():
+    """Sent with the first event (after the prefill, as vLLM and llama.cpp send it): a request
+    that fails before any event gets only its error chunk."""
+    stream = _Scripted([_step("Hi", FinishReason.EOS, SAFE, n=1)])
+    shape = Completion("chatcmpl-x", 1, "m", True, False)
+
+    async def first_frame_before_the_stream_is_read():
+        frames = openai_frames(stream, shape)
+        pending = len(stream.items)
+        first = json.loads((await frames.__anext__()).data)
+        await frames.aclose()
+        return pending, first
+
+    pending, first = asyncio.run(first_frame_before_the_stream_is_read())
+    assert pending == 1 and first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert not stream.items  # the event was read before the role chunk left
+    chunks = _frames([EngineError("generation failed: boom")])
+    assert len(chunks) == 1 and "error" in chunks[0]

@@ -16,7 +16,8 @@ from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import Prompt
 from safety_decoding.sampling import SamplingParams
 from server.requests import (INLINE_PROMPT_CHARS, INLINE_PROMPT_TURNS, Limits, Overflow, Serving,
-                             TooLong, chars_overflow, completion_budget, tokens_overflow)
+                             TooLong, builds_inline, chars_overflow, completion_budget,
+                             tokens_overflow)
 from server.tgi.routes import too_long_message as tgi_message
 
 LIMITS = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars=10)
@@ -82,10 +83,10 @@ class _Adapter:
     """A protocol adapter that records the thread its prompt is built on."""
 
     max_new_tokens_field, safety_field, max_new_tokens, default_max_new_tokens = "max_tokens", "safety", 4, None
-    safety, trace = None, False
+    safety, trace, input_chars = None, False, 10
 
-    def __init__(self, input_chars: int, turns: int):
-        self.input_chars, self.turns, self.thread = input_chars, turns, None
+    def __init__(self, prompt_inline: bool):
+        self.prompt_inline, self.thread = prompt_inline, None
 
     def check(self):
         pass
@@ -98,15 +99,11 @@ class _Adapter:
         return SamplingParams(max_new_tokens=max_new_tokens)
 
 
-@pytest.mark.parametrize("input_chars, turns, inline", [
-    (INLINE_PROMPT_CHARS, INLINE_PROMPT_TURNS, True),       # a typical chat request: no thread hop
-    (INLINE_PROMPT_CHARS + 1, 1, False),                    # long input: off the event loop
-    (10, INLINE_PROMPT_TURNS + 1, False),                   # many short turns: template work
-])
-def test_a_small_prompt_is_built_on_the_event_loop_a_large_one_in_a_worker_thread(input_chars, turns, inline):
-    limits = Limits(max_new_tokens=64, max_input_tokens=100_000, context=200_000, token_chars=10)
+@pytest.mark.parametrize("inline", [True, False])
+def test_prepare_builds_the_prompt_where_the_adapter_says(inline):
+    limits = Limits(max_new_tokens=64, max_input_tokens=100, context=200, token_chars=10)
     serving = Serving(SimpleNamespace(tokenizer=None), None, SafetyParams(), limits)
-    adapter = _Adapter(input_chars, turns)
+    adapter = _Adapter(inline)
 
     async def prepare():
         await serving.prepare(adapter)
@@ -114,3 +111,27 @@ def test_a_small_prompt_is_built_on_the_event_loop_a_large_one_in_a_worker_threa
 
     loop_thread = asyncio.run(prepare())
     assert (adapter.thread is loop_thread) == inline
+
+
+@pytest.mark.parametrize("texts, inline", [
+    (["x" * INLINE_PROMPT_CHARS], True),                       # a typical chat request: no thread hop
+    (["x" * 10] * INLINE_PROMPT_TURNS, True),
+    (["x" * (INLINE_PROMPT_CHARS // 2 + 1)] * 2, False),       # long input: off the event loop
+    (["x"] * (INLINE_PROMPT_TURNS + 1), False),                # many short turns: template work
+    (["Привет, как дела?"], False),                             # non-ASCII: per-character normalization
+])
+def test_only_small_ascii_chat_prompts_are_built_inline(texts, inline):
+    assert builds_inline(texts) == inline
+
+
+def test_raw_prompts_are_built_off_the_event_loop():
+    """A raw prompt splits at every template marker, a tokenizer call per piece: never inline."""
+    from server.openai.routes import OpenAIRequest
+    from server.openai.schemas import ChatCompletionRequest, CompletionRequest
+    from server.tgi.routes import TGIRequest
+    from server.tgi.schemas import GenerateRequest
+
+    assert OpenAIRequest(ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])).prompt_inline
+    assert not OpenAIRequest(CompletionRequest(model="m", prompt="hi")).prompt_inline
+    assert TGIRequest(GenerateRequest(inputs="hi")).prompt_inline
+    assert not TGIRequest(GenerateRequest(inputs="hi", parameters={"raw": True})).prompt_inline
