@@ -38,7 +38,7 @@ from .layout import NOT_RESPONSE, SlotBatch, SlotLayout, sequence_layout, stack_
 from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
 from .model import SafetyModel
 from .policy import SafetyParams, SafetyState, Trip
-from .prompt import Prompt
+from .prompt import Prompt, encode
 from .sampling import SamplingParams, logits_processors, make_generator, select_token
 from .text import IncrementalDetokenizer, StopStringBuffer, refusal_separator
 from .types import Action, FinishReason, Quantization
@@ -815,7 +815,7 @@ class Decoder:
         generated = row.generated_ids
         before = self.tok.decode(generated if generated else [row.last_id] if row.last_id is not None else [])
         text = refusal_separator(before, mid_response=bool(generated)) + self.refusal + self.refusal_completion
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return encode(self.tok, text, split_special_tokens=False)
 
     def queue_refusal(self, row: RowState) -> None:
         """Queue ``row``'s refusal (`refusal_ids`); it ends the response when the checkpoint

@@ -20,6 +20,7 @@ look-alike disguise of it.
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 from dataclasses import dataclass
 from enum import Enum
@@ -162,11 +163,27 @@ def encode_segments(tokenizer, segments: list[tuple[str, Span]]) -> Prompt:
             continue
         if span is Span.RESPONSE and response_start is None:
             response_start = len(ids)
-        toks = tokenizer(text, add_special_tokens=False,
-                         split_special_tokens=span is not Span.SCAFFOLD)["input_ids"]
+        toks = encode(tokenizer, text, split_special_tokens=span is not Span.SCAFFOLD)
         ids += toks
         mask += [span is Span.QUERY] * len(toks)
     return Prompt(tuple(ids), tuple(mask), len(ids) if response_start is None else response_start)
+
+
+_ENCODE_LOCK = threading.Lock()
+
+
+def encode(tokenizer, text: str, split_special_tokens: bool) -> list[int]:
+    """``text``'s token ids, no special tokens added; ``split_special_tokens``: control-token
+    strings stay plain text (client text, docs/method.md "Decision 6").
+
+    One call at a time in the process. transformers sets ``split_special_tokens`` as a flag on
+    the shared Rust tokenizer, then encodes with the GIL released, so two threads that want
+    different values (the event loop or a worker thread building a prompt, the engine thread
+    writing a refusal) could each encode under the other's flag: client text with its control
+    tokens parsed as control tokens. Our choice: a lock; a call takes well under a millisecond.
+    """
+    with _ENCODE_LOCK:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
 
 
 _SENTINEL = "\x00ESS-{}\x00"

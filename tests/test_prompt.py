@@ -174,3 +174,31 @@ def test_a_marker_disguised_with_a_zero_width_space_stays_plain_text(tokenizer):
 def test_a_raw_prompt_of_invisible_characters_only_is_empty(tokenizer):
     with pytest.raises(PromptError):
         build_raw_prompt(tokenizer, "\u200b\u200d\ufeff")
+
+
+def test_encodes_run_one_at_a_time_across_threads():
+    """transformers sets split_special_tokens as a flag on the shared Rust tokenizer and then
+    encodes with the GIL released: two threads wanting different values must not overlap, or
+    client text could be encoded with its control tokens parsed (`prompt.encode`)."""
+    import threading
+    import time
+
+    from safety_decoding.prompt import encode
+
+    active, overlaps = [0], []
+
+    class _Tokenizer:
+        def __call__(self, text, add_special_tokens, split_special_tokens):
+            active[0] += 1
+            overlaps.append(active[0] > 1)
+            time.sleep(0.002)  # the GIL is released here, as in the Rust encode
+            active[0] -= 1
+            return {"input_ids": [len(text)]}
+
+    tok = _Tokenizer()
+    threads = [threading.Thread(target=lambda s=s: [encode(tok, "x", s) for _ in range(20)]) for s in (True, False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(overlaps) == 60 and not any(overlaps)
