@@ -27,10 +27,13 @@ compile (the warm-up request). Reported per (system, precision, compiled, safety
 p50/p99 (seconds), the server's peak RSS (``VmHWM``, MiB), and ``x_llama`` = ESS output
 tokens/s over llama.cpp BF16's at the same concurrency (``x_llama_q8_0``: over Q8_0's, where
 that row ran; the fair ratio for ESS's int8 rows). ``--quantization none int8`` adds ESS rows
-with int8 weights. ``prefill_p50_seconds``: per ESS precision, the median prefill of the
-concurrency-1 prompts in this process (the shipped checkpoint, `Decoder`, no HTTP, the same
-weights as that row's server), the floor for ESS's TTFT at concurrency 1; ``ttft_over_prefill``
-of an ESS row at concurrency 1 is its TTFT p50 over that floor.
+with int8 weights. ``prefill_p50_seconds`` of an ESS row at concurrency 1: the median prefill of
+the concurrency-1 prompts in this process (the shipped checkpoint, `Decoder`, no HTTP, the
+row's weights and safety), timed right after that point while its server idles, the floor for
+its TTFT; ``ttft_over_prefill`` is its TTFT p50 over that floor. Timed in the same minute as
+the TTFT because this machine's speed drifts by 10-20 % over a run (session 18 timed the floor
+once at the end: 0.050 s and 0.059 s in two runs half an hour apart, against TTFTs of 0.069 s
+and 0.071 s).
 """
 
 from __future__ import annotations
@@ -178,7 +181,9 @@ def chat_sender(client, url: str):
     return send
 
 
-async def run_points(url: str, requests_for, concurrencies) -> list[dict]:
+async def run_points(url: str, requests_for, concurrencies, after_point=None) -> list[dict]:
+    """One `summarize` record per concurrency; ``after_point(concurrency, record)``, if given,
+    runs once the point is done (the server idle) and returns fields to add to the record."""
     import httpx
 
     out = []
@@ -192,24 +197,28 @@ async def run_points(url: str, requests_for, concurrencies) -> list[dict]:
         for c in concurrencies:
             records, wall = await closed_loop(send, requests_for(c), c)
             out.append({"concurrency": c, **summarize(records, wall)})
+            if after_point is not None:
+                out[-1].update(after_point(c, out[-1]))
     return out
 
 
-def measure(server: ChildServer, requests_for, concurrencies, row: dict) -> list[dict]:
-    """Start ``server``, run every point, stop it; one result per concurrency."""
+def measure(server: ChildServer, requests_for, concurrencies, row: dict, after_point=None) -> list[dict]:
+    """Start ``server``, run every point (`run_points`), stop it; one result per concurrency."""
     print(f"{row['system']} {row['precision']} safety={row['safety']} ...", file=sys.stderr)
     try:
         server.wait_ready()
-        points = asyncio.run(run_points(server.url, requests_for, concurrencies))
+        points = asyncio.run(run_points(server.url, requests_for, concurrencies, after_point))
         rss = server.peak_rss_bytes()
     finally:
         server.stop()
     return [{**row, **p, "peak_rss_mib": round(rss / 2**20) if rss else None} for p in points]
 
 
-def prefill_seconds(prompts: list[str], dtype: str, quantization: str = "none") -> float:
-    """Median time of ESS's prefill (the query verdict and first token included) over ``prompts``,
-    with ``quantization`` (``ESS_QUANTIZATION``)."""
+def prefill_timer(dtype: str, quantization: str = "none"):
+    """Load the shipped checkpoint here (`Decoder`, no HTTP) with ``quantization`` and return
+    ``(prompts, safety) -> seconds``: the median time of ESS's prefill of each of ``prompts``
+    (with ``safety``, the query verdict and the first token's speculative check included), back
+    to back after a warm-up prefill."""
     from benchmarks.common import load
     from safety_decoding.decode import GenerationRequest
     from safety_decoding.policy import SafetyParams
@@ -217,15 +226,27 @@ def prefill_seconds(prompts: list[str], dtype: str, quantization: str = "none") 
     from safety_decoding.sampling import SamplingParams
 
     decoder, tok = load(CHECKPOINT, dtype, quantization)
-    safety = SafetyParams.from_config(decoder.model.config)  # the server's policy for the request
-    times = []
-    for text in ["Hello"] + prompts:  # the first is a warm-up
-        req = GenerationRequest(build_chat_prompt(tok, [{"role": "user", "content": text}]),
-                                SamplingParams(max_new_tokens=1), safety)
-        t0 = time.perf_counter()
-        decoder.new_batch().add([req])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+
+    def seconds(prompts: list[str], safety: bool) -> float:
+        policy = SafetyParams.from_config(decoder.model.config, enabled=safety)  # the server's, per request
+        times = []
+        for text in ["Hello"] + prompts:  # the first is a warm-up
+            req = GenerationRequest(build_chat_prompt(tok, [{"role": "user", "content": text}]),
+                                    SamplingParams(max_new_tokens=1), policy)
+            t0 = time.perf_counter()
+            decoder.new_batch().add([req])
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+    return seconds
+
+
+def ttft_floor(concurrency: int, point: dict, prefill) -> dict:
+    """An ESS point's ``prefill_p50_seconds`` (``prefill()``, timed now) and ``ttft_over_prefill``
+    (its TTFT p50 over it) at concurrency 1; ``{}`` at other concurrencies."""
+    if concurrency != 1:
+        return {}
+    seconds = prefill()
+    return {"prefill_p50_seconds": round(seconds, 4), "ttft_over_prefill": round(point["ttft_p50_seconds"] / seconds, 2)}
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -242,14 +263,6 @@ def add_ratios(results: list[dict]) -> None:
 def precision_name(dtype: str, quantization: str) -> str:
     """``float32``, or ``float32+int8`` with int8 weights: an ESS row's ``precision``."""
     return dtype if quantization == Quantization.NONE else f"{dtype}+{quantization}"
-
-
-def add_ttft_ratios(results: list[dict], prefill: dict[str, float]) -> None:
-    """``ttft_over_prefill`` of each ESS row at concurrency 1: TTFT p50 over the in-process
-    prefill of the same prompts with the same weights (``prefill``: seconds per precision)."""
-    for r in results:
-        if r["system"] == "ess" and r["concurrency"] == 1 and prefill.get(r["precision"]):
-            r["ttft_over_prefill"] = round(r["ttft_p50_seconds"] / prefill[r["precision"]], 2)
 
 
 def main(argv=None) -> dict:
@@ -285,10 +298,13 @@ def main(argv=None) -> dict:
     binary = llama_server(log)
     ggufs = {kind: gguf_file(kind, base, log) for kind in args.gguf_types}
     tok = AutoTokenizer.from_pretrained(str(base))
+    prefill = {q: prefill_timer(args.dtype, q) for q in args.quantization}  # loaded before any server
     pool = workload(tok, max(args.min_requests, 2 * max(conc)), args.max_prompt, max_output, args.seed)
 
     def requests_for(c: int):
         return pool[:max(args.min_requests, 2 * c)]
+
+    c1_prompts = [p for p, _ in requests_for(1)]
 
     context = args.max_prompt + max_output + 64  # + the chat template
     ess_dtype = dtype_name(resolve_dtype(args.dtype, resolve_device("auto")))
@@ -303,15 +319,14 @@ def main(argv=None) -> dict:
                "ESS_SAFETY_ENABLED": "true" if safety else "false", "ESS_SAFETY_SCHEDULE": safety or "each"}
         results += measure(ChildServer.ess(env), requests_for, conc,
                            {"system": "ess", "precision": precision_name(ess_dtype, quant),
-                            "compiled": compiled == "true", "safety": safety or "off"})
+                            "compiled": compiled == "true", "safety": safety or "off"},
+                           lambda c, point, q=quant, on=bool(safety):
+                               ttft_floor(c, point, lambda: prefill[q](c1_prompts, on)))
     add_ratios(results)
-    prefill = {precision_name(ess_dtype, q): round(prefill_seconds([p for p, _ in requests_for(1)], args.dtype, q), 4)
-               for q in args.quantization}
-    add_ttft_ratios(results, prefill)
     out = {"llama_cpp_bin": LLAMA_CPP_BIN, "ess_dtype": ess_dtype, "max_output_tokens": max_output,
            "max_prompt_tokens": args.max_prompt, "seed": args.seed, "cpu_count": os.cpu_count(),
            "device": "cuda" if torch.cuda.is_available() else "cpu",
-           "prefill_p50_seconds": prefill, "results": results}
+           "results": results}
     print()
     print(markdown_table(
         ["system", "precision", "compiled", "safety", "concurrency", "output tok/s", "x llama.cpp bf16", "x q8_0", "TTFT p50 s",
@@ -321,8 +336,10 @@ def main(argv=None) -> dict:
           r["x_llama"], r["x_llama_q8_0"], f"{r['ttft_p50_seconds']:.3f}", f"{r['ttft_p99_seconds']:.3f}",
           r.get("ttft_over_prefill") or "-", r["tpot_p50_seconds"],
           r["tpot_p99_seconds"], r["peak_rss_mib"]] for r in results]))
-    print("\nESS prefill of the concurrency-1 prompts (in process, p50): "
-          + ", ".join(f"{p} {t:.3f} s" for p, t in prefill.items()))
+    print("\nESS prefill of the concurrency-1 prompts (in process, p50, timed after each row's "
+          "concurrency-1 point): " + ", ".join(
+              f"{r['precision']} {'compiled' if r['compiled'] else 'eager'} {r['safety']} {r['prefill_p50_seconds']:.3f} s"
+              for r in results if "prefill_p50_seconds" in r))
     write_json(args.json, out)
     return out
 
