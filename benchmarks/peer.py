@@ -30,10 +30,8 @@ that row ran; the fair ratio for ESS's int8 rows). ``--quantization none int8`` 
 with int8 weights. ``prefill_p50_seconds`` of an ESS row at concurrency 1: the median prefill of
 the concurrency-1 prompts in this process (the shipped checkpoint, `Decoder`, no HTTP, the
 row's weights and safety), timed right after that point while its server idles, the floor for
-its TTFT; ``ttft_over_prefill`` is its TTFT p50 over that floor. Timed in the same minute as
-the TTFT because this machine's speed drifts by 10-20 % over a run (session 18 timed the floor
-once at the end: 0.050 s and 0.059 s in two runs half an hour apart, against TTFTs of 0.069 s
-and 0.071 s).
+its TTFT; ``ttft_over_prefill`` is its TTFT p50 over that floor (older result files have one
+``prefill_p50_seconds`` per precision at the top, timed at the end of the run).
 """
 
 from __future__ import annotations
@@ -216,9 +214,10 @@ def measure(server: ChildServer, requests_for, concurrencies, row: dict, after_p
 
 def prefill_timer(dtype: str, quantization: str = "none"):
     """Load the shipped checkpoint here (`Decoder`, no HTTP) with ``quantization`` and return
-    ``(prompts, safety) -> seconds``: the median time of ESS's prefill of each of ``prompts``
-    (with ``safety``, the query verdict and the first token's speculative check included), back
-    to back after a warm-up prefill."""
+    ``(prompts, safety: bool) -> seconds``: the median time of ESS's prefill of each of
+    ``prompts`` (safety on: the query verdict and the first token's speculative check included),
+    back to back, in a second pass (the first warms each prefill width, as `Engine.start` does
+    in the server: `server.engine.WARM_PREFILL_COLUMNS`)."""
     from benchmarks.common import load
     from safety_decoding.decode import GenerationRequest
     from safety_decoding.policy import SafetyParams
@@ -229,14 +228,14 @@ def prefill_timer(dtype: str, quantization: str = "none"):
 
     def seconds(prompts: list[str], safety: bool) -> float:
         policy = SafetyParams.from_config(decoder.model.config, enabled=safety)  # the server's, per request
+        requests = [GenerationRequest(build_chat_prompt(tok, [{"role": "user", "content": text}]),
+                                      SamplingParams(max_new_tokens=1), policy) for text in prompts]
         times = []
-        for text in ["Hello"] + prompts:  # the first is a warm-up
-            req = GenerationRequest(build_chat_prompt(tok, [{"role": "user", "content": text}]),
-                                    SamplingParams(max_new_tokens=1), policy)
+        for req in requests + requests:  # the first pass warms each width, as the server's start does
             t0 = time.perf_counter()
             decoder.new_batch().add([req])
             times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
+        return statistics.median(times[len(requests):])
     return seconds
 
 
@@ -246,7 +245,8 @@ def ttft_floor(concurrency: int, point: dict, prefill) -> dict:
     if concurrency != 1:
         return {}
     seconds = prefill()
-    return {"prefill_p50_seconds": round(seconds, 4), "ttft_over_prefill": round(point["ttft_p50_seconds"] / seconds, 2)}
+    return {"prefill_p50_seconds": round(seconds, 4),
+            "ttft_over_prefill": round(point["ttft_p50_seconds"] / seconds, 2)}
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -298,7 +298,8 @@ def main(argv=None) -> dict:
     binary = llama_server(log)
     ggufs = {kind: gguf_file(kind, base, log) for kind in args.gguf_types}
     tok = AutoTokenizer.from_pretrained(str(base))
-    prefill = {q: prefill_timer(args.dtype, q) for q in args.quantization}  # loaded before any server
+    # Loaded before any server starts; only concurrency 1 has a TTFT floor.
+    prefill = {q: prefill_timer(args.dtype, q) for q in args.quantization} if 1 in conc else {}
     pool = workload(tok, max(args.min_requests, 2 * max(conc)), args.max_prompt, max_output, args.seed)
 
     def requests_for(c: int):
@@ -320,8 +321,7 @@ def main(argv=None) -> dict:
         results += measure(ChildServer.ess(env), requests_for, conc,
                            {"system": "ess", "precision": precision_name(ess_dtype, quant),
                             "compiled": compiled == "true", "safety": safety or "off"},
-                           lambda c, point, q=quant, on=bool(safety):
-                               ttft_floor(c, point, lambda: prefill[q](c1_prompts, on)))
+                           lambda c, point: ttft_floor(c, point, lambda: prefill[quant](c1_prompts, bool(safety))))
     add_ratios(results)
     out = {"llama_cpp_bin": LLAMA_CPP_BIN, "ess_dtype": ess_dtype, "max_output_tokens": max_output,
            "max_prompt_tokens": args.max_prompt, "seed": args.seed, "cpu_count": os.cpu_count(),
@@ -336,10 +336,11 @@ def main(argv=None) -> dict:
           r["x_llama"], r["x_llama_q8_0"], f"{r['ttft_p50_seconds']:.3f}", f"{r['ttft_p99_seconds']:.3f}",
           r.get("ttft_over_prefill") or "-", r["tpot_p50_seconds"],
           r["tpot_p99_seconds"], r["peak_rss_mib"]] for r in results]))
-    print("\nESS prefill of the concurrency-1 prompts (in process, p50, timed after each row's "
-          "concurrency-1 point): " + ", ".join(
-              f"{r['precision']} {'compiled' if r['compiled'] else 'eager'} {r['safety']} {r['prefill_p50_seconds']:.3f} s"
-              for r in results if "prefill_p50_seconds" in r))
+    floors = [f"{r['precision']} {'compiled' if r['compiled'] else 'eager'} {r['safety']} "
+              f"{r['prefill_p50_seconds']:.3f} s" for r in results if "prefill_p50_seconds" in r]
+    if floors:
+        print("\nESS prefill of the concurrency-1 prompts (in process, p50, timed after each row's "
+              "concurrency-1 point): " + ", ".join(floors))
     write_json(args.json, out)
     return out
 
