@@ -216,8 +216,8 @@ def prefill_timer(dtype: str, quantization: str = "none"):
     """Load the shipped checkpoint here (`Decoder`, no HTTP) with ``quantization`` and return
     ``(prompts, safety: bool) -> seconds``: the median time of ESS's prefill of each of
     ``prompts`` (safety on: the query verdict and the first token's speculative check included),
-    back to back, in a second pass (the first warms each prefill width, as `Engine.start` does
-    in the server: `server.engine.WARM_PREFILL_COLUMNS`)."""
+    back to back, in a second pass: the first runs each prefill width once, so that no timed
+    prefill is the first of its width (14-19 % slower on 2 cores with AMX; README, "Engine")."""
     from benchmarks.common import load
     from safety_decoding.decode import GenerationRequest
     from safety_decoding.policy import SafetyParams
@@ -231,7 +231,7 @@ def prefill_timer(dtype: str, quantization: str = "none"):
         requests = [GenerationRequest(build_chat_prompt(tok, [{"role": "user", "content": text}]),
                                       SamplingParams(max_new_tokens=1), policy) for text in prompts]
         times = []
-        for req in requests + requests:  # the first pass warms each width, as the server's start does
+        for req in requests + requests:  # the first pass runs each width once
             t0 = time.perf_counter()
             decoder.new_batch().add([req])
             times.append(time.perf_counter() - t0)

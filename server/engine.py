@@ -27,45 +27,13 @@ from dataclasses import dataclass, field, replace
 
 from safety_decoding.decode import DecodeBatch, Decoder, GenerationRequest, StepEvent
 from safety_decoding.policy import SafetyParams
-from safety_decoding.prompt import build_chat_prompt, build_raw_prompt
+from safety_decoding.prompt import build_raw_prompt
 from safety_decoding.sampling import SamplingParams
 from safety_decoding.types import FinishReason
 
 from .metrics import Metrics
 
 log = logging.getLogger("ess.engine")
-
-
-WARM_PREFILL_COLUMNS = 512
-"""`Engine.start` runs one prefill of every width up to this many columns (the prompts of up to
-about 480 tokens), so that no request is the first of its width. Our choice: on 2 cores with
-AMX, the first prefill of a width oneDNN has not run yet took 14-19 % longer (6-10 ms on
-80-144 columns) than the next one of that width, and one prefill of the width with other text
-and safety off removed it (1.00x; session 19, 2 cores with AMX, bfloat16). About 3 s at start
-on that machine."""
-
-
-def prefill_warm_ups(decoder: Decoder, max_columns: int) -> list[GenerationRequest]:
-    """One request per prefill width from a one-word chat turn's (the template's system text
-    included) up to ``max_columns`` (`Decoder.prefill_bucket` multiples, `Decoder.prefill_columns`
-    rounded up): a user turn of repeated words, safety off (the
-    width fixes the shapes of the products and the attention; safety's rows are in the width),
-    one new token. ``[]`` when prefills are not bucketed (every length would be a width)."""
-    bucket = getattr(decoder, "prefill_bucket", 1)
-    if bucket <= 1:
-        return []
-    policy = SafetyParams.from_config(decoder.model.config, enabled=False)
-    requests, words, width = [], 1, 0
-    while True:
-        prompt = build_chat_prompt(decoder.tok, [{"role": "user", "content": "hello " * words}])
-        request = GenerationRequest(prompt, SamplingParams(max_new_tokens=1), policy)
-        columns = decoder.prefill_columns(request)
-        if -(-columns // bucket) * bucket > max_columns:
-            return requests
-        if columns > width:
-            requests.append(request)
-            width = -(-columns // bucket) * bucket
-        words += max(1, width + 1 - columns)  # each word adds at least one token
 
 
 class EngineError(RuntimeError):
@@ -278,8 +246,7 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the thread and run one tiny generation (prefill + a probe step), then one
-        prefill of each width up to `WARM_PREFILL_COLUMNS` (`prefill_warm_ups`).
+        """Start the thread and run one tiny generation (prefill + a probe step).
 
         Idempotent. Raises:
             EngineNotRunning: the engine was stopped.
@@ -294,20 +261,17 @@ class Engine:
             warm = GenerationRequest(build_raw_prompt(self.tokenizer, "Hello"),
                                      SamplingParams(max_new_tokens=2),
                                      SafetyParams.from_config(self._decoder.model.config))
-            t0 = time.perf_counter()
-            widths = prefill_warm_ups(self._decoder, min(WARM_PREFILL_COLUMNS, self.model_max_length - 1))
             try:
-                for request in [warm] + widths:
-                    async with self._submit(request, record=False, bounded=False) as stream:
-                        async for _ in stream:
-                            pass
+                async with self._submit(warm, record=False, bounded=False) as stream:
+                    async for _ in stream:
+                        pass
             except EngineNotRunning:
                 if self._crash is None:
                     raise
                 # the thread crashed before the warm-up was queued: say why, not only that it stopped
                 raise EngineError(f"generation failed: {_exc_reason(self._crash)}") from None
             self._warm = True
-            log.info("engine warm (and %d prefill widths) in %.1f s", len(widths), time.perf_counter() - t0)
+            log.info("engine warm")
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Abort running requests, fail queued ones with `EngineNotRunning`, join the thread."""
