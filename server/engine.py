@@ -27,13 +27,50 @@ from dataclasses import dataclass, field, replace
 
 from safety_decoding.decode import DecodeBatch, Decoder, GenerationRequest, StepEvent
 from safety_decoding.policy import SafetyParams
-from safety_decoding.prompt import build_raw_prompt
+from safety_decoding.prompt import build_chat_prompt, build_raw_prompt
 from safety_decoding.sampling import SamplingParams
 from safety_decoding.types import FinishReason
 
 from .metrics import Metrics
 
 log = logging.getLogger("ess.engine")
+
+
+WARM_PREFILL_COLUMNS = 512
+"""`Engine.start` runs one prefill of every width up to this many columns (the prompts of up to
+about 480 tokens), so that no request is the first of its width. Our choice: on 2 cores with
+AMX, the first prefill of a width oneDNN has not run yet took 14-19 % longer (6-10 ms on
+80-144 columns) than the next one of that width, and one prefill of the width with other text
+and safety off removed it (1.00x; session 19, 2 cores with AMX, bfloat16). About 3 s at start
+on that machine."""
+
+WARM_PREFILL_SECONDS = 5.0
+"""The widths are warmed narrowest first until this many seconds have passed. Our choice: on 2
+AVX2-only cores in float32 all 30 widths took 42 s (session 20), where each prefill is slow
+enough that the first-of-width cost is a small share of it; a start-up should not wait that long."""
+
+
+def prefill_warm_ups(decoder: Decoder, max_columns: int) -> list[GenerationRequest]:
+    """One request per prefill width from a one-word chat turn's (the template's system text
+    included) up to ``max_columns`` (`Decoder.prefill_bucket` multiples, `Decoder.prefill_columns`
+    rounded up): a user turn of repeated words, safety off (the
+    width fixes the shapes of the products and the attention; safety's rows are in the width),
+    one new token. ``[]`` when prefills are not bucketed (every length would be a width)."""
+    bucket = getattr(decoder, "prefill_bucket", 1)
+    if bucket <= 1:
+        return []
+    policy = SafetyParams.from_config(decoder.model.config, enabled=False)
+    requests, words, width = [], 1, 0
+    while True:
+        prompt = build_chat_prompt(decoder.tok, [{"role": "user", "content": "hello " * words}])
+        request = GenerationRequest(prompt, SamplingParams(max_new_tokens=1), policy)
+        columns = decoder.prefill_columns(request)
+        if -(-columns // bucket) * bucket > max_columns:
+            return requests
+        if columns > width:
+            requests.append(request)
+            width = -(-columns // bucket) * bucket
+        words += max(1, width + 1 - columns)  # each word adds at least one token
 
 
 class EngineError(RuntimeError):
@@ -246,7 +283,9 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the thread and run one tiny generation (prefill + a probe step).
+        """Start the thread and run one tiny generation (prefill + a probe step), then one
+        prefill of each width up to `WARM_PREFILL_COLUMNS` (`prefill_warm_ups`), narrowest
+        first, until `WARM_PREFILL_SECONDS` have passed.
 
         Idempotent. Raises:
             EngineNotRunning: the engine was stopped.
@@ -261,17 +300,30 @@ class Engine:
             warm = GenerationRequest(build_raw_prompt(self.tokenizer, "Hello"),
                                      SamplingParams(max_new_tokens=2),
                                      SafetyParams.from_config(self._decoder.model.config))
+            widths = prefill_warm_ups(self._decoder, min(WARM_PREFILL_COLUMNS, self.model_max_length - 1))
+            warmed = 0
             try:
-                async with self._submit(warm, record=False, bounded=False) as stream:
-                    async for _ in stream:
-                        pass
+                await self._run_unrecorded(warm)  # compiles the decode step where ESS_COMPILE is on
+                t0 = time.perf_counter()
+                for request in widths:
+                    if time.perf_counter() - t0 > WARM_PREFILL_SECONDS:
+                        break
+                    await self._run_unrecorded(request)
+                    warmed += 1
             except EngineNotRunning:
                 if self._crash is None:
                     raise
                 # the thread crashed before the warm-up was queued: say why, not only that it stopped
                 raise EngineError(f"generation failed: {_exc_reason(self._crash)}") from None
             self._warm = True
-            log.info("engine warm")
+            log.info("engine warm; %d of %d prefill widths warmed in %.1f s", warmed, len(widths),
+                     time.perf_counter() - t0)
+
+    async def _run_unrecorded(self, request: GenerationRequest) -> None:
+        """Run ``request`` to its end outside the metrics and the queue bound (warm-ups)."""
+        async with self._submit(request, record=False, bounded=False) as stream:
+            async for _ in stream:
+                pass
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Abort running requests, fail queued ones with `EngineNotRunning`, join the thread."""

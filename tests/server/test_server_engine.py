@@ -11,8 +11,8 @@ from safety_decoding.types import FinishReason
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_raw_prompt
 from safety_decoding.sampling import SamplingParams
-from server.engine import (Engine, EngineError, EngineNotRunning, EngineOverloaded, EngineTimeout,
-                           reported_finish_reason)
+from server.engine import (WARM_PREFILL_COLUMNS, Engine, EngineError, EngineNotRunning, EngineOverloaded,
+                           EngineTimeout, prefill_warm_ups, reported_finish_reason)
 
 from _server_helpers import FailingDecoder, SlowDecoder, metric_value
 
@@ -291,3 +291,34 @@ def test_load_off_thread_runs_elsewhere_and_reraises():
 
     with pytest.raises(ValueError, match="bad checkpoint"):
         load_off_thread(fail)
+
+
+def test_warm_ups_cover_every_prefill_width_once_up_to_the_limit(tiny_model, tokenizer):
+    decoder = Decoder(tiny_model, tokenizer)
+    bucket = decoder.prefill_bucket
+    requests = prefill_warm_ups(decoder, 10 * bucket)
+    widths = [-(-decoder.prefill_columns(r) // bucket) * bucket for r in requests]
+    assert widths == list(range(widths[0], 10 * bucket + 1, bucket))
+    assert all(not r.safety.enabled and r.sampling.max_new_tokens == 1 for r in requests)
+    decoder.prefill_bucket = 1
+    assert prefill_warm_ups(decoder, 10 * bucket) == []
+
+
+@pytest.mark.parametrize("budget_seconds", [60.0, 0.0])
+def test_start_runs_the_warm_ups_unrecorded_within_the_budget(tiny_model, tokenizer, monkeypatch, budget_seconds):
+    from safety_decoding import decode
+    from server import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "WARM_PREFILL_SECONDS", budget_seconds)
+    added, batch_add = [], decode.DecodeBatch.add
+    monkeypatch.setattr(decode.DecodeBatch, "add", lambda batch, reqs: added.extend(reqs) or batch_add(batch, reqs))
+    engine = Engine(Decoder(tiny_model, tokenizer))
+    widths = len(prefill_warm_ups(engine._decoder, min(WARM_PREFILL_COLUMNS, engine.model_max_length - 1)))
+
+    async def main():
+        await engine.start()
+        await engine.stop()
+
+    asyncio.run(main())
+    assert widths > 0 and len(added) == 1 + (widths if budget_seconds else 0)
+    assert metric_value(_metrics(engine), "ess_prompt_tokens_total") == 0
