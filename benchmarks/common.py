@@ -131,8 +131,9 @@ class ChildServer:
                    {"ESS_CHECKPOINT": os.environ.get("ESS_CHECKPOINT", str(CHECKPOINT)), **(env or {})},
                    name="ess-serve")
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        """Poll ``health`` until 200.
+    def wait_ready(self, timeout: float = 900.0) -> None:
+        """Poll ``health`` until 200. The default leaves room for ``ess serve``'s compiled warm-up
+        (314 s on 2 AVX2-only cores, session 20; 300 s was too short there).
 
         Raises:
             RuntimeError: the process exited or did not become healthy in ``timeout`` seconds.
