@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from safety_decoding.decode import DecodeBatch, Decoder, GenerationRequest, StepEvent
+from safety_decoding.layout import round_up
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_chat_prompt, build_raw_prompt
 from safety_decoding.sampling import SamplingParams
@@ -65,11 +66,11 @@ def prefill_warm_ups(decoder: Decoder, max_columns: int) -> list[GenerationReque
         prompt = build_chat_prompt(decoder.tok, [{"role": "user", "content": "hello " * words}])
         request = GenerationRequest(prompt, SamplingParams(max_new_tokens=1), policy)
         columns = decoder.prefill_columns(request)
-        if -(-columns // bucket) * bucket > max_columns:
+        if round_up(columns, bucket) > max_columns:
             return requests
         if columns > width:
             requests.append(request)
-            width = -(-columns // bucket) * bucket
+            width = round_up(columns, bucket)
         words += max(1, width + 1 - columns)  # each word adds at least one token
 
 

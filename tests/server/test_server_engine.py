@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from safety_decoding.decode import Decoder, GenerationRequest
+from safety_decoding.layout import round_up
 from safety_decoding.types import FinishReason
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_raw_prompt
@@ -297,7 +298,7 @@ def test_warm_ups_cover_every_prefill_width_once_up_to_the_limit(tiny_model, tok
     decoder = Decoder(tiny_model, tokenizer)
     bucket = decoder.prefill_bucket
     requests = prefill_warm_ups(decoder, 10 * bucket)
-    widths = [-(-decoder.prefill_columns(r) // bucket) * bucket for r in requests]
+    widths = [round_up(decoder.prefill_columns(r), bucket) for r in requests]
     assert widths == list(range(widths[0], 10 * bucket + 1, bucket))
     assert all(not r.safety.enabled and r.sampling.max_new_tokens == 1 for r in requests)
     decoder.prefill_bucket = 1
