@@ -14,13 +14,18 @@ runs), with each compile's wall time (cold: no FX graph cache).
 Every forward is timed in the same rounds, in a seeded order per round
 (`benchmarks.common.shuffled`: the machine's load moves all of them alike).
 
-Run: ``python -m benchmarks.compile_step [--modes default freezing autotune served] [--json PATH]``
-(about 8 minutes on 2 cores; each compile takes 20-60 s there).
+``--weights bfloat16`` adds the compiled graphs with `StepGraph`'s weights in bfloat16 (half the
+bytes a step reads; each product's input cast to bfloat16), for CPUs that run float32.
+
+Run: ``python -m benchmarks.compile_step [--modes default freezing autotune served]
+[--weights model bfloat16] [--json PATH]`` (about 8 minutes on 2 cores with AMX, each compile
+20-60 s there; 150-170 s a compile on 2 AVX2-only cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -34,6 +39,8 @@ MODES = {"default": {}, "freezing": {"freezing": True},
          "autotune": {"freezing": True, "max_autotune": True}, "served": INDUCTOR_OPTIONS}
 """Inductor settings per mode name (``torch.compile`` options: ``torch._inductor.config`` fields);
 ``served`` is what ``ESS_COMPILE=true`` runs (``autotune`` plus ``cpp_wrapper``)."""
+WEIGHTS = {"model": None, "bfloat16": torch.bfloat16}
+"""``--weights``: `StepGraph`'s ``weight_dtype`` per name (None: the model's)."""
 
 
 def graph_inputs(graph: StepGraph, rows: int, kv: int, capacity: int, dtype: torch.dtype):
@@ -89,6 +96,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--capacity", type=int, default=512, help="static KV cache slots (default 512)")
     ap.add_argument("--rounds", type=int, default=10, help="timing rounds, forwards in a seeded order each")
     ap.add_argument("--repeats", type=int, default=5, help="calls per forward per round")
+    ap.add_argument("--weights", nargs="+", choices=list(WEIGHTS), default=["model"],
+                    help="compiled StepGraph's projection weights: the model's dtype (default), "
+                         "and/or bfloat16 (activations cast to bfloat16 for each product, results "
+                         "cast back)")
     ap.add_argument("--json", default="benchmarks/results/compile_step.json")
     args = ap.parse_args(argv)
 
@@ -104,20 +115,22 @@ def main(argv=None) -> dict:
     # change in the machine's load lands on all of them alike.
     rows = {("FusedBody eager", r): {"call": fused_forward(decoder, r, args.kv)} for r in args.rows}
     rows |= {("StepGraph eager", r): {"call": lambda r=r: step(*inputs[r])} for r in args.rows}
-    for mode in args.modes:
+    for mode, weights in itertools.product(args.modes, args.weights):
+        graph = step if weights == "model" else StepGraph(decoder.model.decoder, WEIGHTS[weights]).eval()
+        name = mode if weights == "model" else f"{mode}, {weights} weights"
         # Options make each mode its own backend (dynamo keeps one compiled entry per backend),
         # and the same settings hold globally while it compiles: freezing is decided when dynamo
         # traces, before options apply. No FX graph cache: the compile time is a cold start's.
         settings = {**MODES[mode], "fx_graph_cache": False}
-        compiled = torch.compile(step, dynamic=False, options=settings)
+        compiled = torch.compile(graph, dynamic=False, options=settings)
         with inductor.patch(settings):
             for r in args.rows:
                 t = time.perf_counter()
                 with torch.inference_mode():
                     compiled(*inputs[r])  # the first call compiles
-                rows[(f"StepGraph compiled ({mode})", r)] = {"call": lambda c=compiled, r=r: c(*inputs[r]),
+                rows[(f"StepGraph compiled ({name})", r)] = {"call": lambda c=compiled, r=r: c(*inputs[r]),
                                                          "compile_s": round(time.perf_counter() - t, 1)}
-        print(f"  {mode}: compiled", file=sys.stderr)
+        print(f"  {name}: compiled", file=sys.stderr)
     keys = list(rows)
     times = {key: [] for key in keys}
     for round_ in range(args.rounds):

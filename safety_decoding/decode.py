@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import torch
 
 from .attention import use_ess_attention
-from .first_check import DEFAULT_CANDIDATES, draft_candidates, with_candidates
+from .first_check import DEFAULT_CANDIDATES, default_candidates, draft_candidates, with_candidates
 from .kv_cache import SlotCache
 from .layout import NOT_RESPONSE, SlotBatch, SlotLayout, sequence_layout, stack_layouts
 from .masks import CLS, PAD, PROBE, TOKEN, strategic_attention_mask
@@ -785,13 +785,15 @@ class Decoder:
     @classmethod
     def from_checkpoint(cls, checkpoint, base_dir, device: str = "cpu", dtype: str = "float32",
                         fused: bool = True, quantization: str = "none",
-                        first_check: int = DEFAULT_CANDIDATES, compile: bool = False) -> "Decoder":
+                        first_check: int | None = None, compile: bool = False) -> "Decoder":
         """Load ``checkpoint`` on the prepared base model in ``base_dir`` (LoRA merged).
 
         Args:
             device, dtype: names as ``ESS_DEVICE`` / ``ESS_DTYPE`` take them (``auto`` included,
                 see `device.resolve_device` / `device.resolve_dtype`).
-            fused, quantization, first_check, compile: see `Decoder`.
+            fused, quantization, compile: see `Decoder`.
+            first_check: see `Decoder`; None: `first_check.default_candidates` for the dtype the
+                model runs in (what ``ess serve`` runs with ``ESS_FIRST_CHECK_CANDIDATES`` unset).
 
         Raises:
             CheckpointError: see `model.load_safety_model`.
@@ -804,9 +806,10 @@ class Decoder:
         from .model import load_safety_model
 
         dev = resolve_device(device)
-        model = load_safety_model(checkpoint, base_dir, dtype=resolve_dtype(dtype, dev)).to(dev)
+        dt = resolve_dtype(dtype, dev)
+        model = load_safety_model(checkpoint, base_dir, dtype=dt).to(dev)
         return cls(model, AutoTokenizer.from_pretrained(str(base_dir)), fused=fused, quantization=quantization,
-                   first_check=first_check, compile=compile)
+                   first_check=default_candidates(dt) if first_check is None else first_check, compile=compile)
 
     def refusal_ids(self, row: RowState) -> list[int]:
         """Token ids of the refusal as it follows ``row``'s text (`text.refusal_separator`: a

@@ -22,7 +22,13 @@ learnt from traffic would let one client time what others were answered). With 1
 shipped checkpoint's greedy first token is a candidate for 76 % of 200 ShareGPT prompts (a draw
 other than the benchmarks' workload; 56 % with 8), and the 32 extra rows add about 1 ms to a
 prefill of 300 tokens. Our choice, in the manner of speculative decoding's draft and verify;
-``ESS_FIRST_CHECK_CANDIDATES`` sets ``k`` (0: off).
+``ESS_FIRST_CHECK_CANDIDATES`` sets ``k`` (0: off; unset: `default_candidates`).
+
+That holds where a prefill's products are bound by reading the weights, so that a few more
+columns cost next to nothing: bfloat16 on CPUs with AMX or AVX512-BF16, and GPUs. A CPU that
+runs float32 (one without native bfloat16) pays for every column: on 2 AVX2-only cores the 32
+rows cost about 32 prompt tokens' worth of prefill, 0.1-0.2 s, where a decode step takes about
+75 ms, and the check made time to first token worse (`default_candidates`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,22 @@ from .layout import SlotBatch, sequence_layout, stack_layouts
 from .masks import PAD, PROBE, TOKEN, strategic_attention_mask
 
 DEFAULT_CANDIDATES = 16
-"""Candidate first tokens per prefill (``ESS_FIRST_CHECK_CANDIDATES``)."""
+"""Candidate first tokens per prefill where the check pays (`default_candidates`)."""
+
+
+def default_candidates(dtype: torch.dtype) -> int:
+    """``k`` when ``ESS_FIRST_CHECK_CANDIDATES`` is unset: `DEFAULT_CANDIDATES` for a model that
+    computes in bfloat16 or float16, 0 (off) in float32.
+
+    Our choice, measured: with bfloat16 on 2 cores with AMX the 32 extra rows add about 1 ms to a
+    prefill and the check brought time to first token with ``each`` from 1.76x the prefill to
+    1.15-1.32x (README, "Engine"). In float32 on 2 AVX2-only cores (session 21, compiled decode step,
+    24 ShareGPT prompts of the peer workload, in process, second round): median time to first
+    text 0.438 s with 16 candidates, 0.361 s with 4 and 0.374 s with none (over both rounds
+    0.499 / 0.418 / 0.374 s): every prompt then waits one decode step for its first token, and
+    that step costs less than the extra rows. The dtype stands for the hardware here:
+    `device.resolve_dtype`'s ``auto`` picks float32 exactly where bfloat16 is not native."""
+    return DEFAULT_CANDIDATES if dtype in (torch.bfloat16, torch.float16) else 0
 
 DRAFT_PROMPTS = (
     "What is the capital of Australia?",

@@ -55,11 +55,13 @@ class Settings(BaseSettings):
                             "with int8 weights and dynamically quantized activations (fbgemm; CPU "
                             "and ESS_DTYPE float32 only; the MLP down projection stays float32); faster "
                             "decoding, but it changes 4-6 % of the head's verdicts: see docs/operations.md.")
-    first_check_candidates: int = Field(
-        16, ge=0, le=64, description="ESS_FIRST_CHECK_CANDIDATES: candidate first tokens whose re-check "
-                                     "runs inside the prefill, so a first token that is one of them "
-                                     "leaves with the prefill instead of after the first decode step "
-                                     "(time to first token); 0: off. See safety_decoding/first_check.py.")
+    first_check_candidates: int | None = Field(
+        None, ge=0, le=64, description="ESS_FIRST_CHECK_CANDIDATES: candidate first tokens whose re-check "
+                                       "runs inside the prefill, so a first token that is one of them "
+                                       "leaves with the prefill instead of after the first decode step "
+                                       "(time to first token); 0: off; unset: 16 where the model runs in "
+                                       "bfloat16 or float16, 0 in float32, where the extra prefill rows "
+                                       "cost more than the step they save. See safety_decoding/first_check.py.")
 
     safety_enabled: bool = Field(
         True, description="ESS_SAFETY_ENABLED: false serves the model without `[CLS]` and without "

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from safety_decoding.decode import Decoder, GenerationRequest
-from safety_decoding.first_check import draft_candidates, with_candidates
+from safety_decoding.first_check import DEFAULT_CANDIDATES, default_candidates, draft_candidates, with_candidates
 from safety_decoding.layout import sequence_layout, stack_layouts
 from safety_decoding.masks import PAD, PROBE, TOKEN
 from safety_decoding.policy import SafetyParams
 from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.sampling import SamplingParams
 
-from conftest import scripted_model
+from conftest import scripted_model, tiny_safety_model
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 OTHER = [{"role": "user", "content": "Name three colours, please."}]
@@ -118,6 +118,26 @@ def test_candidates_are_the_models_likeliest_first_tokens(tiny_model, tokenizer)
     cands = draft_candidates(tiny_model, tokenizer, 4)
     assert len(set(cands)) == 4 and draft_candidates(tiny_model, tokenizer, 0) == ()
     assert Decoder(tiny_model, tokenizer, first_check=4).first_candidates == cands
+
+
+def test_the_check_is_on_by_default_only_where_the_model_computes_in_reduced_precision():
+    assert default_candidates(torch.bfloat16) == default_candidates(torch.float16) == DEFAULT_CANDIDATES
+    assert default_candidates(torch.float32) == 0
+
+
+@pytest.mark.parametrize("dtype, first_check, expected", [
+    ("float32", None, 0), ("bfloat16", None, DEFAULT_CANDIDATES), ("float32", 4, 4), ("bfloat16", 0, 0)])
+def test_a_loaded_checkpoint_takes_the_dtypes_default_unless_told(monkeypatch, tokenizer, dtype, first_check,
+                                                                   expected):
+    import transformers
+
+    import safety_decoding.model as model_module
+
+    monkeypatch.setattr(model_module, "load_safety_model",
+                        lambda checkpoint, base, dtype: tiny_safety_model(tokenizer).to(dtype))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path: tokenizer)
+    decoder = Decoder.from_checkpoint("unused", "unused", dtype=dtype, first_check=first_check)
+    assert len(decoder.first_candidates) == expected
 
 
 def test_a_one_token_response_ends_with_the_prefill_when_its_check_ran_there(tiny_model, tokenizer):
