@@ -51,8 +51,9 @@ def default_candidates(dtype: torch.dtype) -> int:
     1.15-1.32x (README, "Engine"). In float32 on 2 AVX2-only cores (session 21, compiled decode step,
     24 ShareGPT prompts of the peer workload, in process, second round): median time to first
     text 0.438 s with 16 candidates, 0.361 s with 4 and 0.374 s with none (over both rounds
-    0.499 / 0.418 / 0.374 s): every prompt then waits one decode step for its first token, and
-    that step costs less than the extra rows. The dtype stands for the hardware here:
+    0.499 / 0.418 / 0.374 s; `benchmarks.first_check_ttft` repeats it:
+    `benchmarks/results/first_check_ttft-s21-avx2.json`): every prompt then waits one decode
+    step for its first token, and that step costs less than the extra rows. The dtype stands for the hardware here:
     `device.resolve_dtype`'s ``auto`` picks float32 exactly where bfloat16 is not native."""
     return DEFAULT_CANDIDATES if dtype in (torch.bfloat16, torch.float16) else 0
 

@@ -147,3 +147,16 @@ def test_a_one_token_response_ends_with_the_prefill_when_its_check_ran_there(tin
     assert ids1 == ids0[:1] and len(events1) == 1
     pre, last = events1[0]
     assert pre and last.finish_reason == "length" and [t["tokens"] for t in last.safety["trace"]] == [0, 1]
+
+
+def test_the_ttft_benchmark_counts_the_decode_step_a_first_token_waits(tiny_model, tokenizer):
+    from benchmarks.first_check_ttft import time_to_first_text
+
+    prompt = build_chat_prompt(tokenizer, QUESTION)
+    [(ids0, events0)] = run(Decoder(tiny_model, tokenizer, first_check=0), [prompt])
+    assert events0[0][1].tokens[0].text  # the tiny model's first token shows text
+
+    def request():
+        return GenerationRequest(prompt, SamplingParams(max_new_tokens=3), SafetyParams(threshold=0.999))
+    assert time_to_first_text(Decoder(tiny_model, tokenizer, first_check=0), request())[1] == 1
+    assert time_to_first_text(with_first(Decoder(tiny_model, tokenizer), [ids0[0]]), request())[1] == 0
