@@ -4,8 +4,9 @@ Each replica is one whole ESS app (`bootstrap.build_app`: its own engine thread 
 Ray Serve's HTTP proxy, so routes, streaming, errors and API keys are the single server's.
 Ray sends a replica at most ``ESS_MAX_NUM_SEQS`` requests at once (``max_ongoing_requests``:
 one running batch, so the replica's own queue stays empty), holds up to ``ESS_MAX_WAITING``
-more in the proxy (``max_queued_requests``) and answers HTTP 503 past that: the load shedding
-that a single server does with 429. With ``max_replicas`` it autoscales on ongoing requests
+more in the proxy (``max_queued_requests``, a bound Ray applies approximately at a burst:
+docs/operations.md) and answers HTTP 503 past that: the load shedding that a single server does
+with 429. With ``max_replicas`` it autoscales on ongoing requests
 per replica. A client that disconnects cancels its request in the replica, whose engine aborts
 it at the next step boundary, as without Ray.
 

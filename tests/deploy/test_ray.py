@@ -127,27 +127,44 @@ def test_client_disconnect_aborts_in_the_replica(ray_url):
         time.sleep(0.2)
 
 
+def late_first_tokens(url, seconds: float, tries: int = 20) -> set[float]:
+    """Requests whose time to first token in a replica's engine exceeded ``seconds``, one count
+    per distinct replica answer among ``tries`` /metrics requests (Ray routes each to one)."""
+    late = set()
+    for _ in range(tries):
+        text = httpx.get(url + "/metrics", timeout=10).text
+        total = metric_value(text, "ess_time_to_first_token_seconds_count")
+        within = metric_value(text, "ess_time_to_first_token_seconds_bucket", f'le="{seconds}"')
+        late.add(total - within)
+    return late
+
+
 def test_burst_past_the_queue_is_shed_with_503(ray_url):
-    """12 requests of ~3 s at once: at most 4 run (2 replicas x ESS_MAX_NUM_SEQS 2) and 2 wait
-    in Ray's queue (ESS_MAX_WAITING); the rest are refused at once with 503. How many of the 6
-    places a burst gets depends on Ray's routing (its replica queue-length probes race with the
-    burst: 3 were served once), so only the bound is asserted. The requests are long so that
-    none ends while the burst is still arriving (with ~1 s requests a loaded 2-core machine
-    served a 7th, twice in session 19)."""
+    """12 requests of ~3 s at once on 2 replicas x ESS_MAX_NUM_SEQS 2 with ESS_MAX_WAITING 2:
+    the excess is refused at once with 503, and no replica runs or queues more than its batch
+    (every request's first token comes within 1 s of reaching a replica's engine, while the
+    burst's later requests wait seconds in Ray's proxy).
+
+    How many the proxy holds is Ray's bound, which Ray applies approximately at a burst (its
+    router's own comments say so): with the bound 2 it held 3-4, so 7-8 of 12 were served, in
+    session 22 (docs/operations.md). So the count served is only asserted to leave some shed."""
     codes, lock = [], threading.Lock()
 
     def one():
+        started = time.monotonic()
         code = generate(ray_url, 150).status_code
         with lock:
-            codes.append(code)
+            codes.append((code, time.monotonic() - started))
 
     threads = [threading.Thread(target=one) for _ in range(12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert sorted(set(codes)) == [200, 503], codes
-    assert codes.count(200) + codes.count(503) == 12 and codes.count(200) <= 6, codes
+    assert len(codes) == 12 and {c for c, _ in codes} == {200, 503}, codes
+    # Shed at once: every 503 came before the first request served ended.
+    assert max(s for c, s in codes if c == 503) < min(s for c, s in codes if c == 200), codes
+    assert late_first_tokens(ray_url, 1.0) == {0}
     assert generate(ray_url, 2).status_code == 200  # served again once the burst is over
 
 
