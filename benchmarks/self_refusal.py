@@ -14,7 +14,7 @@ re-checks, replayed from the verdict trace with the server's policy), with how m
 were decided within the first `EARLY_TOKENS` tokens of the answer.
 
 Usage: ``python -m benchmarks.self_refusal [--config checkpoints/smollm2-135m-ess/train.yaml] [--base-model]
-[--max-new-tokens 48] [--json PATH]``
+[--max-new-tokens 48] [--json PATH]``; ``--rescore JSON ...`` recounts saved results.
 """
 
 from __future__ import annotations
@@ -113,11 +113,16 @@ def base_model_refusals(queries: list[str], max_new_tokens: int) -> list[bool]:
 
 def summarize(records: list[dict]) -> dict:
     """Counts and rates of `self_refusals` records: ``self_refused`` (no intervention),
-    ``query_flagged``, ``response_trips`` and ``early_response_trips`` (within `EARLY_TOKENS`);
+    ``harm_reason_refused`` (of those, refusals that give a harm reason of our recipes'
+    refusal texts, `refusals.gives_harm_reason`: what training taught, target 0), ``query_flagged``, ``response_trips`` and ``early_response_trips`` (within `EARLY_TOKENS`);
     where records carry ``base_refused`` (`base_model_refusals`), also ``base_refused`` and
     ``learned_self_refused`` (refused where the base model answers: what training taught)."""
+    from safety_training.refusals import gives_harm_reason
+
     n = len(records)
     counts = {"self_refused": sum(r["refused"] for r in records),
+              "harm_reason_refused": sum(r["refused"] and gives_harm_reason(r.get("text", ""))
+                                         for r in records),
               "query_flagged": sum(r["trip"] == "query" for r in records),
               "response_trips": sum(r["trip"] == "response" for r in records),
               "early_response_trips": sum(r["trip"] == "response" and r["trip_at"] <= EARLY_TOKENS
@@ -126,6 +131,19 @@ def summarize(records: list[dict]) -> dict:
         counts |= {"base_refused": sum(r["base_refused"] for r in records),
                    "learned_self_refused": sum(r["refused"] and not r["base_refused"] for r in records)}
     return {"n": n, **counts, **{f"{k}_rate": round(v / n, 4) if n else None for k, v in counts.items()}}
+
+
+def rescore(path: str | Path) -> dict:
+    """`summarize`'s refusal counts of a saved result (``--json``), recomputed with today's
+    rules: its ``flagged`` records hold every refusal, and the other ``n - len(flagged)``
+    answered. Base-model counts are not recomputed (answered records do not keep them)."""
+    import json
+
+    saved = json.loads(Path(path).read_text())
+    answered = {"refused": False, "trip": None, "trip_at": None, "text": ""}
+    records = [{k: r[k] for k in answered} for r in saved["flagged"]]
+    summary = summarize(records + [answered] * (saved["n"] - len(records)))
+    return {k: summary[k] for k in ("n", "self_refused", "harm_reason_refused")}
 
 
 def main() -> None:
@@ -137,7 +155,13 @@ def main() -> None:
     ap.add_argument("--base-model", action="store_true",
                     help="also answer with the base model and count the refusals it does not make")
     ap.add_argument("--json", default="benchmarks/results/self_refusal.json")
+    ap.add_argument("--rescore", nargs="+", metavar="JSON",
+                    help="only recount the refusals of saved results (no model runs)")
     args = ap.parse_args()
+    if args.rescore:
+        print(markdown_table(["result", "n", "self-refused", "giving a harm reason"],
+                             [[p, *rescore(p).values()] for p in args.rescore]))
+        return
     queries = calibration_benign(args.config)
     if not queries:
         raise SystemExit(f"--config: {args.config} holds no calibration split back "
@@ -150,6 +174,7 @@ def main() -> None:
             r["base_refused"] = refused
     summary = summarize(records)
     cols = {"self_refused": "self-refused (no intervention)",
+            "harm_reason_refused": "giving a harm reason",
             "learned_self_refused": "of which the base model answers", "base_refused": "base model refuses",
             "query_flagged": "query flagged", "response_trips": "response trips",
             "early_response_trips": f"of which within {EARLY_TOKENS} tokens"}
