@@ -278,6 +278,12 @@ class Engine:
                 and self._thread.is_alive())
 
     @property
+    def crashed(self) -> bool:
+        """True once the engine thread died of an error outside a decode step (its requests
+        failed; it never serves again)."""
+        return self._crash is not None
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 

@@ -15,6 +15,11 @@ then kills):
 4. uvicorn then closes the listeners and the idle connections, the lifespan stops the engine,
    and the process exits with status 0. A second signal skips what is left of step 2.
 
+When the engine thread dies (a bug outside the decode step: its requests have failed and it never
+serves again), the server shuts down the same way with nothing left to wait for and exits with
+status 1, so that a supervisor (Kubernetes, systemd, a container restart policy) starts a fresh
+one: vLLM's behaviour. ``ESS_KEEP_ALIVE_ON_ENGINE_DEATH=true`` keeps it up answering 503 instead.
+
 uvicorn alone cannot do this: on SIGTERM it stops accepting at once (``/health`` is refused),
 cancels the responses still running after ``timeout_graceful_shutdown`` (a truncated chunked
 body, no final event) and re-raises the signal (exit status -15). sse-starlette also cancels
@@ -111,12 +116,16 @@ class DrainingServer(uvicorn.Server):
         shutdown_timeout: seconds running requests may take to finish after the signal.
     """
 
-    def __init__(self, config: uvicorn.Config, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, shutdown_timeout: float,
+                 keep_alive_on_engine_death: bool = False):
         super().__init__(config)
         app = config.app
         self.drain: Drain = app.state.drain
         self.engine = app.state.engine
         self.shutdown_timeout = shutdown_timeout
+        self.keep_alive_on_engine_death = keep_alive_on_engine_death
+        self.engine_died = False
+        """Set when the server shut down because the engine thread died (exit status 1)."""
         self._cut_now = False
         self._drain_task: asyncio.Task | None = None
 
@@ -131,6 +140,11 @@ class DrainingServer(uvicorn.Server):
             self.drain.begin()
 
     async def on_tick(self, counter: int) -> bool:
+        if self.engine.crashed and not self.keep_alive_on_engine_death and not self.drain.draining:
+            log.error("The engine thread died: shutting down with exit status 1 "
+                      "(ESS_KEEP_ALIVE_ON_ENGINE_DEATH=true keeps the server up, answering 503)")
+            self.engine_died = True
+            self.drain.begin()
         if self.drain.draining and self._drain_task is None:
             self._drain_task = asyncio.create_task(self._drain_then_exit())
         return await super().on_tick(counter)
@@ -217,7 +231,8 @@ def url_host(host: str) -> str:
 
 def serve(settings, app=None) -> int:
     """Serve ``app`` (built from ``settings`` by `bootstrap.build_app` when None) until a
-    shutdown signal, drain (module docstring), and return the exit status (0).
+    shutdown signal, drain (module docstring), and return the exit status: 0, or 1 when the
+    engine thread died.
 
     Raises:
         ServeError: the address cannot be bound (`listen`), or the app cannot be built.
@@ -233,5 +248,7 @@ def serve(settings, app=None) -> int:
         # uvicorn names the address only when it binds the socket itself
         host, port = sock.getsockname()[:2]
         log.info("ess serve: listening on http://%s:%d (Press CTRL+C to quit)", url_host(host), port)
-        DrainingServer(config, settings.shutdown_timeout_seconds).run(sockets=[sock])
-    return 0
+        server = DrainingServer(config, settings.shutdown_timeout_seconds,
+                                settings.keep_alive_on_engine_death)
+        server.run(sockets=[sock])
+    return 1 if server.engine_died else 0

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
                                 "requests may drain before they are aborted (a stream then ends "
                                 "with an error event); meanwhile /health and new requests get "
                                 "503 (server/lifecycle.py).")
+    keep_alive_on_engine_death: bool = Field(
+        False, description="ESS_KEEP_ALIVE_ON_ENGINE_DEATH: when the engine thread dies (a bug "
+                           "outside the decode step), keep the server up answering 503 instead of "
+                           "exiting with status 1 for a supervisor to restart (vLLM's "
+                           "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH; server/lifecycle.py).")
     retry_after_seconds: int = Field(
         1, ge=0, description="ESS_RETRY_AFTER_SECONDS: Retry-After header value on HTTP 429.")
     sse_ping_seconds: float = Field(

@@ -104,6 +104,39 @@ def test_second_signal_cuts_the_drain_short(tiny_model, tokenizer):
     assert not thread.is_alive() and time.monotonic() - t0 < 10
 
 
+class CrashingDecoder(SlowDecoder):
+    """The engine thread dies on a prompt that says "crash": `prefill_columns`, which the
+    engine calls outside any decode step, raises (a bug in the loop, on demand)."""
+
+    def prefill_columns(self, request):
+        if "crash" in self.tok.decode(request.prompt.ids):
+            raise RuntimeError("bug in the engine loop")
+        return super().prefill_columns(request)
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_a_dead_engine_ends_the_server_with_status_1_unless_kept_alive(tiny_model, tokenizer, keep_alive):
+    """As vLLM: the engine thread's death fails what it held and stops the server, whose
+    `serve` then returns 1 for a supervisor to restart it; ESS_KEEP_ALIVE_ON_ENGINE_DEATH keeps
+    it up, answering 503."""
+    settings = Settings(shutdown_timeout_seconds=30, keep_alive_on_engine_death=keep_alive)
+    app = create_app(Engine(CrashingDecoder(tiny_model, tokenizer, delay=0)), settings)
+    srv = DrainingServer(server_config(app, settings, port=0, log_level="critical"),
+                         settings.shutdown_timeout_seconds, settings.keep_alive_on_engine_death)
+    srv, thread, url = start_server(app, srv)
+    failed = httpx.post(url + "/generate", json={"inputs": "crash"}, timeout=30)
+    assert failed.status_code == 424  # TGI's status of a failed generation
+    thread.join(10)
+    if keep_alive:
+        assert thread.is_alive() and not srv.engine_died
+        assert httpx.get(url + "/health", timeout=5).status_code == 503
+        srv.handle_exit(signal.SIGTERM, None)
+        thread.join(10)
+    else:
+        assert srv.engine_died
+    assert not thread.is_alive()
+
+
 def test_a_busy_port_fails_before_the_model_loads(monkeypatch):
     """`serve` listens first: a second server on a busy port stops in a second with the address
     and the setting to change, without building the app (which loads the model); so does one
