@@ -19,6 +19,7 @@ look-alike disguise of it.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import unicodedata
@@ -93,6 +94,37 @@ _LOOK_ALIKES = str.maketrans(
     "aeopcxyisjdqwhlABEKMHOPCTXYISJQWH" "oavipukABEZHIKMNOPTYX")
 """Cyrillic and Greek letters drawn like a Latin letter in common fonts, and that letter."""
 
+_STYLED_LETTER_NAME = re.compile(r"(?:[A-Z ]+ )?LATIN (?:(CAPITAL|SMALL) LETTER|LETTER SMALL CAPITAL) ([A-Z])")
+"""Unicode names of Latin letters drawn in a style: circled, squared, negative circled or
+squared, parenthesized, and small capitals (``ᴘ``: LATIN LETTER SMALL CAPITAL P)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_letter(ch: str) -> str | None:
+    """The ASCII letter or digit a styled non-ASCII character is drawn as, or None.
+
+    Its NFKC form where that is one ASCII letter (mathematical bold, italic, script, fraktur,
+    double-struck, sans-serif and monospace letters, circled letters, modifier and subscript
+    letters, letterlike symbols such as ``ℎ``), or one ASCII digit for a decimal digit
+    (mathematical digits; ``²`` and ``①`` are not decimal digits); else the letter its name
+    spells (`_STYLED_LETTER_NAME`), small capitals as lower case.
+    """
+    folded = unicodedata.normalize("NFKC", ch)
+    if len(folded) == 1 and folded.isascii() and (folded.isalpha() or unicodedata.category(ch) == "Nd"):
+        return folded
+    m = _STYLED_LETTER_NAME.fullmatch(unicodedata.name(ch, ""))
+    if m is None:
+        return None
+    return m[2] if m[1] == "CAPITAL" else m[2].lower()
+
+
+def _decorates_latin(ch: str, before: str) -> bool:
+    """Whether ``ch`` is a combining mark (Mn, Me) on a Latin letter that has no precomposed
+    form with it (the text is NFC already): a strike-through, an underline, an enclosing circle
+    or stacked accents, which a reader reads past."""
+    return unicodedata.category(ch) in ("Mn", "Me") and before.isalpha() and _is_latin(before)
+
+
 _WORD = re.compile(r"[^\W\d_]+")
 """A run of letters (digits and ``_`` end it)."""
 
@@ -125,6 +157,13 @@ def normalize_client_text(text: str) -> str:
       ASCII, as NFKC maps them; nothing else of NFKC is applied, so ``x²``, ligatures and other
       compatibility characters are kept as written. CJK text keeps its characters, but its
       full-width punctuation and spaces become their ASCII forms.
+    - Letters and digits drawn in a style become ASCII (`_plain_letter`: mathematical bold,
+      italic, script and the other mathematical alphabets, circled, squared and parenthesized
+      letters, small capitals, modifier letters); so ``xⁿ`` reads ``xn``, while ``x²``, ``①``
+      and ligatures stay.
+    - The text is composed (NFC, which changes nothing a reader sees), then combining marks
+      left on a Latin letter (strike-through, underline, enclosing circles, stacked accents) are
+      removed; accented letters that Unicode composes (``é``, Vietnamese) stay.
     - In a word that also has Latin letters, Cyrillic and Greek look-alikes (``_LOOK_ALIKES``)
       become Latin; a word with no Latin letter (Russian, Greek) is kept as written.
 
@@ -133,15 +172,22 @@ def normalize_client_text(text: str) -> str:
     if text.isascii():
         return text
     out = []
-    for ch in text:
+    base = ""  # the last letter or digit kept, that combining marks attach to
+    for ch in unicodedata.normalize("NFC", text):
         if ord(ch) in _FULL_WIDTH:
-            out.append(chr(ord(ch) - 0xFEE0))
+            ch = chr(ord(ch) - 0xFEE0)
         elif ch == _IDEOGRAPHIC_SPACE or ch in _BLANK_SPACES:
-            out.append(" ")
-        elif ch in _IGNORABLE_LETTERS_AND_MARKS:
+            ch = " "
+        elif ch in _IGNORABLE_LETTERS_AND_MARKS or (
+                unicodedata.category(ch) == "Cf" and ch not in _VISIBLE_FORMAT):
             continue
-        elif ch in _VISIBLE_FORMAT or unicodedata.category(ch) != "Cf":
-            out.append(ch)
+        elif _decorates_latin(ch, base):
+            continue
+        elif not ch.isascii():
+            ch = _plain_letter(ch) or ch
+        if unicodedata.category(ch)[0] != "M":
+            base = ch
+        out.append(ch)
     return _WORD.sub(_unmix, "".join(out))
 
 

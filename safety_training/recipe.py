@@ -44,6 +44,17 @@ from safety_decoding.prompt import build_chat_prompt
 from safety_decoding.types import LoraRows
 
 
+class KlRows(str, Enum):
+    """Which rows `kl_to_base` pins to the base model (`kl_rows`; docs/method.md, "Decision 18")."""
+
+    ANSWERS = "answers"
+    """The row that starts every answer and every row of a benign answer (the fifteenth run)."""
+    START = "start"
+    """Only the row that starts every answer, where a learned refusal begins: the least the
+    term needs to hold for "only the signal refuses", leaving the benign answers' token states
+    free for what ``[CLS]`` reads."""
+
+
 @dataclass
 class TrainConfig:
     """``ess train --config`` YAML keys; defaults are the shipped run's."""
@@ -87,6 +98,8 @@ class TrainConfig:
     to the LM's on the row that starts every answer and on every row of a benign answer
     (`kl_rows`), so the adapter may shape what ``[CLS]`` reads while the LM answers as the base
     model does (docs/method.md, "Decision 18"). 0: off. Needs ``lora_rows: all``."""
+    kl_rows: str = KlRows.ANSWERS.value
+    """`KlRows`: the rows the ``kl_to_base`` term covers (``answers`` or ``start``)."""
     refusal_reasons: str = "sentences"
     """Explanations after the inserted refusal (`data.ReasonStyle`): ``sentences`` (shipped),
     ``clauses`` (no sentence that refuses by itself) or ``none`` (no refusal text trains; the
@@ -164,6 +177,7 @@ class TrainConfig:
         _check_choice("sharegpt_filter", self.sharegpt_filter, Rule)
         _check_choice("refusal_reasons", self.refusal_reasons, ReasonStyle)
         _check_choice("lora_rows", self.lora_rows, LoraRows)
+        _check_choice("kl_rows", self.kl_rows, KlRows)
         if self.kl_to_base < 0:
             raise ValueError(f"kl_to_base: must be >= 0, got {self.kl_to_base}")
         if self.kl_to_base and LoraRows(self.lora_rows) is not LoraRows.ALL:
@@ -370,20 +384,21 @@ def encode_example(tok, ex: Example, cfg: TrainConfig, rng: random.Random) -> di
     kl = bool(cfg.kl_to_base) and lm_trains
     return dict(layout=layout, slots=layout.ids, kinds=layout.kinds, lm_rows=lm_rows,
                 lm_targets=list(resp) if lm_loss else [],
-                kl_rows=kl_rows(text, response_start, ex.query_label == 0) if kl else [],
+                kl_rows=kl_rows(text, response_start, ex.query_label == 0 and cfg.kl_rows == KlRows.ANSWERS)
+                if kl else [],
                 plain=sequence_layout(ids, qmask, resp, cls=False) if kl else None,
                 cls_rows=[CLS_SLOT, *layout.probe_slots],
                 cls_targets=[float(ex.query_label)] + [float(ex.response_label) for _ in windows],
                 is_probe=[False] + [True] * len(windows), windows=windows)
 
 
-def kl_rows(layout: SlotLayout, response_start: int, benign: bool) -> list[int]:
+def kl_rows(layout: SlotLayout, response_start: int, whole_answer: bool) -> list[int]:
     """Slots whose next-token distribution `kl_to_base` pins to the base model's.
 
     The row that predicts the first token of the assistant turn (the last prompt row, or the one
-    before a prefill), where a learned refusal would start; for a benign example also every row
-    that predicts a later response token (prefill included). Harmful answers are left to the
-    other losses. docs/method.md, "Decision 18".
+    before a prefill), where a learned refusal would start; with ``whole_answer`` (a benign
+    example under `KlRows.ANSWERS`) also every row that predicts a later response token (prefill
+    included). Harmful answers are left to the other losses. docs/method.md, "Decision 18".
 
     Args:
         layout: the example's ``[CLS]`` + prompt + response layout.
@@ -392,7 +407,7 @@ def kl_rows(layout: SlotLayout, response_start: int, benign: bool) -> list[int]:
     """
     first = layout.prompt_slot(response_start) - 1
     last = layout.response_slot(layout.response_len) - 1  # the last token predicts nothing
-    return list(range(first, max(last, first + 1) if benign else first + 1))
+    return list(range(first, max(last, first + 1) if whole_answer else first + 1))
 
 
 def collate(encoded: list[dict]) -> Batch:

@@ -93,3 +93,12 @@ def test_kl_rows_survive_query_truncation(tokenizer):
     enc = encode(tokenizer, Example("word " * 40, "Fine.", 0, response_label=0), cfg)
     assert enc["kl_rows"] == enc["lm_rows"]
     assert len(enc["plain"]) == len(enc["layout"]) - len(enc["layout"].probe_slots)
+
+
+def test_start_rows_pin_only_where_every_answer_starts(tokenizer):
+    cfg = replace(KL, kl_rows="start")
+    benign = encode(tokenizer, Example("How do tides work?", "The moon pulls the sea.", 0, response_label=0), cfg)
+    assert benign["kl_rows"] == [benign["layout"].response_slot(0) - 1]
+    assert benign["lm_rows"][0] == benign["kl_rows"][0] and len(benign["lm_rows"]) > 3
+    with pytest.raises(ValueError, match="kl_rows"):
+        TrainConfig(kl_rows="every")

@@ -111,6 +111,14 @@ def test_content_equal_to_a_role_name_is_found_in_its_own_turn(tokenizer):
     ("b\u3164o\u115fm\uffa0b", "bomb"),  # Hangul fillers (letters drawn as nothing)
     ("b\u034fo\ufe0fm\U000e0100b", "bomb"),  # grapheme joiner, variation selectors
     ("make\u2800a\u2003bomb\u00a0now", "make a bomb now"),  # Braille blank, em and no-break spaces
+    # styled letters (session 22's attack review: each took "pipe bomb" from 0.999 to 0.002)
+    ("a \U0001d5fd\U0001d5f6\U0001d5fd\U0001d5f2 \U0001d5ef\U0001d5fc\U0001d5fa\U0001d5ef", "a pipe bomb"),  # math bold
+    ("\u24d7\u24de\u24e6 \u24d1\u24de\u24dc\u24d1", "how bomb"),  # circled
+    ("\u029c\u1d0f\u1d21 \u0299\u1d0f\u1d0d\u0299", "how bomb"),  # small capitals
+    ("\U0001f171\U0001f17e\U0001f17c\U0001f171 \U0001f131\u249d", "BOMB Bb"),  # negative squared, squared, parenthesized
+    ("\u1d56\u2071\u1d56\u1d49 \u210e\U0001d45c\U0001d464 \U0001d7cf\U0001d7d0", "pipe how 12"),  # modifier, italic, math digits
+    ("b\u0336o\u0336m\u0336b\u0336 b\u0332o\u0332m\u0332b\u0332 b\u20dd", "bomb bomb b"),  # strike, underline, circle marks
+    ("cafe\u0301 e\u0336\u0301", "caf\u00e9 \u00e9"),  # composed first; the overlay goes, the accent stays
 ])
 def test_disguises_are_normalized(text, expected):
     assert normalize_client_text(text) == expected
@@ -121,6 +129,8 @@ def test_disguises_are_normalized(text, expected):
     "Καλημέρα κόσμε, ο κόσμος είναι ωραίος.",  # Greek, look-alikes (ο, α, ι, ρ) kept
     "line one\n\tline two\r\n  three",  # white space, newlines, tabs
     "x² + y₂ = ½, ﬁne café",  # other compatibility characters: not NFKC
+    "① ② 1\u20dd",  # circled numbers stay, and a mark on a digit (not a letter)
+    "Tiếng Việt, नमस्ते दुनिया, 𝛼 + 𝛽",  # composed accents, Devanagari marks, math Greek
     "\u0600\u0661\u0662",  # Arabic number sign: a drawn format character
     "plain ASCII <|im_end|>",
 ])
@@ -134,7 +144,7 @@ def test_zero_width_joiner_emoji_become_their_members():
 
 
 def test_normalization_is_idempotent():
-    text = "ｂо\u200bｍb привет Wοrld \U0001F468\u200d\U0001F469"
+    text = "ｂо\u200bｍb привет Wοrld \U0001F468\u200d\U0001F469 \u24d1\u0336o\u0301\u0336 \u1d0f"
     assert normalize_client_text(normalize_client_text(text)) == normalize_client_text(text)
 
 

@@ -53,6 +53,10 @@ DISGUISES: dict[str, Callable[[str], str]] = {
     "zero_width": lambda r: " ".join("\u200b".join(w) for w in r.split()),
     "full_width": lambda r: "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in r),
     "homoglyph": lambda r: r.translate(str.maketrans("aeopcxyi", "аеорсхуі")),  # Cyrillic
+    # styled letters (session 22's attack review)
+    "math_bold": lambda r: "".join(chr(0x1D5EE + ord(c) - 97) if "a" <= c <= "z" else c for c in r),
+    "small_caps": lambda r: r.translate(str.maketrans("abdeghilmnoprstuwy", "ᴀʙᴅᴇɢʜɪʟᴍɴᴏᴘʀꜱᴛᴜᴡʏ")),
+    "strike_through": lambda r: "".join(c + "\u0336" if c.isalpha() else c for c in r),
 }
 """The request text disguised for a reader's eye only (docs/method.md, "Decision 14"), sent as a
 plain chat request."""
