@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from .auth import install_auth_and_cors, open_paths
+from .body_limit import BodyLimitMiddleware
 from .engine import Engine
 from .errors import error_responses, install_error_handlers
 from .lifecycle import install_drain
@@ -71,6 +72,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app, settings.retry_after_seconds)
     drain = install_drain(app, settings.retry_after_seconds)  # inside auth and CORS
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # inside auth, CORS
     install_auth_and_cors(app, settings)
     app.include_router(tgi_router(serving))
     app.include_router(openai_router(serving))

@@ -17,6 +17,16 @@ def longest_token_chars(tokenizer) -> int:
     return max(len(tokenizer.convert_tokens_to_string([t])) for t in tokenizer.get_vocab())
 
 
+def tokens_per_turn(tokenizer) -> int:
+    """Template tokens one more message adds to a chat with empty content (5 for SmolLM2's
+    ``<|im_start|>user\n<|im_end|>\n``; 0 for a template that drops empty messages)."""
+    def length(n: int) -> int:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": ""}] * n, tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return max(0, length(2) - length(1))
+
+
 def sse_response(frames, settings) -> EventSourceResponse:
     """An SSE response of ``frames`` (``\n`` separators, keep-alive pings every
     ``ESS_SSE_PING_SECONDS``).

@@ -25,7 +25,7 @@ from safety_decoding.types import FinishReason, ParameterError
 
 from .engine import Engine, EngineError, EngineNotRunning, RequestStream
 from .errors import ClientDisconnected, InvalidRequest
-from .handling import context_length, longest_token_chars
+from .handling import context_length, longest_token_chars, tokens_per_turn
 from .settings import Settings
 from .tgi.schemas import SafetyOverrides, to_safety_params
 
@@ -51,6 +51,8 @@ class Limits:
     """Prompt + completion (`handling.context_length`: the model's positions minus ``[CLS]``)."""
     token_chars: int
     """Characters in the longest vocabulary entry (`handling.longest_token_chars`)."""
+    turn_tokens: int = 0
+    """Template tokens each chat message costs at least (`handling.tokens_per_turn`)."""
 
 
 class Overflow(Enum):
@@ -58,6 +60,8 @@ class Overflow(Enum):
 
     CHARS = "chars"
     """More characters than ``max_input_tokens`` tokens can hold (before tokenizing)."""
+    TURNS = "turns"
+    """More messages than ``max_input_tokens`` tokens can hold (before templating)."""
     INPUT = "input"
     """More prompt tokens than ``max_input_tokens``."""
     CONTEXT = "context"
@@ -72,20 +76,25 @@ class TooLong:
     limit: int
     """Tokens: ``max_input_tokens`` (CHARS, INPUT) or the context (CONTEXT)."""
     given: int
-    """Characters (CHARS) or prompt tokens (INPUT, CONTEXT)."""
+    """Characters (CHARS), messages (TURNS) or prompt tokens (INPUT, CONTEXT)."""
     max_new_tokens: int | None = None
     """The request's max_new_tokens (CONTEXT; None when unset)."""
 
 
-def chars_overflow(chars: int, limits: Limits) -> TooLong | None:
-    """Why a prompt of ``chars`` characters cannot fit ``max_input_tokens`` tokens, or None.
+def chars_overflow(chars: int, turns: int, limits: Limits) -> TooLong | None:
+    """Why a prompt of ``chars`` characters in ``turns`` messages cannot fit
+    ``max_input_tokens`` tokens, or None.
 
-    Our choice: a bound checked before tokenizing, so a multi-megabyte body is refused at
-    once instead of tokenized for seconds while other streams wait (no token is longer than
-    ``token_chars``, so the prompt would be over the token limit anyway).
+    Our choice: bounds checked before templating and tokenizing, so a multi-megabyte body, or
+    100,000 empty messages (36 s of templating before the token limit refused them, in session
+    22's attack review), is refused at once while other streams go on: no token is longer than
+    ``token_chars``, and each message costs ``turn_tokens`` template tokens, so the prompt would
+    be over the token limit anyway.
     """
     if chars > limits.max_input_tokens * limits.token_chars:
         return TooLong(Overflow.CHARS, limits.max_input_tokens, chars)
+    if turns * limits.turn_tokens > limits.max_input_tokens:
+        return TooLong(Overflow.TURNS, limits.max_input_tokens, turns)
     return None
 
 
@@ -148,6 +157,8 @@ class RequestAdapter(Protocol):
     """The protocol's default when unset (None: as many as fit, `completion_budget`)."""
     input_chars: int
     """Characters of client text that will be tokenized (for `chars_overflow`)."""
+    input_turns: int
+    """Chat messages the prompt is templated from (1 for a single text; `chars_overflow`)."""
     prompt_inline: bool
     """Whether `build_prompt` runs on the event loop (`builds_inline`; False for a raw prompt)."""
     safety: SafetyOverrides | None
@@ -190,7 +201,7 @@ class Serving:
         """Reads the tokenizer's vocabulary once (about 50 ms)."""
         limits = Limits(settings.max_new_tokens_limit, settings.max_input_tokens,
                         context_length(engine.model_max_length),
-                        longest_token_chars(engine.tokenizer))
+                        longest_token_chars(engine.tokenizer), tokens_per_turn(engine.tokenizer))
         return cls(engine, settings, safety, limits)
 
     async def prepare(self, adapter: RequestAdapter) -> GenerationRequest:
@@ -205,7 +216,7 @@ class Serving:
             raise InvalidRequest(adapter.max_new_tokens_field,
                                  f"must be <= {limits.max_new_tokens} on this server")
         adapter.check()
-        overflow = chars_overflow(adapter.input_chars, limits)
+        overflow = chars_overflow(adapter.input_chars, adapter.input_turns, limits)
         if overflow is not None:
             raise adapter.too_long(overflow)
         try:

@@ -98,6 +98,11 @@ class Settings(BaseSettings):
                                          "request may ask for (tokens).")
     max_input_tokens: int = Field(
         4096, ge=1, description="ESS_MAX_INPUT_TOKENS: longest prompt after templating (tokens).")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1, description="ESS_MAX_BODY_BYTES: largest request body (bytes); "
+                                           "larger ones get HTTP 413 before they are read "
+                                           "(TGI's --payload-limit). The default holds a prompt "
+                                           "of ESS_MAX_INPUT_TOKENS written as JSON escapes.")
     max_num_seqs: int = Field(
         8, ge=1, le=256, description="ESS_MAX_NUM_SEQS: requests decoded together in the running "
                                      "batch (continuous batching); more wait in the queue.")

@@ -43,6 +43,10 @@ def too_long_message(overflow: TooLong) -> str:
         return (f"This server's maximum input length is {limit} tokens. However, your request "
                 f"has {given} input characters, more than {limit} tokens can hold. Please "
                 f"reduce the length of the input messages.")
+    if overflow.kind is Overflow.TURNS:
+        return (f"This server's maximum input length is {limit} tokens. However, your request "
+                f"has {given} messages, more than {limit} tokens can hold. Please reduce the "
+                f"number of messages.")
     if overflow.kind is Overflow.INPUT:
         return (f"This server's maximum input length is {limit} tokens. However, your request "
                 f"has {given} input tokens. Please reduce the length of the input messages.")
@@ -70,6 +74,7 @@ class OpenAIRequest:
         self.default_max_new_tokens = None if self.chat else COMPLETIONS_MAX_TOKENS
         self.input_chars = (sum(len(m.content) for m in body.messages) if self.chat
                             else len(body.prompt))
+        self.input_turns = len(body.messages) if self.chat else 1
         self.prompt_inline = self.chat and builds_inline([m.content for m in body.messages])
         self.safety = body.safety
 

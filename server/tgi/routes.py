@@ -32,8 +32,9 @@ def too_long_message(overflow: TooLong) -> str:
     ``ValidationError::InputLength`` / ``MaxTotalTokens``, inside ``InferError``'s
     "Input validation error: "). The character bound is ours, worded like ``InputLength``."""
     limit, given = overflow.limit, overflow.given
-    if overflow.kind is Overflow.CHARS:
-        detail = (f"`inputs` must have less than {limit} tokens. Given: {given} characters, "
+    if overflow.kind in (Overflow.CHARS, Overflow.TURNS):
+        unit = "characters" if overflow.kind is Overflow.CHARS else "messages"
+        detail = (f"`inputs` must have less than {limit} tokens. Given: {given} {unit}, "
                   f"more than {limit} tokens can hold")
     elif overflow.kind is Overflow.INPUT or overflow.max_new_tokens is None:
         detail = f"`inputs` must have less than {limit} tokens. Given: {given}"
@@ -58,6 +59,7 @@ class TGIRequest:
         self.body = body
         self.max_new_tokens = p.max_new_tokens
         self.input_chars = len(body.inputs) + len(p.response_prefix)
+        self.input_turns = 1
         self.prompt_inline = not p.raw and builds_inline((body.inputs, p.response_prefix))
         self.safety = p.safety
         self.trace = p.details
@@ -67,7 +69,8 @@ class TGIRequest:
         p = self.body.parameters
         if p.raw and p.response_prefix:
             raise InvalidRequest("parameters.response_prefix",
-                                 "cannot be combined with raw (a raw prompt is all query)")
+                                 "cannot be combined with raw (write the prefill after the "
+                                 "raw prompt's last assistant header instead)")
 
     def build_prompt(self, tokenizer) -> Prompt:
         return build_prompt(tokenizer, self.body)

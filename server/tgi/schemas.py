@@ -104,8 +104,10 @@ class GenerateParameters(BaseModel):
     response_prefix: Text = Field(
         "", description="Ours: text after the assistant header, treated as response text "
                         "(how prefill attacks are run). Not with `raw`.")
-    raw: bool = Field(False, description="Ours: `inputs` is already templated; all of it is "
-                                         "the query span.")
+    raw: bool = Field(False, description="Ours: `inputs` is already chat-templated: its turns "
+                                         "are the query span, and text after the last "
+                                         "assistant header is response text (a prefill); text "
+                                         "without template markers is all query.")
     safety: SafetyOverrides | None = None
 
     # TGI parameters this server does not implement: accepted only at their neutral value, so

@@ -124,7 +124,7 @@ def _openai(r, status: int) -> dict:
 
 
 def test_every_documented_status_is_checked_here():
-    checked = {400, 401, 404, 405, 422, 424, 429, 499, 500, 503, 504}
+    checked = {400, 401, 404, 405, 413, 422, 424, 429, 499, 500, 503, 504}  # 413: test_body_limit.py
     assert _documented_statuses() == checked
 
 
@@ -194,6 +194,18 @@ def test_v1_input_limit_and_character_bound_are_400_context_length_exceeded(smal
                               f"request has {chars} input characters, more than 60 tokens can "
                               "hold. Please reduce the length of the input messages.")
     assert "N input characters, more than L tokens can hold" in ERRORS_DOC
+    # each message costs 5 template tokens: 13 empty ones cannot fit 60, refused untemplated
+    err = _openai(small_input.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": ""}] * 13}), 400)
+    assert (err["code"], err["param"]) == ("context_length_exceeded", "messages")
+    assert err["message"] == ("This server's maximum input length is 60 tokens. However, your "
+                              "request has 13 messages, more than 60 tokens can hold. Please "
+                              "reduce the number of messages.")
+    assert "N messages, more than L tokens can hold" in ERRORS_DOC
+    # 12 pass that bound and are templated: over 60 tokens with the template's system turn
+    err = _openai(small_input.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": ""}] * 12}), 400)
+    assert "input tokens" in err["message"]
 
 
 def test_tgi_prompt_plus_max_new_tokens_over_the_context_is_tgis_422(client, tokenizer, context):

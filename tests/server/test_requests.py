@@ -24,8 +24,15 @@ LIMITS = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars
 
 
 def test_the_character_bound_is_max_input_tokens_times_the_longest_token():
-    assert chars_overflow(800, LIMITS) is None
-    assert chars_overflow(801, LIMITS) == TooLong(Overflow.CHARS, 80, 801)
+    assert chars_overflow(800, 1, LIMITS) is None
+    assert chars_overflow(801, 1, LIMITS) == TooLong(Overflow.CHARS, 80, 801)
+
+
+def test_the_message_bound_is_max_input_tokens_over_a_messages_template_tokens():
+    limits = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars=10, turn_tokens=5)
+    assert chars_overflow(0, 16, limits) is None
+    assert chars_overflow(0, 17, limits) == TooLong(Overflow.TURNS, 80, 17)
+    assert chars_overflow(0, 10**6, LIMITS) is None  # a template that drops empty messages: no bound
 
 
 @pytest.mark.parametrize("prompt, max_new, expected", [
@@ -83,7 +90,7 @@ class _Adapter:
     """A protocol adapter that records the thread its prompt is built on."""
 
     max_new_tokens_field, safety_field, max_new_tokens, default_max_new_tokens = "max_tokens", "safety", 4, None
-    safety, trace, input_chars = None, False, 10
+    safety, trace, input_chars, input_turns = None, False, 10, 1
 
     def __init__(self, prompt_inline: bool):
         self.prompt_inline, self.thread = prompt_inline, None
