@@ -353,6 +353,15 @@ def raw_segments(text: str, markers: _Markers | None) -> list[tuple[str, Span]]:
     return segments
 
 
+def raw_turns(tokenizer, text: str) -> int:
+    """Turns a raw prompt holds: its template openers (`raw_segments` splits there), at least 1.
+    A count of substrings, so a server can bound it before the prompt is built."""
+    markers = _turn_markers(tokenizer)
+    if markers is None:
+        return 1
+    return max(1, sum(text.count(op) for op in markers.openers.values()))
+
+
 def build_raw_prompt(tokenizer, text: str) -> Prompt:
     """An already-templated prompt (TGI ``raw`` mode, ``/v1/completions``): the model's own
     template markers in ``text`` are parsed into the spans a chat request of the same

@@ -19,7 +19,7 @@ from fastapi import Request
 
 from safety_decoding.decode import GenerationRequest, StepEvent
 from safety_decoding.policy import SafetyParams
-from safety_decoding.prompt import Prompt, PromptError
+from safety_decoding.prompt import Prompt, PromptError, raw_turns
 from safety_decoding.sampling import SamplingParams
 from safety_decoding.types import FinishReason, ParameterError
 
@@ -159,6 +159,9 @@ class RequestAdapter(Protocol):
     """Characters of client text that will be tokenized (for `chars_overflow`)."""
     input_turns: int
     """Chat messages the prompt is templated from (1 for a single text; `chars_overflow`)."""
+    raw_text: str | None
+    """A raw prompt (already templated), whose turns `prompt.raw_turns` counts instead; None
+    for a prompt the server templates."""
     prompt_inline: bool
     """Whether `build_prompt` runs on the event loop (`builds_inline`; False for a raw prompt)."""
     safety: SafetyOverrides | None
@@ -216,7 +219,9 @@ class Serving:
             raise InvalidRequest(adapter.max_new_tokens_field,
                                  f"must be <= {limits.max_new_tokens} on this server")
         adapter.check()
-        overflow = chars_overflow(adapter.input_chars, adapter.input_turns, limits)
+        turns = (adapter.input_turns if adapter.raw_text is None
+                 else raw_turns(self.engine.tokenizer, adapter.raw_text))
+        overflow = chars_overflow(adapter.input_chars, turns, limits)
         if overflow is not None:
             raise adapter.too_long(overflow)
         try:

@@ -75,6 +75,7 @@ class OpenAIRequest:
         self.input_chars = (sum(len(m.content) for m in body.messages) if self.chat
                             else len(body.prompt))
         self.input_turns = len(body.messages) if self.chat else 1
+        self.raw_text = None if self.chat else body.prompt
         self.prompt_inline = self.chat and builds_inline([m.content for m in body.messages])
         self.safety = body.safety
 

@@ -60,6 +60,7 @@ class TGIRequest:
         self.max_new_tokens = p.max_new_tokens
         self.input_chars = len(body.inputs) + len(p.response_prefix)
         self.input_turns = 1
+        self.raw_text = body.inputs if p.raw else None
         self.prompt_inline = not p.raw and builds_inline((body.inputs, p.response_prefix))
         self.safety = p.safety
         self.trace = p.details

@@ -202,6 +202,12 @@ def test_v1_input_limit_and_character_bound_are_400_context_length_exceeded(smal
                               "request has 13 messages, more than 60 tokens can hold. Please "
                               "reduce the number of messages.")
     assert "N messages, more than L tokens can hold" in ERRORS_DOC
+    # so are a raw prompt's turns, counted by their template markers
+    err = _openai(small_input.post("/v1/completions", json={
+        "prompt": "<|im_start|>user\nx<|im_end|>\n" * 13}), 400)
+    assert (err["param"], err["message"]) == ("prompt", (
+        "This server's maximum input length is 60 tokens. However, your request has 13 messages, "
+        "more than 60 tokens can hold. Please reduce the number of messages."))
     # 12 pass that bound and are templated: over 60 tokens with the template's system turn
     err = _openai(small_input.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": ""}] * 12}), 400)

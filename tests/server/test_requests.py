@@ -90,7 +90,7 @@ class _Adapter:
     """A protocol adapter that records the thread its prompt is built on."""
 
     max_new_tokens_field, safety_field, max_new_tokens, default_max_new_tokens = "max_tokens", "safety", 4, None
-    safety, trace, input_chars, input_turns = None, False, 10, 1
+    safety, trace, input_chars, input_turns, raw_text = None, False, 10, 1, None
 
     def __init__(self, prompt_inline: bool):
         self.prompt_inline, self.thread = prompt_inline, None
