@@ -74,7 +74,7 @@ class TooLong:
 
     kind: Overflow
     limit: int
-    """Tokens: ``max_input_tokens`` (CHARS, INPUT) or the context (CONTEXT)."""
+    """Tokens: ``max_input_tokens`` (CHARS, TURNS, INPUT) or the context (CONTEXT)."""
     given: int
     """Characters (CHARS), messages (TURNS) or prompt tokens (INPUT, CONTEXT)."""
     max_new_tokens: int | None = None
