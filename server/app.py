@@ -72,7 +72,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app, settings.retry_after_seconds)
     drain = install_drain(app, settings.retry_after_seconds)  # inside auth and CORS
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # inside auth, CORS
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,  # inside auth, CORS
+                       timeout=settings.body_timeout_seconds)
     install_auth_and_cors(app, settings)
     app.include_router(tgi_router(serving))
     app.include_router(openai_router(serving))

@@ -147,6 +147,7 @@ STATUS_DESCRIPTIONS = {
     400: "A bad field (the message starts with its path), or a body that is not UTF-8 JSON; "
          "under /v1 also an input that does not fit (code `context_length_exceeded`).",
     401: "ESS_API_KEYS is set and the `Authorization: Bearer` key is missing or wrong.",
+    408: "The body did not arrive within ESS_BODY_TIMEOUT_SECONDS.",
     413: "The body is over ESS_MAX_BODY_BYTES.",
     422: "The input, or input + max_new_tokens, does not fit this server (TGI's status and "
          "message).",

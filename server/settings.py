@@ -103,6 +103,9 @@ class Settings(BaseSettings):
                                            "larger ones get HTTP 413 before they are read "
                                            "(TGI's --payload-limit). The default holds a prompt "
                                            "of ESS_MAX_INPUT_TOKENS written as JSON escapes.")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="ESS_BODY_TIMEOUT_SECONDS: time a client has to send its whole "
+                                "request body; past it HTTP 408 (nginx's client_body_timeout).")
     max_num_seqs: int = Field(
         8, ge=1, le=256, description="ESS_MAX_NUM_SEQS: requests decoded together in the running "
                                      "batch (continuous batching); more wait in the queue.")

@@ -56,7 +56,8 @@ DISGUISES: dict[str, Callable[[str], str]] = {
     # styled letters (session 22's attack review)
     "math_bold": lambda r: "".join(chr(0x1D5EE + ord(c) - 97) if "a" <= c <= "z" else c for c in r),
     "small_caps": lambda r: r.translate(str.maketrans("abdeghilmnoprstuwy", "ᴀʙᴅᴇɢʜɪʟᴍɴᴏᴘʀꜱᴛᴜᴡʏ")),
-    "strike_through": lambda r: "".join(c + "\u0336" if c.isalpha() else c for c in r),
+    "strike_through": lambda r: "".join(c + "\u0336" for c in r),  # spaces too, as generators do
+    "shouting": str.upper,
 }
 """The request text disguised for a reader's eye only (docs/method.md, "Decision 14"), sent as a
 plain chat request."""
