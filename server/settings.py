@@ -99,10 +99,11 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(
         4096, ge=1, description="ESS_MAX_INPUT_TOKENS: longest prompt after templating (tokens).")
     max_body_bytes: int = Field(
-        8 * 1024 * 1024, ge=1, description="ESS_MAX_BODY_BYTES: largest request body (bytes); "
+        2 * 1024 * 1024, ge=1, description="ESS_MAX_BODY_BYTES: largest request body (bytes); "
                                            "larger ones get HTTP 413 before they are read "
-                                           "(TGI's --payload-limit). The default holds a prompt "
-                                           "of ESS_MAX_INPUT_TOKENS written as JSON escapes.")
+                                           "(TGI's --payload-limit, 2 MB by default). The "
+                                           "default holds a prompt at the character bound "
+                                           "written as \\uXXXX escapes.")
     body_timeout_seconds: float = Field(
         30.0, gt=0, description="ESS_BODY_TIMEOUT_SECONDS: time a client has to send its whole "
                                 "request body; past it HTTP 408 (nginx's client_body_timeout).")
