@@ -29,7 +29,8 @@ def test_every_setting_has_a_row_with_its_default():
     for name, field in Settings.model_fields.items():
         default = field.default
         if isinstance(default, (bool, int, float)):
-            text = str(default).lower() if isinstance(default, bool) else f"{default:g}"
+            text = (str(default).lower() if isinstance(default, bool)
+                    else str(default) if isinstance(default, int) else f"{default:g}")
             assert f"`{text}`" in rows["ESS_" + name.upper()], name
 
 
