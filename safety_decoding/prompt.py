@@ -121,6 +121,7 @@ def _plain_letter(ch: str) -> str | None:
 
 
 _LOOK_ALIKE_LETTERS = frozenset(chr(c) for c in _LOOK_ALIKES)
+_LOOK_ALIKE_LETTER = re.compile("[" + "".join(sorted(_LOOK_ALIKE_LETTERS)) + "]")
 
 
 def _decorates(ch: str, before: str) -> bool:
@@ -142,12 +143,174 @@ def _is_latin(ch: str) -> bool:
     return ch.isascii() or unicodedata.name(ch, "").startswith("LATIN ")
 
 
-def _unmix(word: re.Match) -> str:
-    """A word with Latin letters in it spelled in Latin only; any other word as it is."""
-    w = word.group(0)
-    if w.isascii() or not any(c.isalpha() and _is_latin(c) for c in w):
-        return w
-    return w.translate(_LOOK_ALIKES)
+def _context_free(ch: str) -> str:
+    """What normalization makes of ``ch`` wherever it stands ("": removed): full-width forms and
+    other spaces to ASCII, invisible characters removed, styled letters to ASCII
+    (`normalize_client_text`'s first four rules). A combining mark is itself here: whether it
+    stays depends on what it sits on (`_kept_marks`)."""
+    if ord(ch) in _FULL_WIDTH:
+        return chr(ord(ch) - 0xFEE0)
+    if ch == _IDEOGRAPHIC_SPACE or ch in _BLANK_SPACES:
+        return " "
+    category = unicodedata.category(ch)
+    if ch in _IGNORABLE_LETTERS_AND_MARKS or (category == "Cf" and ch not in _VISIBLE_FORMAT):
+        return ""
+    if category[0] == "M" or ch.isascii():
+        return ch
+    return _plain_letter(ch) or ch
+
+
+_RULED_PLANES = (range(0x80, 0x20000), range(0xE0000, 0xE1000))
+"""The code points any rule of `normalize_client_text` can touch: non-ASCII characters of planes
+0, 1 and 14. The other planes hold CJK ideographs and private use only (tests/test_prompt.py
+checks all 1,114,112 code points)."""
+
+
+_ASTRAL_RANGE = "\\U00010000-\\U0010ffff"
+_ASTRAL = re.compile(f"[{_ASTRAL_RANGE}]")
+"""A character above U+FFFF: text with none takes `_Tables.bmp`, classes with no such character."""
+
+
+def _char_class(codes: list[int], negate: bool = False) -> str:
+    """A `re` pattern of one character among the sorted code points ``codes`` (``negate``: one
+    character not among them).
+
+    Characters above U+FFFF go in a class of their own behind a range check: `re` tests a class
+    of characters under U+10000 with one table lookup, but a class with any character above it
+    by a walk over its ranges (200 ns a character for the 1,566 code points that
+    `_context_free` changes, against 7 ns)."""
+    def ranges(cs):
+        out: list[list[int]] = []
+        for c in cs:
+            if out and c == out[-1][1] + 1:
+                out[-1][1] = c
+            else:
+                out.append([c, c])
+        return "".join(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in out)
+
+    bmp, astral, hat = ranges(c for c in codes if c < 0x10000), ranges(c for c in codes if c >= 0x10000), "^" * negate
+    if not astral:
+        return f"[{hat}{bmp}]" if bmp or negate else "(?!)"
+    return f"(?:[{hat}{bmp}{_ASTRAL_RANGE * negate}]|(?={_ASTRAL.pattern})[{hat}{astral}])"
+
+
+@dataclass(frozen=True)
+class _Patterns:
+    """`normalize_client_text`'s scans, over one set of code points."""
+
+    changed: re.Pattern
+    """One character that `_context_free` changes."""
+    mark: re.Pattern
+    """One combining mark (Unicode category M)."""
+    odd_mark: re.Pattern
+    """The first mark of an ``odd_run``: a cheaper scan, which most text with marks fails."""
+    decoration: re.Pattern
+    """A run of marks that decorate (Mn, Me) at the start or right after a character they
+    decorate (ASCII, Latin letters, look-alikes: `_decorates`), removed without a look."""
+    odd_run: re.Pattern
+    """A run of marks that ``decoration`` leaves to `_kept_marks`: one at the start or right after
+    such a character (so it starts with a spacing mark, Mc, which stays, and may hold marks that
+    decorate the same character), or one with a combining Latin letter. Matched from a run's
+    start only, so the scan is linear."""
+    latin_letter: re.Pattern
+    """One Latin letter (alphabetic and `_is_latin`)."""
+    mixed_word: re.Pattern
+    """A word (a maximal run of letters) with both a Latin letter and a look-alike in it; each
+    lookahead scans the word once, from its start only, so the scan is linear."""
+
+
+def _patterns(sets: dict[str, list[int]], below: int) -> _Patterns:
+    """`_Patterns` of the code points in ``sets`` under ``below``."""
+    cls = {name: [c for c in codes if c < below] for name, codes in sets.items()}
+    letter = r"[^\W\d_]"
+    after_decorated = f"(?<!{_char_class(cls['decorated'], negate=True)})"  # or at the start
+    mark, decorating, lettered = (_char_class(cls[k]) for k in ("marks", "decorating", "lettered"))
+    spacing = _char_class(sorted(set(cls["marks"]) - set(cls["decorating"])))
+    # Each starts with a one-character lookahead: most positions fail there, at one table lookup.
+    return _Patterns(
+        changed=re.compile(_char_class(cls["changed"])),
+        mark=re.compile(mark),
+        decoration=re.compile(f"(?={decorating}){after_decorated}{decorating}+"),
+        odd_mark=re.compile(f"(?={spacing}){after_decorated}|{lettered}"),
+        odd_run=re.compile(f"(?={spacing}){after_decorated}{mark}+|(?={mark})(?<!{mark}){mark}*?{lettered}{mark}*"),
+        latin_letter=re.compile(_char_class(cls["latin"])),
+        mixed_word=re.compile(f"(?<!{letter})(?={letter}*?{_char_class(cls['latin'])})"
+                              f"(?={letter}*?{_char_class(cls['look_alike'])}){letter}+"))
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """`_RULED_PLANES` read once, so that normalizing a message is C-level scans and
+    `str.translate`, with a Python call only where a rule needs a look around."""
+
+    translation: dict[int, str | None]
+    """`str.translate` table: every code point that `_context_free` changes (None: removed)."""
+    bmp_translation: list[int | str | None]
+    """The same for text with no character above U+FFFF, indexed by code point: twice as fast
+    (no failed lookup per unchanged character)."""
+    bmp: _Patterns
+    """For text with no character above U+FFFF (`_ASTRAL`): the common case, and fast."""
+    full: _Patterns
+
+    def patterns(self, text: str) -> _Patterns:
+        return self.full if _ASTRAL.search(text) else self.bmp
+
+
+@functools.cache
+def _tables() -> _Tables:
+    """Built on first use: about 0.4 s of one core (`load_unicode_tables`). Why: a
+    331,000-character message in Russian took 0.8 s of per-character Python, holding the GIL
+    that the engine thread needs between its kernels; four of them stretched a running stream's
+    token gap to 4 s (session 22's second attack review)."""
+    translation = {}
+    sets: dict[str, list[int]] = {name: [] for name in ("decorating", "marks", "lettered")}
+    sets["latin"] = [c for c in range(0x80) if chr(c).isalpha()]
+    for c in (c for plane in _RULED_PLANES for c in plane):
+        ch = chr(c)
+        category = unicodedata.category(ch)
+        if category in ("Cn", "Co", "Cs"):  # unassigned, private use, surrogates: no rule applies
+            continue
+        out = _context_free(ch)
+        if out != ch:
+            translation[c] = out or None
+        if category[0] == "M":
+            sets["marks"].append(c)
+            if category in ("Mn", "Me"):
+                sets["decorating"].append(c)
+            if _plain_letter(ch):
+                sets["lettered"].append(c)
+        elif ch.isalpha() and _is_latin(ch):
+            sets["latin"].append(c)
+    sets["changed"] = sorted(translation)
+    sets["look_alike"] = sorted(map(ord, _LOOK_ALIKE_LETTERS))
+    sets["decorated"] = sorted(set(range(0x80)) | set(sets["latin"]) | set(sets["look_alike"]))
+    bmp_translation: list[int | str | None] = list(range(0x10000))
+    for c, out in translation.items():
+        if c < 0x10000:
+            bmp_translation[c] = out
+    return _Tables(translation, bmp_translation, bmp=_patterns(sets, 0x10000), full=_patterns(sets, 0x110000))
+
+
+def load_unicode_tables() -> None:
+    """Build `normalize_client_text`'s tables now (0.4 s, once a process) rather than in the
+    first request with non-ASCII text; the server's warm-up calls it."""
+    _tables()
+
+
+@functools.lru_cache(maxsize=4096)
+def _kept_marks(marks: str, base: str) -> str:
+    """A run of combining marks as normalized, after ``base``, the character they sit on ("" at
+    the start of the text): those that decorate (`_decorates`) are removed, styled ones become
+    ASCII (a combining Latin letter on a non-Latin letter: its letter, the next marks' base)."""
+    out = []
+    for ch in marks:
+        if _decorates(ch, base):
+            continue
+        ch = _plain_letter(ch) or ch
+        if unicodedata.category(ch)[0] != "M":
+            base = ch
+        out.append(ch)
+    return "".join(out)
 
 
 def normalize_client_text(text: str) -> str:
@@ -185,8 +348,22 @@ def normalize_client_text(text: str) -> str:
 
 SHOUT_WORDS = 3
 """Consecutive upper-case words that `unshout` lower-cases (two are often acronyms: "US EU")."""
-_MAYBE_SHOUT = re.compile(r"\b[^\W\d_a-z]+\b(?:[\W\d_]+\b[^\W\d_a-z]+\b){%d}" % (SHOUT_WORDS - 1))
-"""`SHOUT_WORDS` words with no ASCII lower-case letter in a row: a cheap first filter."""
+_UNCASED_OR_UPPER = _char_class([c for c in range(0x10000) if chr(c).islower()], negate=True)[:-1] + r"\W\d_]"
+"""One letter that is not lower case (or one above U+FFFF)."""
+_UPPERS = [c for c in range(0x20000) if chr(c).isupper()]  # none above (tests/test_prompt.py)
+_UPPER = _char_class(_UPPERS)
+_MAY_HAVE_UPPER = re.compile(f"{_char_class([c for c in _UPPERS if c < 0x10000])}|{_ASTRAL.pattern}")
+"""An upper-case letter, or a character above U+FFFF: a quick test, so that text of scripts
+without case skips the shouting scan."""
+_SHOUTED_WORD = rf"\b{_UNCASED_OR_UPPER}*?{_UPPER}{_UNCASED_OR_UPPER}*\b"
+"""A word that may be upper case: letters that are not lower case, one of them upper case, so
+that words of scripts without case (Devanagari, CJK) are not candidates. From a word's start
+only (``\b``), so the scan is linear. (The case scans and these patterns cost about 45 ms at
+import.)"""
+_MAYBE_SHOUT = {False: re.compile(rf"{_SHOUTED_WORD}(?:[\W\d_]+{_SHOUTED_WORD}){{{SHOUT_WORDS - 1}}}"),
+                True: re.compile(r"\b[^\W\d_a-z]+\b(?:[\W\d_]+\b[^\W\d_a-z]+\b){%d}" % (SHOUT_WORDS - 1))}
+"""`SHOUT_WORDS` words that may be upper case in a row: a cheap first filter, by whether the
+text is ASCII (twice as fast on ASCII text, where ``a-z`` are all the lower-case letters)."""
 
 
 def unshout(text: str) -> str:
@@ -200,7 +377,7 @@ def unshout(text: str) -> str:
     shouted; lower case keeps the words and drops the capitals, which the model reads as well.
     Shorter runs stay: acronyms ("NASA", "US and EU").
     """
-    if _MAYBE_SHOUT.search(text) is None:  # the common case, in one C-level scan
+    if _MAY_HAVE_UPPER.search(text) is None or _MAYBE_SHOUT[text.isascii()].search(text) is None:
         return text
     words = [m for m in _WORD.finditer(text) if m.group(0).isupper()]
     if len(words) < SHOUT_WORDS:
@@ -222,25 +399,23 @@ def unshout(text: str) -> str:
 
 
 def _unicode_normalized(text: str) -> str:
-    """`normalize_client_text`'s work on non-ASCII text, shouting aside."""
-    out = []
-    base = ""  # the last character kept that is not a mark: what a mark sits on
-    for ch in unicodedata.normalize("NFC", text):
-        if ord(ch) in _FULL_WIDTH:
-            ch = chr(ord(ch) - 0xFEE0)
-        elif ch == _IDEOGRAPHIC_SPACE or ch in _BLANK_SPACES:
-            ch = " "
-        elif ch in _IGNORABLE_LETTERS_AND_MARKS or (
-                unicodedata.category(ch) == "Cf" and ch not in _VISIBLE_FORMAT):
-            continue
-        elif _decorates(ch, base):
-            continue
-        elif not ch.isascii():
-            ch = _plain_letter(ch) or ch
-        if unicodedata.category(ch)[0] != "M":
-            base = ch
-        out.append(ch)
-    return _WORD.sub(_unmix, "".join(out))
+    """`normalize_client_text`'s work on non-ASCII text, shouting aside: `_context_free` by
+    `str.translate`, decorating marks by one scan, other marks by `_kept_marks` where a rule
+    needs a look, and look-alikes in words with Latin letters."""
+    tables = _tables()
+    text = unicodedata.normalize("NFC", text)
+    scans = tables.patterns(text)
+    if scans.changed.search(text):
+        text = text.translate(tables.translation if scans is tables.full else tables.bmp_translation)
+        scans = tables.patterns(text)
+    if scans.mark.search(text):
+        text = scans.decoration.sub("", text)
+        if scans.odd_mark.search(text):
+            text = scans.odd_run.sub(
+                lambda run: _kept_marks(run.group(), run.string[run.start() - 1] if run.start() else ""), text)
+    if _LOOK_ALIKE_LETTER.search(text) and scans.latin_letter.search(text):
+        text = scans.mixed_word.sub(lambda word: word.group().translate(_LOOK_ALIKES), text)
+    return text
 
 
 def encode_segments(tokenizer, segments: list[tuple[str, Span]]) -> Prompt:

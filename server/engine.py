@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from safety_decoding.decode import DecodeBatch, Decoder, GenerationRequest, StepEvent
 from safety_decoding.layout import round_up
 from safety_decoding.policy import SafetyParams
-from safety_decoding.prompt import build_chat_prompt, build_raw_prompt
+from safety_decoding.prompt import build_chat_prompt, build_raw_prompt, load_unicode_tables
 from safety_decoding.sampling import SamplingParams
 from safety_decoding.types import FinishReason
 
@@ -290,8 +290,9 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the thread and run one tiny generation (prefill + a probe step), then one
-        prefill of each width up to `WARM_PREFILL_COLUMNS` (`prefill_warm_ups`), narrowest
+        """Start the thread, build client-text normalization's tables
+        (`prompt.load_unicode_tables`) and run one tiny generation (prefill + a probe step), then
+        one prefill of each width up to `WARM_PREFILL_COLUMNS` (`prefill_warm_ups`), narrowest
         first, until `WARM_PREFILL_SECONDS` have passed.
 
         Idempotent. Raises:
@@ -309,6 +310,7 @@ class Engine:
                                      SafetyParams.from_config(self._decoder.model.config))
             widths = prefill_warm_ups(self._decoder, min(WARM_PREFILL_COLUMNS, self.model_max_length - 1))
             warmed = 0
+            await asyncio.to_thread(load_unicode_tables)
             try:
                 await self._run_unrecorded(warm)  # compiles the decode step where ESS_COMPILE is on
                 t0 = time.perf_counter()

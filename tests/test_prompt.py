@@ -1,5 +1,10 @@
+import random
+import sys
+import unicodedata
+
 import pytest
 
+from safety_decoding import prompt as P
 from safety_decoding.prompt import PromptError, build_chat_prompt, build_raw_prompt, normalize_client_text
 
 
@@ -156,6 +161,50 @@ def test_zero_width_joiner_emoji_become_their_members():
 def test_normalization_is_idempotent():
     text = "ｂо\u200bｍb привет Wοrld \U0001F468\u200d\U0001F469 \u24d1\u0336o\u0301\u0336 \u1d0f"
     assert normalize_client_text(normalize_client_text(text)) == normalize_client_text(text)
+
+
+def _per_character(text: str) -> str:
+    """`normalize_client_text`'s rules written as one loop over characters (session 22's
+    implementation, 2.4 us a character): the specification the table-driven scans must meet."""
+    out, base = [], ""  # base: the last character kept that is not a mark
+    for ch in unicodedata.normalize("NFC", text):
+        ch = P._context_free(ch)
+        if not ch or (unicodedata.category(ch)[0] == "M" and P._decorates(ch, base)):
+            continue
+        if unicodedata.category(ch)[0] == "M":
+            ch = P._plain_letter(ch) or ch
+        if unicodedata.category(ch)[0] != "M":
+            base = ch
+        out.append(ch)
+    latin = lambda c: c.isalpha() and P._is_latin(c)  # noqa: E731
+    return P.unshout(P._WORD.sub(
+        lambda m: m[0].translate(P._LOOK_ALIKES) if any(map(latin, m[0])) else m[0], "".join(out)))
+
+
+_HARD_CHARACTERS = (
+    "aZ 1.\n\u00e9e\u0301\u0336\u0332\u20dd\u0363\u1de0\u0903\u093e\u0915\u094d"  # marks: Mn, Me, Mc, lettered
+    "\u200b\u200d\u00ad\u202e\u0600\u3164\ufe0f\U000e0100\U000e0041"  # invisible, drawn format, ignorable
+    "\u00a0\u3000\u2800\uff42\uff01\u00aa\u1d0f\u029c\u24d1\U0001d5fd\U0001f171\U0001d7cf\u00b2\u2460"
+    "\u043e\u0430\u043c\u0440\u03bf\u0397\u0585\u0431\u0414\u4e2d\uff0c\U0001F468\U00010400\U00010428"
+    "ABCDEFHOWTO")
+
+
+def test_the_scans_give_what_the_per_character_rules_give():
+    rng = random.Random(0)
+    for _ in range(4000):
+        text = "".join(rng.choice(_HARD_CHARACTERS) for _ in range(rng.randint(1, 24)))
+        assert normalize_client_text(text) == _per_character(text), ascii(text)
+
+
+def test_no_rule_touches_a_code_point_outside_the_ruled_planes():
+    """`prompt._RULED_PLANES` (and `_UPPER`'s range) hold every code point a rule can touch."""
+    ruled = {c for plane in P._RULED_PLANES for c in plane}
+    for c in range(0x80, sys.maxunicode + 1):
+        if c in ruled:
+            continue
+        ch = chr(c)
+        assert P._context_free(ch) == ch and unicodedata.category(ch)[0] != "M", hex(c)
+        assert not (ch.isalpha() and P._is_latin(ch)) and not (c >= 0x20000 and ch.isupper()), hex(c)
 
 
 def test_a_disguised_request_gets_the_plain_requests_tokens(tokenizer):

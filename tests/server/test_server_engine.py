@@ -10,6 +10,7 @@ from safety_decoding.decode import Decoder, GenerationRequest
 from safety_decoding.layout import round_up
 from safety_decoding.types import FinishReason
 from safety_decoding.policy import SafetyParams
+from safety_decoding import prompt
 from safety_decoding.prompt import build_raw_prompt
 from safety_decoding.sampling import SamplingParams
 from server.engine import (WARM_PREFILL_COLUMNS, Engine, EngineError, EngineNotRunning, EngineOverloaded,
@@ -43,8 +44,10 @@ def test_events_stream_back_and_metrics_are_recorded(tiny_model, tokenizer):
     async def main():
         engine = Engine(Decoder(tiny_model, tokenizer))
         assert not engine.ready
+        prompt._tables.cache_clear()
         await engine.start()
         assert engine.ready
+        assert prompt._tables.cache_info().currsize == 1  # built by the warm-up, not a request
         events = await _drain(engine.submit(_request(tokenizer, n=4)))
         await engine.stop()
         assert not engine.ready
