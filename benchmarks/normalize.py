@@ -9,7 +9,8 @@ character bound with the default ``ESS_MAX_INPUT_TOKENS``, 4,096 tokens x 81 cha
 longest SmolLM2 token), and reports milliseconds, nanoseconds a character, and the ratio to
 ASCII text of the same length (which skips every Unicode rule), all from one run. The text kinds
 are everyday scripts and the disguises the rules undo, plus the worst cases we know of for the
-scans (every mark run needing a look, every word mixing scripts).
+scans (every mark run or word needing a Python call, one run of marks looked at one by one, every
+word shouted). ``tests/test_prompt.py`` holds the texts built to make a scan backtrack.
 
 Run: ``python -m benchmarks.normalize [--chars 331776] [--rounds 3] [--json PATH]`` (under a
 minute).
@@ -46,6 +47,8 @@ def texts(chars: int) -> dict[str, str]:
                                            for _ in range(chars)),
         "worst: combining Latin letters": repeat("д\u0363"),
         "worst: mixed-script words": repeat("a\u0430 "),
+        "worst: one run of spacing marks": "a" + "\u0903" * (chars - 1),
+        "worst: shouted words": repeat("\u0416\u0416\u0416\u0416 "),
     }
 
 

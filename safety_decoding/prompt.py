@@ -37,6 +37,15 @@ class PromptError(ValueError):
         self.field = field
 
 
+class ClientTextTooLong(PromptError):
+    """The normalized client text has more UTF-8 bytes than allowed (`encode_segments`'s
+    ``max_client_bytes``): ``given`` bytes."""
+
+    def __init__(self, given: int, limit: int):
+        super().__init__(f"{given} bytes of text, more than {limit}")
+        self.given = given
+
+
 @dataclass(frozen=True)
 class Prompt:
     """Token ids of a prompt, without ``[CLS]`` (the decoder prepends it at slot 0)."""
@@ -297,7 +306,6 @@ def load_unicode_tables() -> None:
     _tables()
 
 
-@functools.lru_cache(maxsize=4096)
 def _kept_marks(marks: str, base: str) -> str:
     """A run of combining marks as normalized, after ``base``, the character they sit on ("" at
     the start of the text): those that decorate (`_decorates`) are removed, styled ones become
@@ -311,6 +319,17 @@ def _kept_marks(marks: str, base: str) -> str:
             base = ch
         out.append(ch)
     return "".join(out)
+
+
+_kept_short_marks = functools.lru_cache(maxsize=4096)(_kept_marks)
+"""`_kept_marks` remembered, for runs of at most 16 marks (`_odd_run`): text repeats its short
+runs, and a cache of long ones would hold whatever a client sends."""
+
+
+def _odd_run(run: re.Match) -> str:
+    """`_Patterns.odd_run`'s match as normalized."""
+    base = run.string[run.start() - 1] if run.start() else ""
+    return (_kept_short_marks if len(run.group()) <= 16 else _kept_marks)(run.group(), base)
 
 
 def normalize_client_text(text: str) -> str:
@@ -355,13 +374,14 @@ _UPPER = _char_class(_UPPERS)
 _MAY_HAVE_UPPER = re.compile(f"{_char_class([c for c in _UPPERS if c < 0x10000])}|{_ASTRAL.pattern}")
 """An upper-case letter, or a character above U+FFFF: a quick test, so that text of scripts
 without case skips the shouting scan."""
-_SHOUTED_WORD = rf"\b{_UNCASED_OR_UPPER}*?{_UPPER}{_UNCASED_OR_UPPER}*\b"
+_SHOUTED_WORD = rf"\b(?={_UNCASED_OR_UPPER}*?{_UPPER}){_UNCASED_OR_UPPER}++\b"
 """A word that may be upper case: letters that are not lower case, one of them upper case, so
-that words of scripts without case (Devanagari, CJK) are not candidates. From a word's start
-only (``\b``), so the scan is linear. (The case scans and these patterns cost about 45 ms at
-import.)"""
-_MAYBE_SHOUT = {False: re.compile(rf"{_SHOUTED_WORD}(?:[\W\d_]+{_SHOUTED_WORD}){{{SHOUT_WORDS - 1}}}"),
-                True: re.compile(r"\b[^\W\d_a-z]+\b(?:[\W\d_]+\b[^\W\d_a-z]+\b){%d}" % (SHOUT_WORDS - 1))}
+that words of scripts without case (Devanagari, CJK) are not candidates. Tried from a word's start
+only (``\b``), and possessive (``++``): a run of such letters followed by a digit (no word
+boundary) fails at once instead of being given back a letter at a time, which made the scan
+quadratic. (The case scans and these patterns cost about 45 ms at import.)"""
+_MAYBE_SHOUT = {False: re.compile(rf"{_SHOUTED_WORD}(?:[\W\d_]++{_SHOUTED_WORD}){{{SHOUT_WORDS - 1}}}"),
+                True: re.compile(r"\b[^\W\d_a-z]++\b(?:[\W\d_]++\b[^\W\d_a-z]++\b){%d}" % (SHOUT_WORDS - 1))}
 """`SHOUT_WORDS` words that may be upper case in a row: a cheap first filter, by whether the
 text is ASCII (twice as fast on ASCII text, where ``a-z`` are all the lower-case letters)."""
 
@@ -411,27 +431,40 @@ def _unicode_normalized(text: str) -> str:
     if scans.mark.search(text):
         text = scans.decoration.sub("", text)
         if scans.odd_mark.search(text):
-            text = scans.odd_run.sub(
-                lambda run: _kept_marks(run.group(), run.string[run.start() - 1] if run.start() else ""), text)
+            text = scans.odd_run.sub(_odd_run, text)
     if _LOOK_ALIKE_LETTER.search(text) and scans.latin_letter.search(text):
         text = scans.mixed_word.sub(lambda word: word.group().translate(_LOOK_ALIKES), text)
     return text
 
 
-def encode_segments(tokenizer, segments: list[tuple[str, Span]]) -> Prompt:
+def encode_segments(tokenizer, segments: list[tuple[str, Span]],
+                    max_client_bytes: int | None = None) -> Prompt:
     """Tokenize ``(text, span)`` pieces one by one into a `Prompt`; client text (every span but
     `Span.SCAFFOLD`) is normalized (`normalize_client_text`) and its special-token strings are
     split into plain text. The first `Span.RESPONSE` piece starts the response.
 
     Piecewise tokenization gives the same ids as the whole text for templates whose turn text is
     bounded by control tokens or newlines (byte-level BPE does not merge across them).
+
+    ``max_client_bytes``: UTF-8 bytes the normalized client text may have, checked before the
+    tokenizer runs. The server passes what its token limit can hold (the limit times the longest
+    token's bytes: no text tokenizes into fewer tokens than that), so an input that cannot fit
+    is refused without tokenizing it: 0.3-0.9 s of a core for text at the character bound, where
+    a Cyrillic or Devanagari character takes 2-3 bytes (our choice).
+
+    Raises:
+        ClientTextTooLong: over ``max_client_bytes``.
     """
+    segments = [(text if span is Span.SCAFFOLD else normalize_client_text(text), span)
+                for text, span in segments]
+    if max_client_bytes is not None:
+        given = sum(len(text.encode()) for text, span in segments if span is not Span.SCAFFOLD)
+        if given > max_client_bytes:
+            raise ClientTextTooLong(given, max_client_bytes)
     ids: list[int] = []
     mask: list[bool] = []
     response_start = None
     for text, span in segments:
-        if span is not Span.SCAFFOLD:
-            text = normalize_client_text(text)
         if not text:
             continue
         if span is Span.RESPONSE and response_start is None:
@@ -487,7 +520,8 @@ def _template_pieces(tokenizer, messages: list[dict]) -> list[str]:
     return pieces
 
 
-def build_chat_prompt(tokenizer, messages: list[dict], response_prefix: str = "") -> Prompt:
+def build_chat_prompt(tokenizer, messages: list[dict], response_prefix: str = "",
+                      max_client_bytes: int | None = None) -> Prompt:
     """Render ``messages`` with the tokenizer's chat template; every message's content is query.
 
     Args:
@@ -495,9 +529,11 @@ def build_chat_prompt(tokenizer, messages: list[dict], response_prefix: str = ""
             user turn. Their content is tokenized as plain text (control tokens included).
         response_prefix: text placed after the assistant header; it is response text for the
             safety re-checks (a prefill), never part of the query.
+        max_client_bytes: see `encode_segments`.
 
     Raises:
         PromptError: no user turn, or a template that does not copy content verbatim.
+        ClientTextTooLong: over ``max_client_bytes``.
     """
     if not any(m["role"] == "user" for m in messages):
         raise PromptError("the conversation has no user message", "messages")
@@ -506,7 +542,7 @@ def build_chat_prompt(tokenizer, messages: list[dict], response_prefix: str = ""
     for piece, m in zip(pieces, messages):
         segments += [(piece, Span.SCAFFOLD), (m["content"], Span.QUERY)]
     segments += [(pieces[-1], Span.SCAFFOLD), (response_prefix, Span.RESPONSE)]
-    return encode_segments(tokenizer, segments)
+    return encode_segments(tokenizer, segments, max_client_bytes)
 
 
 @dataclass(frozen=True)
@@ -589,7 +625,7 @@ def raw_turns(tokenizer, text: str) -> int:
     return max(1, sum(text.count(op) for op in markers.openers.values()))
 
 
-def build_raw_prompt(tokenizer, text: str) -> Prompt:
+def build_raw_prompt(tokenizer, text: str, max_client_bytes: int | None = None) -> Prompt:
     """An already-templated prompt (TGI ``raw`` mode, ``/v1/completions``): the model's own
     template markers in ``text`` are parsed into the spans a chat request of the same
     conversation gets (`raw_segments`), so templating a request oneself hides nothing from
@@ -599,8 +635,9 @@ def build_raw_prompt(tokenizer, text: str) -> Prompt:
         PromptError: the text is empty, or none of it is query (only markers, the template's
             default system text and an open assistant turn): the raw twin of `build_chat_prompt`'s
             "no user message", so a prefill sent alone is never checked against an empty query.
+        ClientTextTooLong: over ``max_client_bytes`` (`encode_segments`).
     """
-    prompt = encode_segments(tokenizer, raw_segments(text, _turn_markers(tokenizer)))
+    prompt = encode_segments(tokenizer, raw_segments(text, _turn_markers(tokenizer)), max_client_bytes)
     if not prompt.ids:
         raise PromptError("the prompt is empty")
     if not any(prompt.query_mask):

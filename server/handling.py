@@ -12,9 +12,12 @@ def context_length(model_max_length: int) -> int:
     return model_max_length - 1
 
 
-def longest_token_chars(tokenizer) -> int:
-    """Characters in the longest vocabulary entry (81 for SmolLM2); about 50 ms, call once."""
-    return max(len(tokenizer.convert_tokens_to_string([t])) for t in tokenizer.get_vocab())
+def longest_token(tokenizer) -> tuple[int, int]:
+    """Characters and UTF-8 bytes of the longest vocabulary entries (81 and 81 for SmolLM2);
+    about 50 ms, call once. A byte-level entry that is part of a character reads as U+FFFD, 3
+    bytes, at least its own length, so the byte count is an upper bound."""
+    texts = [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.get_vocab()]
+    return max(map(len, texts)), max(len(t.encode()) for t in texts)
 
 
 def tokens_per_turn(tokenizer) -> int:

@@ -19,13 +19,13 @@ from fastapi import Request
 
 from safety_decoding.decode import GenerationRequest, StepEvent
 from safety_decoding.policy import SafetyParams
-from safety_decoding.prompt import Prompt, PromptError, raw_turns
+from safety_decoding.prompt import ClientTextTooLong, Prompt, PromptError, raw_turns
 from safety_decoding.sampling import SamplingParams
 from safety_decoding.types import FinishReason, ParameterError
 
 from .engine import Engine, EngineError, EngineNotRunning, RequestStream
 from .errors import ClientDisconnected, InvalidRequest
-from .handling import context_length, longest_token_chars, tokens_per_turn
+from .handling import context_length, longest_token, tokens_per_turn
 from .settings import Settings
 from .tgi.schemas import SafetyOverrides, to_safety_params
 
@@ -50,18 +50,29 @@ class Limits:
     context: int
     """Prompt + completion (`handling.context_length`: the model's positions minus ``[CLS]``)."""
     token_chars: int
-    """Characters in the longest vocabulary entry (`handling.longest_token_chars`)."""
-    turn_tokens: int = 0
+    """Characters in the longest vocabulary entry (`handling.longest_token`)."""
+    token_bytes: int
+    """UTF-8 bytes in the longest vocabulary entry (`handling.longest_token`)."""
+    turn_tokens: int
     """Template tokens each chat message costs at least (`handling.tokens_per_turn`)."""
+
+    @property
+    def max_client_bytes(self) -> int:
+        """The most UTF-8 bytes of normalized client text ``max_input_tokens`` tokens can hold
+        (`prompt.encode_segments`)."""
+        return self.max_input_tokens * self.token_bytes
 
 
 class Overflow(Enum):
     """Which bound an over-long request broke, in the order they are checked."""
 
     CHARS = "chars"
-    """More characters than ``max_input_tokens`` tokens can hold (before tokenizing)."""
+    """More characters than ``max_input_tokens`` tokens can hold (before templating)."""
     TURNS = "turns"
     """More messages than ``max_input_tokens`` tokens can hold (before templating)."""
+    BYTES = "bytes"
+    """More UTF-8 bytes of normalized client text than ``max_input_tokens`` tokens can hold
+    (before tokenizing)."""
     INPUT = "input"
     """More prompt tokens than ``max_input_tokens``."""
     CONTEXT = "context"
@@ -74,9 +85,9 @@ class TooLong:
 
     kind: Overflow
     limit: int
-    """Tokens: ``max_input_tokens`` (CHARS, TURNS, INPUT) or the context (CONTEXT)."""
+    """Tokens: ``max_input_tokens`` (CHARS, TURNS, BYTES, INPUT) or the context (CONTEXT)."""
     given: int
-    """Characters (CHARS), messages (TURNS) or prompt tokens (INPUT, CONTEXT)."""
+    """Characters (CHARS), messages (TURNS), bytes (BYTES) or prompt tokens (INPUT, CONTEXT)."""
     max_new_tokens: int | None = None
     """The request's max_new_tokens (CONTEXT; None when unset)."""
 
@@ -120,10 +131,11 @@ def builds_inline(texts: Sequence[str]) -> bool:
 
     Our choice: the hop to the thread cost 0.3-0.9 ms of time to first token at concurrency 1
     (``ess serve``, session 18), more than the template and tokenizer take for such a request
-    (0.17 ms for 2,000 characters). Non-ASCII text is normalized character by character in
-    Python (`prompt.normalize_client_text`), and a raw prompt is split at every template marker
-    with a tokenizer call per piece (`prompt.build_raw_prompt`), so neither is passed here: they
-    stay off the loop, where a burst of them cannot stall other streams."""
+    (0.17 ms for 2,000 characters). Non-ASCII text goes through normalization's scans and their
+    Python callbacks (`prompt.normalize_client_text`: 0.1-1 us a character, the worst for text
+    built to need them), and a raw prompt is split at every template marker with a tokenizer call
+    per piece (`prompt.build_raw_prompt`), so neither is passed here: they stay off the loop,
+    where a burst of them cannot stall other streams."""
     return (len(texts) <= INLINE_PROMPT_TURNS and sum(map(len, texts)) <= INLINE_PROMPT_CHARS
             and all(t.isascii() for t in texts))
 
@@ -170,8 +182,9 @@ class RequestAdapter(Protocol):
     def check(self) -> None:
         """Protocol-specific field rules. Raises: InvalidRequest."""
 
-    def build_prompt(self, tokenizer) -> Prompt:
-        """Runs on the event loop or in a worker thread (`prompt_inline`). Raises: PromptError."""
+    def build_prompt(self, tokenizer, max_client_bytes: int | None) -> Prompt:
+        """Runs on the event loop or in a worker thread (`prompt_inline`). Raises: PromptError,
+        ClientTextTooLong (over ``max_client_bytes``, `prompt.encode_segments`)."""
 
     def prompt_field(self, exc: PromptError) -> str:
         """The request field behind a `PromptError`."""
@@ -202,9 +215,10 @@ class Serving:
     @classmethod
     def create(cls, engine: Engine, settings: Settings, safety: SafetyParams) -> "Serving":
         """Reads the tokenizer's vocabulary once (about 50 ms)."""
+        token_chars, token_bytes = longest_token(engine.tokenizer)
         limits = Limits(settings.max_new_tokens_limit, settings.max_input_tokens,
-                        context_length(engine.model_max_length),
-                        longest_token_chars(engine.tokenizer), tokens_per_turn(engine.tokenizer))
+                        context_length(engine.model_max_length), token_chars, token_bytes,
+                        tokens_per_turn(engine.tokenizer))
         return cls(engine, settings, safety, limits)
 
     async def prepare(self, adapter: RequestAdapter) -> GenerationRequest:
@@ -226,9 +240,12 @@ class Serving:
             raise adapter.too_long(overflow)
         try:
             if adapter.prompt_inline:
-                prompt = adapter.build_prompt(self.engine.tokenizer)
+                prompt = adapter.build_prompt(self.engine.tokenizer, limits.max_client_bytes)
             else:  # tokenizing a long input takes milliseconds: keep it off the event loop
-                prompt = await anyio.to_thread.run_sync(adapter.build_prompt, self.engine.tokenizer)
+                prompt = await anyio.to_thread.run_sync(adapter.build_prompt, self.engine.tokenizer,
+                                                        limits.max_client_bytes)
+        except ClientTextTooLong as exc:
+            raise adapter.too_long(TooLong(Overflow.BYTES, limits.max_input_tokens, exc.given)) from exc
         except PromptError as exc:
             raise InvalidRequest(adapter.prompt_field(exc), str(exc)) from exc
         overflow = tokens_overflow(len(prompt.ids), max_new, limits)

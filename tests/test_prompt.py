@@ -1,11 +1,15 @@
 import random
+import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 
 from safety_decoding import prompt as P
 from safety_decoding.prompt import PromptError, build_chat_prompt, build_raw_prompt, normalize_client_text
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _query_text(tokenizer, p):
@@ -205,6 +209,28 @@ def test_no_rule_touches_a_code_point_outside_the_ruled_planes():
         ch = chr(c)
         assert P._context_free(ch) == ch and unicodedata.category(ch)[0] != "M", hex(c)
         assert not (ch.isalpha() and P._is_latin(ch)) and not (c >= 0x20000 and ch.isupper()), hex(c)
+
+
+_BACKTRACKING_TRAPS = {
+    "an upper-case run ending in a digit": "\u0416" * 331_000 + "1 \u00e9",  # was quadratic: hours
+    "an ASCII upper-case run ending in a digit": "A" * 331_000 + "1",
+    "upper-case words, then a digit": "\u0416\u0416\u0416\u0416 " * 66_000 + "1",
+    "a word with no look-alike": "b" * 331_000 + "\u00e9",
+    "a run of marks with no combining letter": "\u0436" + "\u0301" * 331_000,
+    "a run of spacing marks after a letter": "a" + "\u0903" * 331_000,
+    "separators between candidate words": "AB" + " 1" * 165_000 + "\u00e9",
+}
+
+
+def test_no_scan_backtracks_on_text_built_to_make_it():
+    """Each of `normalize_client_text`'s regular expressions scans a message at the character
+    bound in linear time. A pattern that gives characters back one at a time is quadratic there
+    (hours for 331,000 characters), so a child process with minutes to spare tells them apart
+    on any machine (a linear scan takes well under a second)."""
+    code = ("import sys; from safety_decoding.prompt import normalize_client_text as n; "
+            "[n(t) for t in eval(sys.stdin.read())]")
+    subprocess.run([sys.executable, "-c", code], input=repr(list(_BACKTRACKING_TRAPS.values())),
+                   text=True, check=True, timeout=120, cwd=ROOT)
 
 
 def test_a_disguised_request_gets_the_plain_requests_tokens(tokenizer):

@@ -43,6 +43,10 @@ def too_long_message(overflow: TooLong) -> str:
         return (f"This server's maximum input length is {limit} tokens. However, your request "
                 f"has {given} input characters, more than {limit} tokens can hold. Please "
                 f"reduce the length of the input messages.")
+    if overflow.kind is Overflow.BYTES:
+        return (f"This server's maximum input length is {limit} tokens. However, your request "
+                f"has {given} bytes of input text, more than {limit} tokens can hold. Please "
+                f"reduce the length of the input messages.")
     if overflow.kind is Overflow.TURNS:
         return (f"This server's maximum input length is {limit} tokens. However, your request "
                 f"has {given} messages, more than {limit} tokens can hold. Please reduce the "
@@ -84,8 +88,8 @@ class OpenAIRequest:
             # vLLM's rule: stream_options without stream is a mistake worth reporting.
             raise InvalidRequest("stream_options", "only allowed when stream is true")
 
-    def build_prompt(self, tokenizer) -> Prompt:
-        return (build_chat if self.chat else build_completion)(tokenizer, self.body)
+    def build_prompt(self, tokenizer, max_client_bytes: int | None) -> Prompt:
+        return (build_chat if self.chat else build_completion)(tokenizer, self.body, max_client_bytes)
 
     def prompt_field(self, exc: PromptError) -> str:
         return self.input_field

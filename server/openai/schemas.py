@@ -333,23 +333,25 @@ def split_prefill(messages: list[ChatMessage]) -> tuple[list[dict], str]:
     return turns, prefix
 
 
-def build_chat(tokenizer, body: ChatCompletionRequest) -> Prompt:
+def build_chat(tokenizer, body: ChatCompletionRequest, max_client_bytes: int | None = None) -> Prompt:
     """The chat prompt: every user turn is query, the prefill (if any) response text.
 
     Raises:
         PromptError: no user message, or a template that does not copy user text verbatim.
+        ClientTextTooLong: over ``max_client_bytes`` (`prompt.encode_segments`).
     """
     turns, prefix = split_prefill(body.messages)
-    return build_chat_prompt(tokenizer, turns, prefix)
+    return build_chat_prompt(tokenizer, turns, prefix, max_client_bytes)
 
 
-def build_completion(tokenizer, body: CompletionRequest) -> Prompt:
+def build_completion(tokenizer, body: CompletionRequest, max_client_bytes: int | None = None) -> Prompt:
     """The raw prompt of a completion request.
 
     Raises:
         PromptError: the prompt is empty.
+        ClientTextTooLong: over ``max_client_bytes`` (`prompt.encode_segments`).
     """
-    return build_raw_prompt(tokenizer, body.prompt)
+    return build_raw_prompt(tokenizer, body.prompt, max_client_bytes)
 
 
 def to_sampling_params(body: _OpenAIRequest, max_new_tokens: int) -> SamplingParams:

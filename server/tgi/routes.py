@@ -27,13 +27,17 @@ from .schemas import (GenerateRequest, build_prompt, final_stream_event, generat
                       to_sampling_params, token_json)
 
 
+_BOUND_UNITS = {Overflow.CHARS: "characters", Overflow.TURNS: "messages", Overflow.BYTES: "bytes of text"}
+"""What the bounds checked before tokenizing count."""
+
+
 def too_long_message(overflow: TooLong) -> str:
     """TGI's wording for an input that does not fit (router ``validation.rs``,
     ``ValidationError::InputLength`` / ``MaxTotalTokens``, inside ``InferError``'s
     "Input validation error: "). The character bound is ours, worded like ``InputLength``."""
     limit, given = overflow.limit, overflow.given
-    if overflow.kind in (Overflow.CHARS, Overflow.TURNS):
-        unit = "characters" if overflow.kind is Overflow.CHARS else "messages"
+    if overflow.kind in _BOUND_UNITS:
+        unit = _BOUND_UNITS[overflow.kind]
         detail = (f"`inputs` must have less than {limit} tokens. Given: {given} {unit}, "
                   f"more than {limit} tokens can hold")
     elif overflow.kind is Overflow.INPUT or overflow.max_new_tokens is None:
@@ -73,8 +77,8 @@ class TGIRequest:
                                  "cannot be combined with raw (write the prefill after the "
                                  "raw prompt's last assistant header instead)")
 
-    def build_prompt(self, tokenizer) -> Prompt:
-        return build_prompt(tokenizer, self.body)
+    def build_prompt(self, tokenizer, max_client_bytes: int | None) -> Prompt:
+        return build_prompt(tokenizer, self.body, max_client_bytes)
 
     def prompt_field(self, exc: PromptError) -> str:
         return exc.field

@@ -166,17 +166,18 @@ class GenerateRequest(BaseModel):
 # ---- request -> library objects ------------------------------------------------------------
 
 
-def build_prompt(tokenizer, body: GenerateRequest) -> Prompt:
+def build_prompt(tokenizer, body: GenerateRequest, max_client_bytes: int | None = None) -> Prompt:
     """``inputs`` as one user message through the chat template, or raw.
 
     Raises:
         PromptError: the template cannot be applied (``field`` names the request field).
+        ClientTextTooLong: over ``max_client_bytes`` (`prompt.encode_segments`).
     """
     p = body.parameters
     if p.raw:
-        return build_raw_prompt(tokenizer, body.inputs)
+        return build_raw_prompt(tokenizer, body.inputs, max_client_bytes)
     return build_chat_prompt(tokenizer, [{"role": "user", "content": body.inputs}],
-                             p.response_prefix)
+                             p.response_prefix, max_client_bytes)
 
 
 def sampling_enabled(p: GenerateParameters) -> bool:

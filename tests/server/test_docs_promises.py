@@ -22,7 +22,7 @@ from safety_decoding.decode import Decoder
 from safety_decoding.prompt import build_chat_prompt, build_raw_prompt
 from server.app import create_app
 from server.engine import Engine
-from server.handling import longest_token_chars
+from server.handling import longest_token
 from server.settings import Settings
 
 from _server_helpers import FailingDecoder, SlowDecoder, metric_value, sse_data, sse_payloads
@@ -187,13 +187,22 @@ def test_v1_input_limit_and_character_bound_are_400_context_length_exceeded(smal
     assert (err["code"], err["param"]) == ("context_length_exceeded", "prompt")
     pattern = _template("This server's maximum input length is L tokens")
     assert _numbers(pattern, err["message"]) == {"L": 60, "N": n}
-    chars = 60 * longest_token_chars(tokenizer) + 1
+    chars = 60 * longest_token(tokenizer)[0] + 1
     err = _openai(small_input.post("/v1/completions", json={"prompt": "y" * chars}), 400)
     assert (err["code"], err["param"]) == ("context_length_exceeded", "prompt")
     assert err["message"] == ("This server's maximum input length is 60 tokens. However, your "
                               f"request has {chars} input characters, more than 60 tokens can "
                               "hold. Please reduce the length of the input messages.")
     assert "N input characters, more than L tokens can hold" in ERRORS_DOC
+    # under the character bound, but 2 bytes a character once normalized: refused untokenized
+    nbytes = 60 * longest_token(tokenizer)[1] + 2
+    err = _openai(small_input.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "\u0436" * (nbytes // 2)}]}), 400)
+    assert (err["code"], err["param"]) == ("context_length_exceeded", "messages")
+    assert err["message"] == ("This server's maximum input length is 60 tokens. However, your "
+                              f"request has {nbytes} bytes of input text, more than 60 tokens can "
+                              "hold. Please reduce the length of the input messages.")
+    assert "N bytes of input text, more than L tokens can hold" in ERRORS_DOC
     # each message costs 5 template tokens: 13 empty ones cannot fit 60, refused untemplated
     err = _openai(small_input.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": ""}] * 13}), 400)
@@ -237,11 +246,17 @@ def test_tgi_prompt_over_a_limit_is_tgis_422(client, small_input, tokenizer, con
     n = len(build_chat_prompt(tokenizer, [{"role": "user", "content": inputs}]).ids)
     err = _tgi(client.post("/generate", json={"inputs": inputs}), 422)
     assert _numbers(pattern, err["error"]) == {"L": context, "N": n}
-    chars = 60 * longest_token_chars(tokenizer) + 1
+    chars = 60 * longest_token(tokenizer)[0] + 1
     err = _tgi(small_input.post("/generate", json={"inputs": "y" * chars}), 422)
     assert err["error"] == ("Input validation error: `inputs` must have less than 60 tokens. "
                             f"Given: {chars} characters, more than 60 tokens can hold")
     assert "Given: N characters, more than L tokens can hold" in ERRORS_DOC
+    nbytes = 60 * longest_token(tokenizer)[1] + 2
+    err = _tgi(small_input.post("/generate", json={"inputs": "\u0436" * (nbytes // 2),
+                                                   "parameters": {"raw": True}}), 422)
+    assert err["error"] == ("Input validation error: `inputs` must have less than 60 tokens. "
+                            f"Given: {nbytes} bytes of text, more than 60 tokens can hold")
+    assert "Given: N bytes of text, more than L tokens can hold" in ERRORS_DOC
 
 
 def test_readme_and_operations_state_the_same_context_length_statuses():

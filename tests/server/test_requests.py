@@ -20,7 +20,7 @@ from server.requests import (INLINE_PROMPT_CHARS, INLINE_PROMPT_TURNS, Limits, O
                              tokens_overflow)
 from server.tgi.routes import too_long_message as tgi_message
 
-LIMITS = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars=10)
+LIMITS = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars=10, token_bytes=10, turn_tokens=0)
 
 
 def test_the_character_bound_is_max_input_tokens_times_the_longest_token():
@@ -29,7 +29,7 @@ def test_the_character_bound_is_max_input_tokens_times_the_longest_token():
 
 
 def test_the_message_bound_is_max_input_tokens_over_a_messages_template_tokens():
-    limits = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars=10, turn_tokens=5)
+    limits = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars=10, token_bytes=10, turn_tokens=5)
     assert chars_overflow(0, 16, limits) is None
     assert chars_overflow(0, 17, limits) == TooLong(Overflow.TURNS, 80, 17)
     assert chars_overflow(0, 10**6, LIMITS) is None  # a template that drops empty messages: no bound
@@ -46,7 +46,7 @@ def test_tokens_overflow(prompt, max_new, expected):
 
 
 def test_the_prompt_alone_can_fill_the_context():
-    limits = Limits(max_new_tokens=64, max_input_tokens=4096, context=100, token_chars=10)
+    limits = Limits(max_new_tokens=64, max_input_tokens=4096, context=100, token_chars=10, token_bytes=10, turn_tokens=0)
     assert tokens_overflow(99, None, limits) is None  # one token of room
     assert tokens_overflow(100, None, limits) == TooLong(Overflow.CONTEXT, 100, 100)
     assert tokens_overflow(100, 1, limits) == TooLong(Overflow.CONTEXT, 100, 100, 1)
@@ -98,7 +98,7 @@ class _Adapter:
     def check(self):
         pass
 
-    def build_prompt(self, tokenizer):
+    def build_prompt(self, tokenizer, max_client_bytes):
         self.thread = threading.current_thread()
         return Prompt((1, 2, 3), (True, True, False), 3)
 
@@ -108,7 +108,7 @@ class _Adapter:
 
 @pytest.mark.parametrize("inline", [True, False])
 def test_prepare_builds_the_prompt_where_the_adapter_says(inline):
-    limits = Limits(max_new_tokens=64, max_input_tokens=100, context=200, token_chars=10)
+    limits = Limits(max_new_tokens=64, max_input_tokens=100, context=200, token_chars=10, token_bytes=10, turn_tokens=0)
     serving = Serving(SimpleNamespace(tokenizer=None), None, SafetyParams(), limits)
     adapter = _Adapter(inline)
 
@@ -125,7 +125,7 @@ def test_prepare_builds_the_prompt_where_the_adapter_says(inline):
     (["x" * 10] * INLINE_PROMPT_TURNS, True),
     (["x" * (INLINE_PROMPT_CHARS // 2 + 1)] * 2, False),       # long input: off the event loop
     (["x"] * (INLINE_PROMPT_TURNS + 1), False),                # many short turns: template work
-    (["Привет, как дела?"], False),                             # non-ASCII: per-character normalization
+    (["Привет, как дела?"], False),                             # non-ASCII: normalization's scans
 ])
 def test_only_small_ascii_chat_prompts_are_built_inline(texts, inline):
     assert builds_inline(texts) == inline

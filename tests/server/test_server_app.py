@@ -260,9 +260,9 @@ def test_request_timeout_is_504_and_a_stream_error_event(tiny_model, tokenizer):
 
 
 def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(tiny_model, tokenizer):
-    from server.handling import longest_token_chars
+    from server.handling import longest_token
 
-    chars = longest_token_chars(tokenizer)
+    chars = longest_token(tokenizer)[0]
     assert 10 < chars < 200
     app = create_app(Engine(Decoder(tiny_model, tokenizer)), Settings(max_input_tokens=60))
     with TestClient(app) as c:
@@ -274,3 +274,27 @@ def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(tiny_model
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert r.json()["error"]["param"] == "prompt"
         assert _generate(c, inputs="Hi", max_new_tokens=2).status_code == 200
+
+def test_normalized_text_over_the_byte_bound_is_refused_before_tokenizing(tiny_model, tokenizer,
+                                                                          monkeypatch):
+    from safety_decoding import prompt
+    from server.handling import longest_token
+
+    chars, nbytes = longest_token(tokenizer)
+    encoded, encode = [], prompt.encode
+    monkeypatch.setattr(prompt, "encode", lambda tok, text, split_special_tokens:
+                        encoded.append(text) or encode(tok, text, split_special_tokens))
+    text = "\u0436" * (60 * nbytes // 2 + 1)  # Cyrillic: 2 bytes a character
+    assert len(text) <= 60 * chars  # under the character bound
+    app = create_app(Engine(Decoder(tiny_model, tokenizer)), Settings(max_input_tokens=60))
+    with TestClient(app) as c:
+        encoded.clear()
+        for route, body in (("/generate", {"inputs": text, "parameters": {"max_new_tokens": 2}}),
+                            ("/v1/completions", {"model": "m", "prompt": text})):
+            r = c.post(route, json=body)
+            assert r.status_code in (400, 422) and "bytes of" in r.text, r.text
+        assert not any("\u0436" in t for t in encoded)  # the client text never reached the tokenizer
+        # just under the bound: tokenized, then refused by the token count
+        r = c.post("/generate", json={"inputs": "\u0436" * (60 * nbytes // 2)})
+        assert r.status_code == 422 and "bytes of" not in r.text
+        assert any("\u0436" in t for t in encoded)
