@@ -555,9 +555,12 @@ class _Markers:
     default_system: str
 
 
+@functools.lru_cache(maxsize=8)
 def _turn_markers(tokenizer) -> _Markers | None:
     """The markers of the tokenizer's chat template, found by rendering sentinel turns; None
-    without a template whose turns look like ``opener + content + closer``."""
+    without a template whose turns look like ``opener + content + closer``. Remembered per
+    tokenizer (seven template renders, 0.6 ms, which `raw_turns` would otherwise spend on the
+    event loop for every raw request); a tokenizer's template is not changed once it serves."""
     sent = _SENTINEL.format("m")
     try:
         def render(msgs, gen=False):
