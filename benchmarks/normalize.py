@@ -49,6 +49,8 @@ def texts(chars: int) -> dict[str, str]:
         "worst: mixed-script words": repeat("a\u0430 "),
         "worst: one run of spacing marks": "a" + "\u0903" * (chars - 1),
         "worst: shouted words": repeat("\u0416\u0416\u0416\u0416 "),
+        # 4 bytes each: as many as the byte bound lets through; NFC makes each three characters
+        "worst: musical notes, a quarter as many": "\U0001d160" * (chars // 4),
     }
 
 

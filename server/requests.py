@@ -9,7 +9,7 @@ same way: one serving base (``entrypoints/openai/serving_engine.py``) and protoc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -92,18 +92,30 @@ class TooLong:
     """The request's max_new_tokens (CONTEXT; None when unset)."""
 
 
-def chars_overflow(chars: int, turns: int, limits: Limits) -> TooLong | None:
-    """Why a prompt of ``chars`` characters in ``turns`` messages cannot fit
-    ``max_input_tokens`` tokens, or None.
+def utf8_size(texts: Iterable[str]) -> int:
+    """UTF-8 bytes of ``texts`` as sent (a lone surrogate from a JSON escape counts 3)."""
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+def chars_overflow(chars: int, turns: int, limits: Limits, nbytes: int = 0) -> TooLong | None:
+    """Why a prompt of ``chars`` characters (``nbytes`` UTF-8 bytes as sent) in ``turns``
+    messages cannot fit ``max_input_tokens`` tokens, or None.
 
     Our choice: bounds checked before templating and tokenizing, so a multi-megabyte body, or
     100,000 empty messages (36 s of templating before the token limit refused them, in session
     22's attack review), is refused at once while other streams go on: no token is longer than
     ``token_chars``, and each message costs ``turn_tokens`` template tokens, so the prompt would
-    be over the token limit anyway.
+    be over the token limit anyway. The bytes as sent are held to `Limits.max_client_bytes`
+    too, before normalization (which `prompt.encode_segments` checks again after it): NFC can
+    triple a text (``"\U0001D160"``, a musical note, becomes three characters), and astral text
+    costs the most to normalize (4.5 s for 331,772 such notes, session 23's third attack review).
+    Normalization can also shrink text (a full-width space is 3 bytes, the space it becomes 1),
+    so text whose disguise is what makes it long is refused by its size as sent: our choice.
     """
     if chars > limits.max_input_tokens * limits.token_chars:
         return TooLong(Overflow.CHARS, limits.max_input_tokens, chars)
+    if nbytes > limits.max_client_bytes:
+        return TooLong(Overflow.BYTES, limits.max_input_tokens, nbytes)
     if turns * limits.turn_tokens > limits.max_input_tokens:
         return TooLong(Overflow.TURNS, limits.max_input_tokens, turns)
     return None
@@ -169,6 +181,8 @@ class RequestAdapter(Protocol):
     """The protocol's default when unset (None: as many as fit, `completion_budget`)."""
     input_chars: int
     """Characters of client text that will be tokenized (for `chars_overflow`)."""
+    input_bytes: int
+    """Their UTF-8 bytes as sent (`utf8_size`, for `chars_overflow`)."""
     input_turns: int
     """Chat messages the prompt is templated from (1 for a single text; `chars_overflow`)."""
     raw_text: str | None
@@ -235,7 +249,7 @@ class Serving:
         adapter.check()
         turns = (adapter.input_turns if adapter.raw_text is None
                  else raw_turns(self.engine.tokenizer, adapter.raw_text))
-        overflow = chars_overflow(adapter.input_chars, turns, limits)
+        overflow = chars_overflow(adapter.input_chars, turns, limits, adapter.input_bytes)
         if overflow is not None:
             raise adapter.too_long(overflow)
         try:

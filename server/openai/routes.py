@@ -24,7 +24,7 @@ from server.errors import (CLIENT_CLOSED_STATUS, VALIDATION_STATUS, InputTooLong
                            engine_error_kind, error_responses, openai_error_body)
 from server.handling import sse_response
 from server.openapi import stream_response
-from server.requests import ABORTED, Overflow, Serving, TooLong, builds_inline
+from server.requests import ABORTED, Overflow, Serving, TooLong, builds_inline, utf8_size
 from .schemas import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, Completion, CompletionRequest,
                       build_chat, build_completion, model_card, new_completion_id,
                       openai_finish_reason, to_sampling_params, usage_json)
@@ -78,6 +78,7 @@ class OpenAIRequest:
         self.default_max_new_tokens = None if self.chat else COMPLETIONS_MAX_TOKENS
         self.input_chars = (sum(len(m.content) for m in body.messages) if self.chat
                             else len(body.prompt))
+        self.input_bytes = utf8_size([m.content for m in body.messages] if self.chat else [body.prompt])
         self.input_turns = len(body.messages) if self.chat else 1
         self.raw_text = None if self.chat else body.prompt
         self.prompt_inline = self.chat and builds_inline([m.content for m in body.messages])

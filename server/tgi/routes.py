@@ -21,7 +21,7 @@ from server.errors import (CLIENT_CLOSED_STATUS, TGI_TOO_LONG_STATUS, InputTooLo
                            InvalidRequest, engine_error_kind, error_responses, tgi_error_body)
 from server.handling import sse_response
 from server.openapi import stream_response
-from server.requests import ABORTED, Overflow, Serving, TooLong, builds_inline
+from server.requests import ABORTED, Overflow, Serving, TooLong, builds_inline, utf8_size
 from .schemas import (GenerateRequest, build_prompt, final_stream_event, generate_response,
                       resolve_seed, sampling_enabled, special_token_json, stream_event,
                       to_sampling_params, token_json)
@@ -63,6 +63,7 @@ class TGIRequest:
         self.body = body
         self.max_new_tokens = p.max_new_tokens
         self.input_chars = len(body.inputs) + len(p.response_prefix)
+        self.input_bytes = utf8_size((body.inputs, p.response_prefix))
         self.input_turns = 1
         self.raw_text = body.inputs if p.raw else None
         self.prompt_inline = not p.raw and builds_inline((body.inputs, p.response_prefix))

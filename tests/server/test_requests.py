@@ -17,7 +17,7 @@ from safety_decoding.prompt import Prompt
 from safety_decoding.sampling import SamplingParams
 from server.requests import (INLINE_PROMPT_CHARS, INLINE_PROMPT_TURNS, Limits, Overflow, Serving,
                              TooLong, builds_inline, chars_overflow, completion_budget,
-                             tokens_overflow)
+                             tokens_overflow, utf8_size)
 from server.tgi.routes import too_long_message as tgi_message
 
 LIMITS = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars=10, token_bytes=10, turn_tokens=0)
@@ -26,6 +26,13 @@ LIMITS = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars
 def test_the_character_bound_is_max_input_tokens_times_the_longest_token():
     assert chars_overflow(800, 1, LIMITS) is None
     assert chars_overflow(801, 1, LIMITS) == TooLong(Overflow.CHARS, 80, 801)
+
+
+def test_the_bytes_as_sent_are_bound_before_normalization():
+    notes = "\U0001d160" * 201  # 4 bytes each; NFC makes each three characters
+    assert chars_overflow(len(notes), 1, LIMITS, utf8_size([notes])) == TooLong(Overflow.BYTES, 80, 804)
+    assert chars_overflow(200, 1, LIMITS, utf8_size(["\U0001d160" * 200])) is None
+    assert utf8_size(["\ud800", "\u00e9"]) == 5  # a lone surrogate from a JSON escape counts
 
 
 def test_the_message_bound_is_max_input_tokens_over_a_messages_template_tokens():
@@ -90,7 +97,7 @@ class _Adapter:
     """A protocol adapter that records the thread its prompt is built on."""
 
     max_new_tokens_field, safety_field, max_new_tokens, default_max_new_tokens = "max_tokens", "safety", 4, None
-    safety, trace, input_chars, input_turns, raw_text = None, False, 10, 1, None
+    safety, trace, input_chars, input_bytes, input_turns, raw_text = None, False, 10, 10, 1, None
 
     def __init__(self, prompt_inline: bool):
         self.prompt_inline, self.thread = prompt_inline, None
