@@ -6,8 +6,9 @@ already running. The cost that escapes is Python work done with the GIL held bef
 kernels, and tokenizer work, which takes a core. For each burst kind in turn, ``--streams``
 ``/generate_stream`` requests of ``--tokens`` tokens run; one second in, ``--burst`` ``/generate``
 requests of one message at the character bound (``--chars``: 4,096 tokens x 81 characters, the
-default ``ESS_MAX_INPUT_TOKENS`` and SmolLM2's longest token) are sent at once, and each is
-refused as too long. Reported per kind (median over ``--rounds``, kinds in a seeded order each
+default ``ESS_MAX_INPUT_TOKENS`` and SmolLM2's longest token; combining marks out of canonical
+order, which NFC would sort, at the byte bound) are sent at once, and each is refused as too
+long. Reported per kind (median over ``--rounds``, kinds in a seeded order each
 round): the burst's statuses, the streams' wall time and largest gap between two events, and
 both as a ratio to the rounds with no burst.
 
@@ -42,6 +43,8 @@ def burst_texts(chars: int) -> dict[str, str | None]:
         "Hindi": repeat("यह एक साधारण हिंदी वाक्य है जिसका उपयोग परीक्षण के लिए किया जाता है। "),
         "ḅ (3 bytes each)": repeat("ḅ"),
         "ASCII English": repeat("The quick brown fox jumps over the lazy dog. "),
+        # 2 bytes each, half as many (the byte bound as sent): NFC would sort them, quadratically
+        "marks out of canonical order": "a" + "\u0301" * (chars // 4) + "\u0316" * (chars // 4),
     }
 
 
