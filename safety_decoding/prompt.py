@@ -154,8 +154,8 @@ def _is_latin(ch: str) -> bool:
 
 def _context_free(ch: str) -> str:
     """What normalization makes of ``ch`` wherever it stands ("": removed): full-width forms and
-    other spaces to ASCII, invisible characters removed, styled letters to ASCII
-    (`normalize_client_text`'s first four rules). A combining mark is itself here: whether it
+    other spaces to ASCII, invisible characters removed, styled and accented letters to plain
+    ones (`normalize_client_text`'s rules on one character). A combining mark is itself here: whether it
     stays depends on what it sits on (`_kept_marks`)."""
     if ord(ch) in _FULL_WIDTH:
         return chr(ord(ch) - 0xFEE0)
@@ -295,7 +295,7 @@ class _Tables:
 
 @functools.cache
 def _tables() -> _Tables:
-    """Built on first use: about 0.4 s of one core (`load_unicode_tables`). Why: a
+    """Built on first use: about 0.5 s of one core (`load_unicode_tables`). Why: a
     331,000-character message in Russian took 0.8 s of per-character Python, holding the GIL
     that the engine thread needs between its kernels; four of them stretched a running stream's
     token gap to 4 s (session 22's second attack review)."""
@@ -346,7 +346,7 @@ def _stream_safe(run: re.Match) -> str:
 
 
 def load_unicode_tables() -> None:
-    """Build `normalize_client_text`'s tables now (0.4 s, once a process) rather than in the
+    """Build `normalize_client_text`'s tables now (0.5 s, once a process) rather than in the
     first request with non-ASCII text; the server's warm-up calls it."""
     _tables()
 
