@@ -33,8 +33,11 @@ SMALL = dict(seed=3, n_benign=20, n_benign_query_only=30, n_malicious=20, n_mali
 # contrast pairs, formats, held-out sets and the ShareGPT rules existed (the data files are
 # pinned by hash), and taken again when the stand-alone refusal reason was dropped
 # (`data.REFUSAL_REASONS`, the fifth run). A change here changes the data of every train.yaml.
+# The encodings changed once more in session 23, when normalization began to fold accents on
+# Latin letters (docs/method.md, "Decision 14"): one of the 596 examples, "crème brûlée", now
+# reads "creme brulee".
 EXAMPLES_SHA256 = "6cc133ce7017574e36e5e0a6666721195cfdf1e7f3adf74309f976f6519b43d7"
-ENCODED_SHA256 = "b157200f29f902dfd605acc50dd437fa82bcc9e9ab778ea26cf73272de2e3586"
+ENCODED_SHA256 = "7e2a72d5b9c91564e1209140e3ef6efda2802b8f2606eccf2e5d1b6dc2bd8a7a"
 
 
 def _sha(rows) -> str:
