@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 from enum import Enum
@@ -79,11 +80,17 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from safety_training.recipe import load_train_config, train
+    from safety_training.recipe import ResumeError, load_train_config, train
 
     cfg = load_train_config(args.config)
+    if args.max_minutes is not None:
+        cfg = dataclasses.replace(cfg, max_minutes=args.max_minutes)
     require_data(Path(cfg.data_dir))
-    train(cfg, resolve_base_model(args.base_model))
+    try:
+        train(cfg, resolve_base_model(args.base_model), resume=args.resume)
+    except ResumeError as exc:
+        print(f"ess train: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -222,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", type=Path,
                    help="Hugging Face folder of a Llama-style causal LM to train on (default: "
                         "the prepared SmolLM2 cache); its weights hash is recorded there")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from the partial checkpoint's training state (<output_dir>.partial) "
+                        "at the step it was saved; the config may change only its time and step caps")
+    p.add_argument("--max-minutes", type=float,
+                   help="minutes of training steps in this invocation (overrides the config's "
+                        "max_minutes); with --resume, a run goes on over several sessions")
     p.set_defaults(func=_train)
     p = sub.add_parser("train-guard", help="fit the external-guard baseline (a linear probe "
                                            "on the plain base model)")

@@ -16,6 +16,7 @@ the head.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -120,6 +121,11 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     max_minutes: float = 45.0
+    """Minutes of training steps in this invocation (a resumed run gets them again)."""
+    max_steps: int = 0
+    """Optimizer steps in all, a resumed run's earlier steps included; 0: every batch. Unlike
+    ``max_minutes`` it does not depend on the machine's speed. The learning-rate schedule spans
+    every batch either way, so a capped run is the first part of the full one."""
     threads: int = 0
     bf16_autocast: bool = False
     """Forward and backward under CPU bfloat16 autocast (fp32 master weights and optimizer
@@ -521,8 +527,14 @@ def balanced_batches(encoded: list[dict], labels: list[int], batch_size: int) ->
     return [b for b in batches if b]
 
 
-def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
-    """Run the recipe and write the checkpoint to ``cfg.output_dir``. Returns the summary."""
+def train(cfg: TrainConfig, base_dir: Path, log=print, resume: bool = False) -> dict:
+    """Run the recipe and write the checkpoint to ``cfg.output_dir``. Returns the summary.
+
+    ``resume``: go on from the partial checkpoint's training state (`save_partial`) at the step
+    it was saved, with the same batches in the same order, so a run stopped by its time cap, by
+    Ctrl-C or by the end of a session ends as it would have run in one go (our choice: a 2-core
+    machine may need several sessions for one run). Raises `ResumeError` when there is no state
+    to go on from, or the config or the data differ from the saved run's."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -587,14 +599,30 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     order_rng = rng if cfg.data_order_seed is None else random.Random(cfg.data_order_seed)
+    fingerprint = data_fingerprint(enc_train, batches)
+    done, earlier_seconds = 0, 0.0
+    if resume:
+        done, earlier_seconds = restore_train_state(cfg, fingerprint, model, opt, sched)
+        log(f"resuming at step {done} of {total_steps} ({earlier_seconds / 60:.1f} min trained before)")
+    last_step = min(total_steps, cfg.max_steps or total_steps)
+
+    def state(step: int, seconds: float) -> dict:
+        return train_state(cfg, fingerprint, model, opt, sched, step, earlier_seconds + seconds)
+
     start = time.monotonic()
     step, stopped_early, interrupted = 0, False, False
-    clock = StepClock(start, total_steps)
-    bar = tqdm(total=total_steps, desc="train", mininterval=5)
+    clock = StepClock(start, total_steps, done)
+    bar = tqdm(total=total_steps, initial=done, desc="train", mininterval=5)
     try:
         for epoch in range(cfg.epochs):
             order_rng.shuffle(batches)
             for idx in batches:
+                if step < done:  # replay the batch order up to the saved step
+                    step += 1
+                    continue
+                if step >= last_step or (time.monotonic() - start) / 60 > cfg.max_minutes:
+                    stopped_early = True
+                    break
                 b = collate([enc_train[i] for i in idx])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
                     losses = compute_loss(model, b, cfg.lambda_cls, cfg.kl_to_base)
@@ -610,10 +638,8 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
                 if cfg.log_every_steps and step % cfg.log_every_steps == 0:
                     log(clock.line(step, time.monotonic(), **shown))
                 if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                    save_partial(model, scfg, cfg.output_dir, {"steps": step, "total_steps": total_steps})
-                if (time.monotonic() - start) / 60 > cfg.max_minutes:
-                    stopped_early = True
-                    break
+                    save_partial(model, scfg, cfg.output_dir, {"steps": step, "total_steps": total_steps},
+                                 state(step, time.monotonic() - start))
             if stopped_early:
                 break
     except KeyboardInterrupt:  # keep what was trained: validate and save as at the time cap
@@ -621,13 +647,20 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
         log(f"interrupted at step {step}: validating and saving what was trained")
     bar.close()
     seconds = time.monotonic() - start
-    log(f"trained {step} of {total_steps} steps in {seconds / 60:.1f} min "
-        f"({seconds / max(step, 1):.2f} s/step)")
+    trained = step - done
+    log(f"trained {step} of {total_steps} steps, {trained} in {seconds / 60:.1f} min "
+        f"({seconds / max(trained, 1):.2f} s/step)")
+    finished = step >= last_step
+    if not finished:  # a later `--resume` goes on from here
+        save_partial(model, scfg, cfg.output_dir, {"steps": step, "total_steps": total_steps},
+                     state(step, seconds))
     val_scores = scores(model, enc_val, cfg.batch_size, cfg.lambda_cls)
     metrics = summarize(*val_scores)
     summary = {"steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
-               "train_minutes": round(seconds / 60, 1),
-               "seconds_per_step": round(seconds / max(step, 1), 3), "validation": metrics}
+               "train_minutes": round((earlier_seconds + seconds) / 60, 1),
+               "seconds_per_step": round(seconds / max(trained, 1), 3), "validation": metrics}
+    if done:
+        summary["resumed_at_step"] = done
     if interrupted:
         summary["interrupted"] = True
     log(f"validation: {json.dumps(metrics)}")
@@ -640,7 +673,8 @@ def train(cfg: TrainConfig, base_dir: Path, log=print) -> dict:
     out = Path(cfg.output_dir)
     model.save_checkpoint(out, SafetyConfig(**{**asdict(scfg), "metrics": summary}))
     (out / "train_summary.json").write_text(json.dumps({"manifest": manifest, **summary}, indent=2) + "\n")
-    shutil.rmtree(partial_dir(cfg.output_dir), ignore_errors=True)  # the final one supersedes it
+    if finished:  # the final checkpoint supersedes the partial one
+        shutil.rmtree(partial_dir(cfg.output_dir), ignore_errors=True)
     return summary
 
 
@@ -648,9 +682,9 @@ class StepClock:
     """Per-step timing for the training log: seconds a step since the last line, minutes
     elapsed, and minutes left at that pace."""
 
-    def __init__(self, start: float, total_steps: int):
+    def __init__(self, start: float, total_steps: int, first_step: int = 0):
         self.start, self.total = start, total_steps
-        self.last_t, self.last_step = start, 0
+        self.last_t, self.last_step = start, first_step
 
     def line(self, step: int, now: float, **losses: float) -> str:
         per_step = (now - self.last_t) / max(step - self.last_step, 1)
@@ -667,17 +701,80 @@ def partial_dir(output_dir: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def save_partial(model: SafetyModel, scfg: SafetyConfig, output_dir: str | Path, progress: dict) -> Path:
+def save_partial(model: SafetyModel, scfg: SafetyConfig, output_dir: str | Path, progress: dict,
+                 state: dict | None = None) -> Path:
     """Write the model trained so far as a loadable checkpoint (`partial_dir`), its config's
-    ``metrics`` saying how far it got. Written to a temporary folder first and then renamed, so
-    a run killed while saving still leaves the previous partial checkpoint."""
+    ``metrics`` saying how far it got, and ``state`` (`train_state`) as `TRAIN_STATE` for
+    ``train(resume=True)``. Written to a temporary folder first and then renamed, so a run killed
+    while saving still leaves the previous partial checkpoint."""
     final = partial_dir(output_dir)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_checkpoint(tmp, SafetyConfig(**{**asdict(scfg), "metrics": {**progress, "partial": True}}))
+    if state is not None:
+        torch.save(state, tmp / TRAIN_STATE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+TRAIN_STATE = "train_state.pt"
+# Keys a resumed run may change: how long this invocation runs and how it reports.
+RESUMABLE_CHANGES = ("max_minutes", "max_steps", "threads", "save_every_steps", "log_every_steps")
+
+
+class ResumeError(ValueError):
+    """``train(resume=True)`` cannot go on: no saved state, or another config or data."""
+
+
+def data_fingerprint(enc_train: list[dict], batches: list[list[int]]) -> str:
+    """SHA-256 of the encoded training examples (slots, targets, windows) and the batches they
+    form, before the first shuffle: a resumed run rebuilds its data and must get the same."""
+    h = hashlib.sha256()
+    for e in enc_train:
+        h.update(json.dumps([list(e["slots"]), e["lm_targets"], e["cls_targets"], e["kl_rows"],
+                             e["windows"]]).encode())
+    h.update(json.dumps(batches).encode())
+    return h.hexdigest()
+
+
+def _run_config(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+
+
+def train_state(cfg: TrainConfig, fingerprint: str, model: SafetyModel, opt, sched, step: int,
+                seconds: float) -> dict:
+    """What `restore_train_state` needs to go on at ``step``: the trained parameters (LoRA,
+    [CLS] row, head), the optimizer's and scheduler's state, the RNG states (LoRA dropout draws
+    from torch's) and the training seconds so far."""
+    return {"step": step, "seconds": seconds, "config": _run_config(cfg), "fingerprint": fingerprint,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+
+
+def restore_train_state(cfg: TrainConfig, fingerprint: str, model: SafetyModel, opt, sched) -> tuple[int, float]:
+    """Load `TRAIN_STATE` from ``cfg.output_dir``'s partial checkpoint into the model, optimizer,
+    scheduler and RNGs. Returns (steps done, training seconds so far). Raises `ResumeError`."""
+    path = partial_dir(cfg.output_dir) / TRAIN_STATE
+    if not path.exists():
+        raise ResumeError(f"no training state to resume from at {path}: start the run without --resume")
+    saved = torch.load(path, weights_only=True)
+    changed = sorted(k for k, v in _run_config(cfg).items() if saved["config"].get(k) != v)
+    if changed:
+        raise ResumeError(f"the config differs from the saved run's in {changed}; only "
+                          f"{list(RESUMABLE_CHANGES)} may change on resume")
+    if saved["fingerprint"] != fingerprint:
+        raise ResumeError("the training data differ from the saved run's (data files or code changed)")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved["params"]) != trainable:
+        raise ResumeError("the saved parameters are not this model's trainable ones")
+    model.load_state_dict(saved["params"], strict=False)
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate(saved["python_rng"])
+    return saved["step"], saved["seconds"]
 
 
 def held_out_report(model: SafetyModel, tok, cfg: TrainConfig, sets: Splits, val_ex: list[Example],

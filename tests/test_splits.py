@@ -5,9 +5,11 @@ import hashlib
 import json
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import DATA_DIR, tiny_safety_model
 from safety_decoding.base_model import weights_sha256
@@ -16,8 +18,8 @@ from safety_training.data import (SHAREGPT_CALIBRATION, Example, eval_texts, in_
                                   normalise)
 from safety_training.formats import Format
 from safety_training.metrics import held_out_metrics, operating_point, threshold_at_fpr
-from safety_training.recipe import (TrainConfig, encode_example, partial_dir, save_partial, split,
-                                    train, training_examples)
+from safety_training.recipe import (TRAIN_STATE, ResumeError, TrainConfig, encode_example, partial_dir,
+                                    save_partial, split, train, training_examples)
 from safety_training.splits import in_calibration, split_examples
 
 CONTRAST = Path(__file__).resolve().parents[1] / "data" / "contrast"
@@ -224,7 +226,51 @@ def test_a_run_reports_held_out_sets_and_times_its_steps(tmp_path, tokenizer):
     assert {"validation_chat", "validation_raw", "validation_qa", "validation_multi_turn"} <= set(held)
     saved = json.loads((tmp_path / "ckpt" / "train_summary.json").read_text())
     assert saved["manifest"]["held_out"]["category_held_out"] == 16
-    assert not partial_dir(cfg.output_dir).exists()  # the final checkpoint supersedes it
+    # a stopped run keeps its partial checkpoint, with the state `--resume` goes on from
+    assert (partial_dir(cfg.output_dir) / TRAIN_STATE).exists()
+
+
+def _interrupt_at(step: int):
+    def log(line):
+        if line.startswith(f"step {step}/"):
+            raise KeyboardInterrupt
+    return log
+
+
+@needs_data
+def test_a_resumed_run_ends_as_one_run_in_one_go(tmp_path, tokenizer):
+    base = _base(tmp_path, tokenizer)
+    whole = replace(_tiny_cfg(tmp_path, max_steps=4), output_dir=str(tmp_path / "whole"))
+    one_go = train(whole, base, log=lambda m: None)
+    assert one_go["steps"] == 4 and one_go["stopped_early"]
+    assert not partial_dir(whole.output_dir).exists()  # reached its step cap: finished
+    parts = replace(whole, output_dir=str(tmp_path / "parts"), log_every_steps=1)
+    first = train(parts, base, log=_interrupt_at(2))
+    assert first["steps"] == 2 and (partial_dir(parts.output_dir) / TRAIN_STATE).exists()
+    lines = []
+    second = train(replace(parts, max_minutes=30.0), base, log=lines.append, resume=True)
+    assert second["steps"] == 4 and second["resumed_at_step"] == 2 and "resuming at step 2" in lines[1]
+    assert not partial_dir(parts.output_dir).exists()
+    a, b = (load_safety_model(tmp_path / d, base) for d in ("whole", "parts"))
+    # LoRA dropout, Adam's moments and the schedule all went on where they stopped
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+    assert second["validation"]["query"] == one_go["validation"]["query"]
+
+
+@needs_data
+def test_resume_refuses_another_run_or_no_state(tmp_path, tokenizer):
+    base = _base(tmp_path, tokenizer)
+    cfg = _tiny_cfg(tmp_path, log_every_steps=1)
+    with pytest.raises(ResumeError, match="no training state"):
+        train(cfg, base, log=lambda m: None, resume=True)
+    train(cfg, base, log=_interrupt_at(1))
+    with pytest.raises(ResumeError, match=r"\['lr'\]"):
+        train(replace(cfg, lr=1e-3), base, log=lambda m: None, resume=True)
+    hate = tmp_path / "contrast" / "hate.jsonl"  # the same config over other data
+    hate.write_text("\n".join(hate.read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(ResumeError, match="training data differ"):
+        train(cfg, base, log=lambda m: None, resume=True)
 
 
 def test_a_partial_checkpoint_is_loadable(tmp_path, tokenizer):
