@@ -27,22 +27,23 @@ import statistics
 import time
 
 from benchmarks.common import ChildServer, markdown_table, shuffled, write_json
+from benchmarks.normalize import texts
 from benchmarks.soak import require_loopback
 
 NO_BURST = "none"
 
 
+# burst kind: its text in `benchmarks.normalize.texts`
+_NORMALIZE_KINDS = {"Russian": "Russian", "Hindi": "Hindi (vowel signs)",
+                    "ḅ (3 bytes each)": "Latin letters with accents (ḅ)", "ASCII English": "ASCII English"}
+
+
 def burst_texts(chars: int) -> dict[str, str | None]:
     """One message of ``chars`` characters per burst kind (None: no burst)."""
-    def repeat(unit: str) -> str:
-        return (unit * (chars // len(unit) + 1))[:chars]
-
+    everyday = texts(chars)
     return {
         NO_BURST: None,
-        "Russian": repeat("Привет, как дела? Это обычный текст на русском языке. "),
-        "Hindi": repeat("यह एक साधारण हिंदी वाक्य है जिसका उपयोग परीक्षण के लिए किया जाता है। "),
-        "ḅ (3 bytes each)": repeat("ḅ"),
-        "ASCII English": repeat("The quick brown fox jumps over the lazy dog. "),
+        **{kind: everyday[name] for kind, name in _NORMALIZE_KINDS.items()},
         # 2 bytes each, half as many (the byte bound as sent): NFC would sort them, quadratically
         "marks out of canonical order": "a" + "\u0301" * (chars // 4) + "\u0316" * (chars // 4),
     }

@@ -469,12 +469,13 @@ def _unicode_normalized(text: str) -> str:
     `str.translate`, decorating marks by one scan, other marks by `_kept_marks` where a rule
     needs a look, and look-alikes in words with Latin letters."""
     tables = _tables()
-    if not unicodedata.is_normalized("NFC", text):  # a linear check; NFC text needs no sorting
-        text = unicodedata.normalize("NFC", tables.patterns(text).long_non_starter_run.sub(_stream_safe, text))
     scans = tables.patterns(text)
+    if not unicodedata.is_normalized("NFC", text):  # a linear check; NFC text needs no sorting
+        text = unicodedata.normalize("NFC", scans.long_non_starter_run.sub(_stream_safe, text))
+        scans = tables.patterns(text)  # NFC can give astral characters (U+FA6C is U+242EE)
     if scans.changed.search(text):
+        # no rule maps a character to one above U+FFFF, so these scans still fit
         text = text.translate(tables.translation if scans is tables.full else tables.bmp_translation)
-        scans = tables.patterns(text)
     if scans.mark.search(text):
         text = scans.decoration.sub("", text)
         if scans.odd_mark.search(text):

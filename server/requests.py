@@ -97,7 +97,7 @@ def utf8_size(texts: Iterable[str]) -> int:
     return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 
-def chars_overflow(chars: int, turns: int, limits: Limits, nbytes: int = 0) -> TooLong | None:
+def chars_overflow(chars: int, nbytes: int, turns: int, limits: Limits) -> TooLong | None:
     """Why a prompt of ``chars`` characters (``nbytes`` UTF-8 bytes as sent) in ``turns``
     messages cannot fit ``max_input_tokens`` tokens, or None.
 
@@ -249,7 +249,7 @@ class Serving:
         adapter.check()
         turns = (adapter.input_turns if adapter.raw_text is None
                  else raw_turns(self.engine.tokenizer, adapter.raw_text))
-        overflow = chars_overflow(adapter.input_chars, turns, limits, adapter.input_bytes)
+        overflow = chars_overflow(adapter.input_chars, adapter.input_bytes, turns, limits)
         if overflow is not None:
             raise adapter.too_long(overflow)
         try:

@@ -195,6 +195,7 @@ _HARD_CHARACTERS = (
     "\u200b\u200d\u00ad\u202e\u0600\u3164\ufe0f\U000e0100\U000e0041"  # invisible, drawn format, ignorable
     "\u00a0\u3000\u2800\uff42\uff01\u00aa\u1d0f\u029c\u24d1\U0001d5fd\U0001f171\U0001d7cf\u00b2\u2460"
     "\u043e\u0430\u043c\u0440\u03bf\u0397\u0585\u0431\u0414\u4e2d\uff0c\U0001F468\U00010400\U00010428"
+    "\ufa6c"  # NFC makes it U+242EE: text with no astral character can gain one
     "ABCDEFHOWTO")
 
 
@@ -215,6 +216,13 @@ def test_no_rule_touches_a_code_point_outside_the_ruled_planes():
         assert P._context_free(ch) == ch and unicodedata.category(ch)[0] != "M", hex(c)
         assert not unicodedata.combining(unicodedata.normalize("NFD", ch)[0]), hex(c)
         assert not (ch.isalpha() and P._is_latin(ch)) and not (c >= 0x20000 and ch.isupper()), hex(c)
+
+
+def test_no_rule_maps_a_character_under_u10000_above_it():
+    """`prompt._unicode_normalized` keeps its scans for text without astral characters after
+    `str.translate`, which holds only while no rule gives one."""
+    tables = P._tables()
+    assert all(ord(c) <= 0xFFFF for k, v in tables.translation.items() if k <= 0xFFFF for c in v or "")
 
 
 _BACKTRACKING_TRAPS = {

@@ -24,22 +24,22 @@ LIMITS = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars
 
 
 def test_the_character_bound_is_max_input_tokens_times_the_longest_token():
-    assert chars_overflow(800, 1, LIMITS) is None
-    assert chars_overflow(801, 1, LIMITS) == TooLong(Overflow.CHARS, 80, 801)
+    assert chars_overflow(800, 800, 1, LIMITS) is None
+    assert chars_overflow(801, 801, 1, LIMITS) == TooLong(Overflow.CHARS, 80, 801)
 
 
 def test_the_bytes_as_sent_are_bound_before_normalization():
     notes = "\U0001d160" * 201  # 4 bytes each; NFC makes each three characters
-    assert chars_overflow(len(notes), 1, LIMITS, utf8_size([notes])) == TooLong(Overflow.BYTES, 80, 804)
-    assert chars_overflow(200, 1, LIMITS, utf8_size(["\U0001d160" * 200])) is None
+    assert chars_overflow(len(notes), utf8_size([notes]), 1, LIMITS) == TooLong(Overflow.BYTES, 80, 804)
+    assert chars_overflow(200, utf8_size(["\U0001d160" * 200]), 1, LIMITS) is None
     assert utf8_size(["\ud800", "\u00e9"]) == 5  # a lone surrogate from a JSON escape counts
 
 
 def test_the_message_bound_is_max_input_tokens_over_a_messages_template_tokens():
     limits = Limits(max_new_tokens=64, max_input_tokens=80, context=100, token_chars=10, token_bytes=10, turn_tokens=5)
-    assert chars_overflow(0, 16, limits) is None
-    assert chars_overflow(0, 17, limits) == TooLong(Overflow.TURNS, 80, 17)
-    assert chars_overflow(0, 10**6, LIMITS) is None  # a template that drops empty messages: no bound
+    assert chars_overflow(0, 0, 16, limits) is None
+    assert chars_overflow(0, 0, 17, limits) == TooLong(Overflow.TURNS, 80, 17)
+    assert chars_overflow(0, 0, 10**6, LIMITS) is None  # a template that drops empty messages: no bound
 
 
 @pytest.mark.parametrize("prompt, max_new, expected", [
