@@ -98,7 +98,7 @@ _FULL_WIDTH = range(0xFF01, 0xFF5F)
 _IDEOGRAPHIC_SPACE = "\u3000"
 """The full-width space, which full-width text has between its words."""
 
-_LOOK_ALIKES = str.maketrans(
+LOOK_ALIKES = str.maketrans(
     "аеорсхуіѕјԁԛԝһӏАВЕКМНОРСТХУІЅЈԚԜҺ" "мткнвп" "οανιρυκΑΒΕΖΗΙΚΜΝΟΡΤΥΧ" "օսհոզց",
     "aeopcxyisjdqwhlABEKMHOPCTXYISJQWH" "mtkhbn" "oavipukABEZHIKMNOPTYX" "ouhnqg")
 """Cyrillic, Greek and Armenian letters drawn like a Latin letter in common fonts, and that
@@ -129,7 +129,7 @@ def _plain_letter(ch: str) -> str | None:
     return m[2] if m[1] == "CAPITAL" else m[2].lower()
 
 
-_LOOK_ALIKE_LETTERS = frozenset(chr(c) for c in _LOOK_ALIKES)
+_LOOK_ALIKE_LETTERS = frozenset(chr(c) for c in LOOK_ALIKES)
 _LOOK_ALIKE_LETTER = re.compile("[" + "".join(sorted(_LOOK_ALIKE_LETTERS)) + "]")
 
 
@@ -402,7 +402,7 @@ def normalize_client_text(text: str) -> str:
       reader sees), then combining marks that decorate (`_decorates`: on ASCII, spaces
       included, on Latin letters and their look-alikes: strike-through, underline, enclosing
       circles, stacked accents) are removed; other scripts' marks stay.
-    - In a word that also has Latin letters, Cyrillic and Greek look-alikes (``_LOOK_ALIKES``)
+    - In a word that also has Latin letters, Cyrillic and Greek look-alikes (``LOOK_ALIKES``)
       become Latin; a word with no Latin letter (Russian, Greek) is kept as written.
     - Shouting is lower-cased (`unshout`).
 
@@ -481,7 +481,7 @@ def _unicode_normalized(text: str) -> str:
         if scans.odd_mark.search(text):
             text = scans.odd_run.sub(_odd_run, text)
     if _LOOK_ALIKE_LETTER.search(text) and scans.latin_letter.search(text):
-        text = scans.mixed_word.sub(lambda word: word.group().translate(_LOOK_ALIKES), text)
+        text = scans.mixed_word.sub(lambda word: word.group().translate(LOOK_ALIKES), text)
     return text
 
 

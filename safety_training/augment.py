@@ -14,12 +14,18 @@ an evaluation file; `data.build_examples` still drops any exact overlap):
   attacks (label of the core); with `NARRATIVE_FRAMES`, long scenario frames of PAIR's
   length (60 to 120 words);
 - `noisy_suffix`: prompts of both classes with a random junk suffix, the shape of GCG attacks
-  (label of the prompt; our random strings, not the evaluation suffixes).
+  (label of the prompt; our random strings, not the evaluation suffixes);
+- `surface_variant`: prompts of both classes with their letters' case alternated or shuffled,
+  or written in Cyrillic look-alike letters: the disguises that the server's normalization
+  leaves to the head (label of the prompt; session 23's attack review).
 """
 
 from __future__ import annotations
 
 import random
+from enum import Enum
+
+from safety_decoding.prompt import LOOK_ALIKES
 
 _PLURALS = ["fruits", "vegetables", "colors", "planets", "mammals", "birds", "rivers in Europe",
             "programming languages", "board games", "musical instruments", "famous painters",
@@ -253,3 +259,40 @@ def noisy_suffix(prompts: list[str], rng: random.Random) -> list[str]:
     """Each prompt followed by 8 to 20 random junk pieces (an adversarial-suffix look)."""
     return [p.rstrip() + " " + " ".join(rng.choice(_JUNK) for _ in range(rng.randint(8, 20)))
             for p in prompts]
+
+
+class Surface(str, Enum):
+    """How `surface_variant` rewrites a prompt's letters."""
+    ALTERNATING_CASE = "alternating-case"  # "hOw dO I MaKe"
+    RANDOM_CASE = "random-case"  # "HoW dO i mAKe"
+    CYRILLIC = "cyrillic"  # every Latin letter with a Cyrillic look-alike: "ріре вомв"
+
+
+# Latin letter -> its Cyrillic look-alikes, from the normalizer's own table: the normalizer
+# folds them back only in words that keep a Latin letter, so whole words stay disguised.
+_CYRILLIC_FOR: dict[str, list[str]] = {}
+for _c, _latin in LOOK_ALIKES.items():
+    if 0x400 <= _c <= 0x52F:
+        _CYRILLIC_FOR.setdefault(chr(_latin), []).append(chr(_c))
+
+
+def surface_variant(text: str, surface: Surface, rng: random.Random) -> str:
+    """``text`` with its letters rewritten by ``surface`` (`Surface`); other characters kept."""
+    if surface is Surface.ALTERNATING_CASE:
+        upper = rng.random() < 0.5
+        out = []
+        for ch in text:
+            if ch.isalpha():
+                out.append(ch.upper() if upper else ch.lower())
+                upper = not upper
+            else:
+                out.append(ch)
+        return "".join(out)
+    if surface is Surface.RANDOM_CASE:
+        return "".join(ch.upper() if rng.random() < 0.5 else ch.lower() for ch in text)
+    return "".join(rng.choice(_CYRILLIC_FOR[ch]) if ch in _CYRILLIC_FOR else ch for ch in text)
+
+
+def surface_variants(prompts: list[str], rng: random.Random) -> list[str]:
+    """Each prompt in one random `Surface` (`surface_variant`)."""
+    return [surface_variant(p, rng.choice(list(Surface)), rng) for p in prompts]

@@ -381,7 +381,7 @@ def reframed(rows, label: int, per_core: int, rng: random.Random, banned: set[st
 
 
 def _augmented(mal, ben, templates, rng, *, n_everyday, lookalikes_per_item, n_roleplay,
-               n_noisy, n_jailbreak_query_only, n_narrative) -> list[Example]:
+               n_noisy, n_jailbreak_query_only, n_narrative, n_surface=0) -> list[Example]:
     """Query-only examples from `augment` (see `build_examples`)."""
     def query_only(texts, label, source):
         return [Example(t, "", label, lm_loss=False, source=source) for t in texts]
@@ -401,7 +401,12 @@ def _augmented(mal, ben, templates, rng, *, n_everyday, lookalikes_per_item, n_r
             + query_only(augment.noisy_suffix([q for q, _, _ in rng.sample(mal, n_noisy)], rng), 1, "noisy-suffix")
             + query_only(augment.noisy_suffix([q for q, _, _ in rng.sample(ben, n_noisy)], rng), 0, "noisy-suffix")
             + query_only([rng.choice(templates).replace("{prompt}", rng.choice(mal)[0])
-                          for _ in range(n_jailbreak_query_only)], 1, "jailbreak-template-query-only"))
+                          for _ in range(n_jailbreak_query_only)], 1, "jailbreak-template-query-only")
+            # drawn last, and only when asked, so the data of runs without it stay the same
+            + (query_only(augment.surface_variants([q for q, _, _ in rng.sample(mal, n_surface)], rng),
+                          1, "surface-variant")
+               + query_only(augment.surface_variants([q for q, _, _ in rng.sample(ben, n_surface)], rng),
+                            0, "surface-variant") if n_surface else []))
 
 
 REFUSAL_REASONS = [
@@ -481,7 +486,7 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
                    n_jailbreak: int, sharegpt_limit: int, held_out_percent: int,
                    seed: int, reframes_per_core: int = 0, n_everyday: int = 0,
                    lookalikes_per_item: int = 0, n_roleplay: int = 0, n_noisy: int = 0,
-                   n_jailbreak_query_only: int = 0, n_narrative: int = 0,
+                   n_jailbreak_query_only: int = 0, n_narrative: int = 0, n_surface: int = 0,
                    sharegpt_filter: Rule = Rule.WORDS, sharegpt_max_chars: int = 400,
                    sharegpt_calibration_percent: int = 0, holdout_whole_sources=(),
                    extra: list[Example] = ()) -> tuple[list[Example], dict]:
@@ -505,7 +510,8 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
       instructions, benign look-alikes (``lookalikes_per_item`` forms of each), ``n_roleplay``
       request cores of each class in role-play frames and ``n_narrative`` in long scenario
       frames, ``n_noisy`` prompts of each class with a junk suffix, ``n_jailbreak_query_only``
-      more template-wrapped harmful prompts;
+      more template-wrapped harmful prompts, ``n_surface`` prompts of each class with their
+      letters' case scrambled or in Cyrillic look-alikes (`augment.surface_variant`);
     - ``extra`` examples built elsewhere (`contrast.contrast_examples`), shuffled in.
 
     ShareGPT pairs pass `sharegpt.drop_reason` under ``sharegpt_filter`` (prompts of at most
@@ -571,7 +577,8 @@ def build_examples(data_dir: Path, *, n_benign: int, n_benign_query_only: int,
         ex += reframed(ben, 0, reframes_per_core, rng, banned)
     augmented = _augmented(mal, ben, templates, rng, n_everyday=n_everyday, n_roleplay=n_roleplay,
                            lookalikes_per_item=lookalikes_per_item, n_noisy=n_noisy,
-                           n_jailbreak_query_only=n_jailbreak_query_only, n_narrative=n_narrative)
+                           n_jailbreak_query_only=n_jailbreak_query_only, n_narrative=n_narrative,
+                           n_surface=n_surface)
     kept = [e for e in augmented if normalise(e.query) not in banned]
     ex += kept
     extra_kept = [e for e in extra if normalise(e.query) not in banned]

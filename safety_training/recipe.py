@@ -82,6 +82,9 @@ class TrainConfig:
     n_noisy: int = 0
     n_jailbreak_query_only: int = 0
     n_narrative: int = 0
+    n_surface: int = 0
+    """Query-only prompts of each class with their letters' case scrambled or written in
+    Cyrillic look-alikes (`augment.surface_variant`): disguises the normalizer leaves to the head."""
     self_answers_per_class: int = 0
     """Query-only examples of each class that get the base model's own greedy answer as a
     probed response (`with_self_answers`)."""
@@ -241,7 +244,7 @@ def training_examples(cfg: TrainConfig):
         reframes_per_core=cfg.reframes_per_core, n_everyday=cfg.n_everyday,
         lookalikes_per_item=cfg.lookalikes_per_item, n_roleplay=cfg.n_roleplay,
         n_noisy=cfg.n_noisy, n_jailbreak_query_only=cfg.n_jailbreak_query_only,
-        n_narrative=cfg.n_narrative, sharegpt_filter=Rule(cfg.sharegpt_filter),
+        n_narrative=cfg.n_narrative, n_surface=cfg.n_surface, sharegpt_filter=Rule(cfg.sharegpt_filter),
         sharegpt_max_chars=cfg.sharegpt_max_chars,
         sharegpt_calibration_percent=cfg.sharegpt_calibration_percent,
         holdout_whole_sources=cfg.holdout_whole_sources, extra=extra)

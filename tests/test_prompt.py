@@ -187,7 +187,7 @@ def _per_character(text: str) -> str:
         out.append(ch)
     latin = lambda c: c.isalpha() and P._is_latin(c)  # noqa: E731
     return P.unshout(P._WORD.sub(
-        lambda m: m[0].translate(P._LOOK_ALIKES) if any(map(latin, m[0])) else m[0], "".join(out)))
+        lambda m: m[0].translate(P.LOOK_ALIKES) if any(map(latin, m[0])) else m[0], "".join(out)))
 
 
 _HARD_CHARACTERS = (
