@@ -11,18 +11,24 @@ history ...), so a reader sees where the head fails.
 Use it on pairs written after the checkpoints were trained (``data/contrast_long``: long
 persuasive scenarios, which no shipped run saw), never to choose a threshold.
 
+``--surface`` rewrites both sides of every pair in one of the disguises that normalization
+leaves to the head (`safety_training.augment.Surface`: scrambled case, Cyrillic look-alikes),
+so a reader sees how much of the head's verdict survives them on text it never trained on.
+
 Usage: ``python -m benchmarks.pair_scores --pairs data/contrast_long
-[--checkpoint DIR ...] [--json PATH]``
+[--checkpoint DIR ...] [--surface KIND] [--json PATH]``
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.common import CHECKPOINT, load, markdown_table, write_json
+from safety_training.augment import Surface, surface_variant
 
 FORMS = ("chat", "raw")
 
@@ -56,6 +62,12 @@ def score_pairs(decoder, pairs, form: str) -> tuple[list, list]:
     texts = [p.harmful for p in pairs] + [p.benign for p in pairs]
     verdicts = query_verdicts(decoder, [prompt(t) for t in texts])
     return verdicts[:len(pairs)], verdicts[len(pairs):]
+
+
+def disguised(pairs: list, surface: Surface, rng: random.Random) -> list:
+    """``pairs`` with both sides rewritten by `augment.surface_variant`."""
+    return [replace(p, harmful=surface_variant(p.harmful, surface, rng),
+                    benign=surface_variant(p.benign, surface, rng)) for p in pairs]
 
 
 GROUPS = {"categories": lambda p: p.category, "kinds": lambda p: p.benign_kind}
@@ -99,6 +111,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threshold", type=float, nargs="+", default=None,
                     help="one threshold per --checkpoint in place of its own (e.g. the one a "
                          "calibration split gives it: benchmarks.held_out)")
+    ap.add_argument("--surface", choices=[s.value for s in Surface],
+                    help="score the pairs in this disguise (both sides, seed 0)")
     ap.add_argument("--json", default="benchmarks/results/pair_scores.json")
     args = ap.parse_args(argv)
     if args.threshold is not None and len(args.threshold) != len(args.checkpoint):
@@ -107,6 +121,8 @@ def main(argv=None) -> None:
     from safety_training.contrast import load_pairs
 
     pairs = load_pairs(args.pairs)
+    if args.surface:
+        pairs = disguised(pairs, Surface(args.surface), random.Random(0))
     results = {}
     for i, ckpt in enumerate(args.checkpoint):
         decoder, _ = load(Path(ckpt))
@@ -114,7 +130,8 @@ def main(argv=None) -> None:
             decoder.model.config = replace(decoder.model.config, threshold=args.threshold[i])
         results[ckpt] = measure(decoder, pairs)
     print(report(results))
-    write_json(args.json, {"pairs": args.pairs, "n_pairs": len(pairs), "results": results})
+    write_json(args.json, {"pairs": args.pairs, "n_pairs": len(pairs), "surface": args.surface,
+                           "results": results})
 
 
 if __name__ == "__main__":
