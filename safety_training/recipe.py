@@ -552,14 +552,24 @@ def train(cfg: TrainConfig, base_dir: Path, log=print, resume: bool = False) -> 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     lm = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     base_sha = recorded_weights_sha256(base_dir, lm.state_dict())
+    saved = read_train_state(cfg) if resume else None
     examples, manifest = training_examples(cfg)
     sets = split(examples, cfg)  # held-out sets leave before the self answers are drawn
     val_ex, train_ex = sets.validation, sets.train
+    answered_queries: dict = (saved or {}).get("self_answers") or {"queries": [], "answers": []}
+
+    def answer(queries: list[str]) -> list[str]:
+        # a resumed run takes the answers it trained on: greedy decoding on another CPU can
+        # break a near tie, and they take minutes to generate
+        if queries != answered_queries["queries"]:
+            answered_queries.update(queries=queries, answers=self_answers(
+                lm, tok, queries, cfg.max_response_tokens, autocast=cfg.bf16_autocast))
+        return answered_queries["answers"]
+
     if cfg.self_answers_per_class:
         t0 = time.monotonic()
         answered, manifest["self_answers"] = with_self_answers(
-            val_ex + train_ex, lambda qs: self_answers(lm, tok, qs, cfg.max_response_tokens,
-                                                       autocast=cfg.bf16_autocast),
+            val_ex + train_ex, answer,
             cfg.self_answers_per_class, rng, cfg.self_answer_sources, cfg.self_answer_lm_loss)
         val_ex, train_ex = answered[:len(val_ex)], answered[len(val_ex):]
         log(f"self answers: {manifest['self_answers']} in {(time.monotonic() - t0) / 60:.1f} min")
@@ -604,13 +614,14 @@ def train(cfg: TrainConfig, base_dir: Path, log=print, resume: bool = False) -> 
     order_rng = rng if cfg.data_order_seed is None else random.Random(cfg.data_order_seed)
     fingerprint = data_fingerprint(enc_train, batches)
     done, earlier_seconds = 0, 0.0
-    if resume:
-        done, earlier_seconds = restore_train_state(cfg, fingerprint, model, opt, sched)
+    if saved:
+        done, earlier_seconds = restore_train_state(saved, fingerprint, model, opt, sched)
         log(f"resuming at step {done} of {total_steps} ({earlier_seconds / 60:.1f} min trained before)")
     last_step = min(total_steps, cfg.max_steps or total_steps)
 
     def state(step: int, seconds: float) -> dict:
-        return train_state(cfg, fingerprint, model, opt, sched, step, earlier_seconds + seconds)
+        return train_state(cfg, fingerprint, model, opt, sched, step, earlier_seconds + seconds,
+                           answered_queries)
 
     start = time.monotonic()
     step, stopped_early, interrupted = 0, False, False
@@ -746,19 +757,21 @@ def _run_config(cfg: TrainConfig) -> dict:
 
 
 def train_state(cfg: TrainConfig, fingerprint: str, model: SafetyModel, opt, sched, step: int,
-                seconds: float) -> dict:
+                seconds: float, self_answers: dict) -> dict:
     """What `restore_train_state` needs to go on at ``step``: the trained parameters (LoRA,
     [CLS] row, head), the optimizer's and scheduler's state, the RNG states (LoRA dropout draws
-    from torch's) and the training seconds so far."""
+    from torch's), the training seconds so far and the base model's answers
+    (``{"queries", "answers"}``) that the data were built with."""
     return {"step": step, "seconds": seconds, "config": _run_config(cfg), "fingerprint": fingerprint,
+            "self_answers": self_answers,
             "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
 
 
-def restore_train_state(cfg: TrainConfig, fingerprint: str, model: SafetyModel, opt, sched) -> tuple[int, float]:
-    """Load `TRAIN_STATE` from ``cfg.output_dir``'s partial checkpoint into the model, optimizer,
-    scheduler and RNGs. Returns (steps done, training seconds so far). Raises `ResumeError`."""
+def read_train_state(cfg: TrainConfig) -> dict:
+    """`TRAIN_STATE` of ``cfg.output_dir``'s partial checkpoint (`train_state`). Raises
+    `ResumeError`: none there, or saved by a run of another config."""
     path = partial_dir(cfg.output_dir) / TRAIN_STATE
     if not path.exists():
         raise ResumeError(f"no training state to resume from at {path}: start the run without --resume")
@@ -767,6 +780,12 @@ def restore_train_state(cfg: TrainConfig, fingerprint: str, model: SafetyModel, 
     if changed:
         raise ResumeError(f"the config differs from the saved run's in {changed}; only "
                           f"{list(RESUMABLE_CHANGES)} may change on resume")
+    return saved
+
+
+def restore_train_state(saved: dict, fingerprint: str, model: SafetyModel, opt, sched) -> tuple[int, float]:
+    """Load a `read_train_state` state into the model, optimizer, scheduler and RNGs. Returns
+    (steps done, training seconds so far). Raises `ResumeError`: the data differ."""
     if saved["fingerprint"] != fingerprint:
         raise ResumeError("the training data differ from the saved run's (data files or code changed)")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

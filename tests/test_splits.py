@@ -238,9 +238,10 @@ def _interrupt_at(step: int):
 
 
 @needs_data
-def test_a_resumed_run_ends_as_one_run_in_one_go(tmp_path, tokenizer):
+def test_a_resumed_run_ends_as_one_run_in_one_go(tmp_path, tokenizer, monkeypatch):
     base = _base(tmp_path, tokenizer)
-    whole = replace(_tiny_cfg(tmp_path, max_steps=4), output_dir=str(tmp_path / "whole"))
+    whole = replace(_tiny_cfg(tmp_path, max_steps=4, self_answers_per_class=2),
+                    output_dir=str(tmp_path / "whole"))
     one_go = train(whole, base, log=lambda m: None)
     assert one_go["steps"] == 4 and one_go["stopped_early"]
     assert not partial_dir(whole.output_dir).exists()  # reached its step cap: finished
@@ -248,8 +249,14 @@ def test_a_resumed_run_ends_as_one_run_in_one_go(tmp_path, tokenizer):
     first = train(parts, base, log=_interrupt_at(2))
     assert first["steps"] == 2 and (partial_dir(parts.output_dir) / TRAIN_STATE).exists()
     lines = []
+
+    def regenerated(*args, **kwargs):
+        raise AssertionError("a resumed run takes the base model's answers from its state")
+
+    monkeypatch.setattr("safety_training.recipe.self_answers", regenerated)
     second = train(replace(parts, max_minutes=30.0), base, log=lines.append, resume=True)
-    assert second["steps"] == 4 and second["resumed_at_step"] == 2 and "resuming at step 2" in lines[1]
+    assert second["steps"] == 4 and second["resumed_at_step"] == 2
+    assert any(line.startswith("resuming at step 2 of") for line in lines)
     assert not partial_dir(parts.output_dir).exists()
     a, b = (load_safety_model(tmp_path / d, base) for d in ("whole", "parts"))
     # LoRA dropout, Adam's moments and the schedule all went on where they stopped
