@@ -294,3 +294,17 @@ def test_a_partial_checkpoint_is_loadable(tmp_path, tokenizer):
     assert saved["metrics"] == {"steps": 2, "total_steps": 9, "partial": True}
     loaded = load_safety_model(path, base_dir)
     assert (loaded.head.weight == model.head.weight).all()
+
+
+def test_sigterm_stops_ess_train_as_ctrl_c_does():
+    import os
+    import signal
+
+    from ess.cli import stop_like_ctrl_c
+
+    before = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # `train` saves its state on it
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
