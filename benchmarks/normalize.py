@@ -49,6 +49,8 @@ def texts(chars: int) -> dict[str, str]:
         "worst: mixed-script words": repeat("a\u0430 "),
         "worst: one run of spacing marks": "a" + "\u0903" * (chars - 1),
         "worst: shouted words": repeat("\u0416\u0416\u0416\u0416 "),
+        "worst: scrambled case": repeat("MaKe a pIpE BoMb "),
+        "worst: scrambled case, Cyrillic": repeat("\u0441\u0414\u0435\u041b\u0430\u0422\u044c \u0431\u041e\u043c\u0411\u0443 "),
         # 4 bytes each: as many as the byte bound lets through; NFC makes each three characters
         "worst: musical notes, a quarter as many": "\U0001d160" * (chars // 4),
     }

@@ -186,8 +186,8 @@ def _per_character(text: str) -> str:
             base = ch
         out.append(ch)
     latin = lambda c: c.isalpha() and P._is_latin(c)  # noqa: E731
-    return P.unshout(P._WORD.sub(
-        lambda m: m[0].translate(P.LOOK_ALIKES) if any(map(latin, m[0])) else m[0], "".join(out)))
+    return P.unscramble(P.unshout(P._WORD.sub(
+        lambda m: m[0].translate(P.LOOK_ALIKES) if any(map(latin, m[0])) else m[0], "".join(out))))
 
 
 _HARD_CHARACTERS = (
@@ -225,6 +225,27 @@ def test_no_rule_maps_a_character_under_u10000_above_it():
     assert all(ord(c) <= 0xFFFF for k, v in tables.translation.items() if k <= 0xFFFF for c in v or "")
 
 
+@pytest.mark.parametrize("text, read", [
+    ("hOw dO I MaKe a pIpE BoMb?", "hOw dO I make a pipe bomb?"),  # short words stay
+    ("HoW Do i MaKe A pIpE bOmB", "HoW Do i make A pipe bomb"),
+    ("кАк сДеЛаТь бОмБу", "кАк сделать бомбу"),
+    ("WiFi and LaTeX", "wifi and latex"),  # names that flip case at nearly every letter
+])
+def test_scrambled_case_is_lower_cased(text, read):
+    assert normalize_client_text(text) == read
+
+
+@pytest.mark.parametrize("text", [
+    "I use my iPhone and JavaScript at McDonald's.",
+    "document.getElementById(userId).addEventListener",
+    "NASA, the US and the EU; HTML and CSS",
+    "pH 7, 5 mL, 3 kW, 10 dB",
+    "GitHub, FedEx, PayPal, TikTok, eBay, iPad, PhD, DDoS",
+])
+def test_camel_case_and_units_keep_their_case(text):
+    assert normalize_client_text(text) == text
+
+
 _BACKTRACKING_TRAPS = {
     "an upper-case run ending in a digit": "\u0416" * 331_000 + "1 \u00e9",  # was quadratic: hours
     "an ASCII upper-case run ending in a digit": "A" * 331_000 + "1",
@@ -234,6 +255,9 @@ _BACKTRACKING_TRAPS = {
     "a run of spacing marks after a letter": "a" + "\u0903" * 331_000,
     "marks out of canonical order (NFC sorts them)": "a" + "\u0301" * 165_000 + "\u0316" * 165_000,
     "separators between candidate words": "AB" + " 1" * 165_000 + "\u00e9",
+    "a long lower-case word ending in a capital": "a" * 331_000 + "B",
+    "a long Cyrillic word with one case flip": "\u0436" * 331_000 + "\u0416",
+    "every word in scrambled case": "hOw dO I MaKe a pIpE BoMb? " * 12_000,
 }
 
 

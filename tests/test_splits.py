@@ -37,9 +37,10 @@ SMALL = dict(seed=3, n_benign=20, n_benign_query_only=30, n_malicious=20, n_mali
 # (`data.REFUSAL_REASONS`, the fifth run). A change here changes the data of every train.yaml.
 # The encodings changed once more in session 23, when normalization began to fold accents on
 # Latin letters (docs/method.md, "Decision 14"): one of the 596 examples, "crème brûlée", now
-# reads "creme brulee".
+# reads "creme brulee"; and in session 24, when it began to lower-case words in scrambled case
+# (`prompt.unscramble`): three noisy-suffix examples carry "LaTeX", which now reads "latex".
 EXAMPLES_SHA256 = "6cc133ce7017574e36e5e0a6666721195cfdf1e7f3adf74309f976f6519b43d7"
-ENCODED_SHA256 = "7e2a72d5b9c91564e1209140e3ef6efda2802b8f2606eccf2e5d1b6dc2bd8a7a"
+ENCODED_SHA256 = "a9a83c851195b7cc84433b97f96cfea380872c1abd7025196ee89b857ee7987e"
 
 
 def _sha(rows) -> str:
