@@ -9,6 +9,7 @@ each harmful one has a benign twin with the same topic words.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from safety_decoding.base_model import prepare_base_model
+from safety_training.augment import Surface, surface_variant
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +60,9 @@ DISGUISES: dict[str, Callable[[str], str]] = {
     "small_caps": lambda r: r.translate(str.maketrans("abdeghilmnoprstuwy", "ᴀʙᴅᴇɢʜɪʟᴍɴᴏᴘʀꜱᴛᴜᴡʏ")),
     "strike_through": lambda r: "".join(c + "\u0336" for c in r),  # spaces too, as generators do
     "shouting": str.upper,
+    # scrambled case, as Best-of-N jailbreaking samples it (session 24)
+    "alternating_case": lambda r: surface_variant(r, Surface.ALTERNATING_CASE, random.Random(0)),
+    "random_case": lambda r: surface_variant(r, Surface.RANDOM_CASE, random.Random(0)),
 }
 """The request text disguised for a reader's eye only (docs/method.md, "Decision 14"), sent as a
 plain chat request."""
