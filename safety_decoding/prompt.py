@@ -475,12 +475,10 @@ SCRAMBLED_SHARE = 0.8
 SCRAMBLED_LETTERS = 4
 _LOWERS = [c for c in range(0x20000) if chr(c).islower()]
 _LOWER = _char_class(_LOWERS)
-_CASE_FLIP = {True: re.compile(r"[a-z][A-Z]"), False: re.compile(f"(?:{_LOWER})(?:{_UPPER})")}
-"""A lower-case letter before an upper-case one, which every scrambled word has: a quick filter."""
 _MIXED_AT = {True: re.compile(r"[a-z][A-Z]|[A-Z]{2}[a-z]"),
              False: re.compile(rf"(?:{_LOWER})(?:{_UPPER})|(?:{_UPPER}){{2}}(?:{_LOWER})")}
 """Where a word leaves lower, upper and title case: a lower-case letter before an upper-case one,
-or two upper-case letters before a lower-case one."""
+or two upper-case letters before a lower-case one. Also `unscramble`'s quick filter."""
 _LONG_WORD = re.compile(r"[^\W\d_]{3,}")
 _LETTERS = re.compile(r"[^\W\d_]*+")
 
@@ -550,7 +548,8 @@ def unscramble(text: str) -> str:
         word = text[start:end]
         return not (start and text[start - 1] in _CODE_NEIGHBOURS
                     or end < len(text) and text[end] in _CODE_NEIGHBOURS
-                    or _CODE_AROUND.match(text, end) or start and _CODE_BEFORE.fullmatch(text, max(0, start - 2), start)
+                    or _CODE_AROUND.match(text, end)
+                    or start and _CODE_BEFORE.fullmatch(text, max(0, start - 2), start)
                     or not word.isascii() and _UNCASED_LETTER.search(word.translate(_CASES)))
 
     lowered: list[tuple[int, int]] = []  # spans to lower-case, in order
