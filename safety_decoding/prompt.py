@@ -556,7 +556,8 @@ def unscramble(text: str) -> str:
     sentence: list[tuple[int, int, bool]] = []  # its words that leave lower, upper and title case
     odd = 0
 
-    def judge() -> None:
+    def judge(odd: int) -> None:
+        """Lower-case the sentence if ``odd`` of its words are in odd case, else its scrambled words."""
         start, end = sentence[0][0], sentence[-1][1]
         if odd >= 3 and odd >= SCRAMBLED_MESSAGE_SHARE * len(_LONG_WORD.findall(text, start, end)):
             lowered.append((start, end))  # its short words too ("dO", "ME")
@@ -567,7 +568,7 @@ def unscramble(text: str) -> str:
     first, last, all_odd = None, None, 0
     for s, e in _words_at(text, _MIXED_AT[ascii_only]):
         if sentence and _SENTENCE_END.search(text, sentence[-1][1], s):
-            judge()
+            judge(odd)
             odd = 0
         if written(s, e):
             word = text[s:e]
@@ -578,7 +579,7 @@ def unscramble(text: str) -> str:
             all_odd += is_odd
             first, last = first or (s, e), (s, e)
     if sentence:
-        judge()
+        judge(odd)
     if all_odd >= 3 and all_odd >= SCRAMBLED_MESSAGE_SHARE * len(_LONG_WORD.findall(text, first[0], last[1])):
         lowered = [(first[0], last[1])]  # the message as a whole, its short sentences too
     out, pos = [], 0
