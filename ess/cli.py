@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -80,13 +79,6 @@ def _prepare(args) -> int:
     return 0
 
 
-def stop_like_ctrl_c(signum, frame):
-    """SIGTERM handler of `ess train` (``kill``, the end of a session): raise KeyboardInterrupt,
-    so the run saves its state for ``--resume`` as on Ctrl-C, not only at its last
-    ``save_every_steps``."""
-    raise KeyboardInterrupt
-
-
 def _train(args) -> int:
     from safety_training.recipe import ResumeError, load_train_config, train
 
@@ -94,7 +86,6 @@ def _train(args) -> int:
     if args.max_minutes is not None:
         cfg = dataclasses.replace(cfg, max_minutes=args.max_minutes)
     require_data(Path(cfg.data_dir))
-    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     try:
         train(cfg, resolve_base_model(args.base_model), resume=args.resume)
     except ResumeError as exc:

@@ -16,11 +16,14 @@ the head.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -536,8 +539,9 @@ def train(cfg: TrainConfig, base_dir: Path, log=print, resume: bool = False) -> 
     ``resume``: go on from the partial checkpoint's training state (`save_partial`) at the step
     it was saved, with the same batches in the same order, so a run stopped by its time cap, by
     Ctrl-C or by the end of a session ends as it would have run in one go (our choice: a 2-core
-    machine may need several sessions for one run). Raises `ResumeError` when there is no state
-    to go on from, or the config or the data differ from the saved run's."""
+    machine may need several sessions for one run). While it trains, SIGINT and SIGTERM stop it
+    after the step under way (`stop_requests`). Raises `ResumeError` when there is no state to go
+    on from, or the config or the data differ from the saved run's."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -624,17 +628,17 @@ def train(cfg: TrainConfig, base_dir: Path, log=print, resume: bool = False) -> 
                            answered_queries)
 
     start = time.monotonic()
-    step, stopped_early, interrupted = 0, False, False
+    step, stopped_early = 0, False
     clock = StepClock(start, total_steps, done)
     bar = tqdm(total=total_steps, initial=done, desc="train", mininterval=5)
-    try:
+    with stop_requests() as stop:
         for epoch in range(cfg.epochs):
             order_rng.shuffle(batches)
             for idx in batches:
                 if step < done:  # replay the batch order up to the saved step
                     step += 1
                     continue
-                if step >= last_step or (time.monotonic() - start) / 60 > cfg.max_minutes:
+                if step >= last_step or stop.is_set() or (time.monotonic() - start) / 60 > cfg.max_minutes:
                     stopped_early = True
                     break
                 b = collate([enc_train[i] for i in idx])
@@ -656,8 +660,8 @@ def train(cfg: TrainConfig, base_dir: Path, log=print, resume: bool = False) -> 
                                  state(step, time.monotonic() - start))
             if stopped_early:
                 break
-    except KeyboardInterrupt:  # keep what was trained: validate and save as at the time cap
-        stopped_early = interrupted = True
+    interrupted = stop.is_set()
+    if interrupted:
         log(f"interrupted at step {step}: validating and saving what was trained")
     bar.close()
     seconds = time.monotonic() - start
@@ -665,9 +669,9 @@ def train(cfg: TrainConfig, base_dir: Path, log=print, resume: bool = False) -> 
     log(f"trained {step} of {total_steps} steps, {trained} in {seconds / 60:.1f} min "
         f"({seconds / max(trained, 1):.2f} s/step)")
     finished = step >= last_step
-    if not finished:  # a later `--resume` goes on from here
-        save_partial(model, scfg, cfg.output_dir, {"steps": step, "total_steps": total_steps},
-                     state(step, seconds))
+    # a later `--resume` goes on from here, also when a finished run is killed while validating
+    save_partial(model, scfg, cfg.output_dir, {"steps": step, "total_steps": total_steps},
+                 state(step, seconds))
     val_scores = scores(model, enc_val, cfg.batch_size, cfg.lambda_cls)
     metrics = summarize(*val_scores)
     summary = {"steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
@@ -690,6 +694,32 @@ def train(cfg: TrainConfig, base_dir: Path, log=print, resume: bool = False) -> 
     if finished:  # the final checkpoint supersedes the partial one
         shutil.rmtree(partial_dir(cfg.output_dir), ignore_errors=True)
     return summary
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM (``kill``, the end of a session) set the
+    yielded `threading.Event` instead of raising, and the training loop stops before its next
+    step: the saved state then never holds a step's update without its step count (our choice;
+    an exception raised between ``opt.step()`` and ``step += 1`` would resume one batch ahead).
+    A second signal raises KeyboardInterrupt, stopping at once with the last partial checkpoint.
+    Outside the main thread, where handlers cannot be set, the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    before = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 class StepClock:
@@ -720,15 +750,20 @@ def save_partial(model: SafetyModel, scfg: SafetyConfig, output_dir: str | Path,
     """Write the model trained so far as a loadable checkpoint (`partial_dir`), its config's
     ``metrics`` saying how far it got, and ``state`` (`train_state`) as `TRAIN_STATE` for
     ``train(resume=True)``. Written to a temporary folder first and then renamed, so a run killed
-    while saving still leaves the previous partial checkpoint."""
+    while saving still leaves the previous partial checkpoint (as ``.old`` for the instant
+    between the two renames)."""
     final = partial_dir(output_dir)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_checkpoint(tmp, SafetyConfig(**{**asdict(scfg), "metrics": {**progress, "partial": True}}))
     if state is not None:
         torch.save(state, tmp / TRAIN_STATE)
-    shutil.rmtree(final, ignore_errors=True)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 

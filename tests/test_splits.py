@@ -4,7 +4,9 @@ the new keys' defaults, and what a training run leaves when it stops (recipe.tra
 import hashlib
 import json
 import math
+import os
 import random
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from safety_training.data import (SHAREGPT_CALIBRATION, Example, eval_texts, in_
 from safety_training.formats import Format
 from safety_training.metrics import held_out_metrics, operating_point, threshold_at_fpr
 from safety_training.recipe import (TRAIN_STATE, ResumeError, TrainConfig, encode_example, partial_dir,
-                                    save_partial, split, train, training_examples)
+                                    save_partial, split, stop_requests, train, training_examples)
 from safety_training.splits import in_calibration, split_examples
 
 CONTRAST = Path(__file__).resolve().parents[1] / "data" / "contrast"
@@ -215,7 +217,7 @@ def test_a_run_reports_held_out_sets_and_times_its_steps(tmp_path, tokenizer):
     def log(line):
         lines.append(line)
         if line.startswith("step 2/"):
-            raise KeyboardInterrupt  # as Ctrl-C: what was trained is validated and saved
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: what was trained is validated and saved
 
     cfg = _tiny_cfg(tmp_path, log_every_steps=1, save_every_steps=1, holdout_sources=("jailbreak-template",))
     summary = train(cfg, _base(tmp_path, tokenizer), log=log)
@@ -231,10 +233,10 @@ def test_a_run_reports_held_out_sets_and_times_its_steps(tmp_path, tokenizer):
     assert (partial_dir(cfg.output_dir) / TRAIN_STATE).exists()
 
 
-def _interrupt_at(step: int):
+def _interrupt_at(step: int, sig=signal.SIGINT):
     def log(line):
         if line.startswith(f"step {step}/"):
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), sig)
     return log
 
 
@@ -297,15 +299,21 @@ def test_a_partial_checkpoint_is_loadable(tmp_path, tokenizer):
     assert (loaded.head.weight == model.head.weight).all()
 
 
-def test_sigterm_stops_ess_train_as_ctrl_c_does():
-    import os
-    import signal
+@needs_data
+def test_sigterm_stops_training_after_the_step_under_way(tmp_path, tokenizer):
+    """SIGTERM (the end of a session) stops as Ctrl-C does, at a step boundary, and puts the
+    handlers back."""
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = _tiny_cfg(tmp_path, log_every_steps=1)
+    summary = train(cfg, _base(tmp_path, tokenizer), log=_interrupt_at(1, signal.SIGTERM))
+    assert summary["interrupted"] and summary["steps"] == 1
+    assert torch.load(partial_dir(cfg.output_dir) / TRAIN_STATE, weights_only=True)["step"] == 1
+    assert signal.getsignal(signal.SIGTERM) == before
 
-    from ess.cli import stop_like_ctrl_c
 
-    before = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
-    try:
-        with pytest.raises(KeyboardInterrupt):  # `train` saves its state on it
-            os.kill(os.getpid(), signal.SIGTERM)
-    finally:
-        signal.signal(signal.SIGTERM, before)
+def test_a_second_stop_request_raises_at_once():
+    with stop_requests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
