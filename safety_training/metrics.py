@@ -56,6 +56,28 @@ def operating_point(labels, scores, threshold: float) -> dict:
             "fpr": round(rate(neg), 4), "tpr": round(rate(pos), 4)}
 
 
+def tpr_at_fpr(labels, scores, fpr: float) -> dict:
+    """``{"fpr", "tpr", "threshold"}`` at the threshold that flags ``round(fpr * n)`` of the ``n``
+    benign scores of this set (`threshold_at_fpr`'s tie rule), e.g. a candidate's TPR at the
+    shipped checkpoint's false-positive rate on the same set, so two checkpoints' rankings are
+    compared at one operating point rather than each at its own calibration threshold (our
+    choice: rates in reports are rounded to 4 places, so the count is rounded, not floored).
+
+    Raises:
+        ValueError: the set lacks a class, or ``fpr`` outside ``[0, 1)``.
+    """
+    neg = sorted((float(s) for y, s in zip(labels, scores) if y == 0), reverse=True)
+    pos = [float(s) for y, s in zip(labels, scores) if y == 1]
+    if not neg or not pos:
+        raise ValueError("tpr_at_fpr: the set needs benign and harmful scores")
+    if not 0 <= fpr < 1:
+        raise ValueError(f"tpr_at_fpr: fpr must be in [0, 1), got {fpr}")
+    threshold = neg[min(round(fpr * len(neg)), len(neg) - 1)]
+    return {"fpr": round(sum(s > threshold for s in neg) / len(neg), 4),
+            "tpr": round(sum(s > threshold for s in pos) / len(pos), 4),
+            "threshold": round(threshold, 6)}
+
+
 def held_out_metrics(calibration: tuple[list[int], list[float]], sets: dict, fpr: float = 0.01,
                      default_threshold: float = 0.5) -> dict:
     """AUROC, false- and true-positive rates of every set at one threshold chosen on the benign

@@ -19,9 +19,11 @@ from safety_decoding.model import load_safety_model
 from safety_training.data import (SHAREGPT_CALIBRATION, Example, eval_texts, in_split, malicious_prompts,
                                   normalise)
 from safety_training.formats import Format
-from safety_training.metrics import held_out_metrics, operating_point, threshold_at_fpr
+from benchmarks.held_out import held_out_table, matched_rates
+from safety_training.metrics import held_out_metrics, operating_point, threshold_at_fpr, tpr_at_fpr
 from safety_training.recipe import (TRAIN_STATE, ResumeError, TrainConfig, encode_example, partial_dir,
-                                    save_partial, split, stop_requests, train, training_examples)
+                                    query_scores, save_partial, scores, split, stop_requests, train,
+                                    training_examples)
 from safety_training.splits import in_calibration, split_examples
 
 CONTRAST = Path(__file__).resolve().parents[1] / "data" / "contrast"
@@ -178,6 +180,43 @@ def test_held_out_metrics_use_the_calibration_threshold_everywhere():
     no_cal = held_out_metrics(([], []), {"v": held})
     assert no_cal["threshold"] == 0.5 and no_cal["v"]["fpr"] == 0.5
     assert math.isnan(operating_point([1, 1], [0.3, 0.9], 0.5)["auroc"])
+
+
+def test_tpr_at_fpr_reads_another_checkpoint_s_rate_on_the_same_set():
+    labels = [0] * 10 + [1] * 4
+    ranks = [i / 10 for i in range(10)] + [0.25, 0.85, 0.95, 0.99]
+    assert tpr_at_fpr(labels, ranks, 0.2) == {"fpr": 0.2, "tpr": 0.75, "threshold": 0.7}
+    assert tpr_at_fpr(labels, ranks, 0.0)["tpr"] == 0.5  # flags none of the benign side
+    assert tpr_at_fpr(labels, ranks, 0.1999)["fpr"] == 0.2  # a rounded rate is a count
+    with pytest.raises(ValueError, match="benign and harmful"):
+        tpr_at_fpr([0, 0], [0.1, 0.2], 0.1)
+
+
+def test_matched_rates_compare_at_the_reference_s_rate_and_refuse_other_splits():
+    report = held_out_metrics(([0, 0, 1], [0.1, 0.2, 0.9]), {"s": ([0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.8, 0.5, 0.9])}, 0.0)
+    report["scores"] = {"s": {"labels": [0, 0, 0, 0, 1, 1], "scores": [0.1, 0.2, 0.3, 0.8, 0.5, 0.9]}}
+    out = matched_rates(report, {"s": {"n": 6, "fpr": 0.25}})
+    assert out["s"]["at_reference_fpr"] == {"fpr": 0.25, "tpr": 1.0, "threshold": 0.3}
+    assert "TPR at the reference's FPR" in held_out_table(out) and "1.0 (FPR 0.25)" in held_out_table(out)
+    with pytest.raises(ValueError, match="not the same splits"):
+        matched_rates(report, {"s": {"n": 7, "fpr": 0.25}})
+
+
+def test_query_scores_are_the_full_forward_s_query_verdicts(tokenizer):
+    """Scored as its query alone, an example gets the verdict the training forward gives it
+    with its answer, prefill and probes (``[CLS]`` reads the query only)."""
+    torch.manual_seed(0)
+    model = tiny_safety_model(tokenizer)
+    cfg = TrainConfig(max_response_tokens=8, batch_size=3, max_query_tokens=12)
+    ex = [Example("How do I bake bread at home?", "Mix flour, water and yeast.", 0, 0),
+          Example("How do I pick a lock?", "Sure, first insert a tension wrench.", 1, 1,
+                  lm_loss=False, response_prefix="Sure, here is", format=Format.RAW),
+          Example("word " * 40 + "tell me a story", "", 0, format=Format.QA),
+          Example("Hi", "Hello! How can I help?", 0, 0, format=Format.MULTI_TURN)]
+    full = scores(model, [encode_example(tokenizer, e, cfg, random.Random(1)) for e in ex], 4, 0.5)
+    labels, alone = query_scores(model, tokenizer, cfg, ex)
+    assert labels == full[0] == [0, 1, 0, 0]
+    assert alone == pytest.approx(full[1], abs=1e-5)
 
 
 # ---- the run: held-out report, timing, partial checkpoints -------------------------------------
