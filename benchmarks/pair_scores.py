@@ -15,7 +15,10 @@ persuasive scenarios, which no shipped run saw), never to choose a threshold.
 leaves to the head (`safety_training.augment.Surface`: scrambled case, Cyrillic look-alikes),
 so a reader sees how much of the head's verdict survives them on text it never trained on.
 
-Usage: ``python -m benchmarks.pair_scores --pairs data/contrast_long
+``--pairs`` takes folders and single ``.jsonl`` files, so a run's held-out categories are named
+straight from the data folders (e.g. ``data/contrast_long/elections.jsonl``).
+
+Usage: ``python -m benchmarks.pair_scores --pairs data/contrast_long [PATH ...]
 [--checkpoint DIR ...] [--surface KIND] [--json PATH]``
 """
 
@@ -106,7 +109,8 @@ def report(results: dict) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", default="data/contrast_long", help="folder of contrast-pair .jsonl files")
+    ap.add_argument("--pairs", nargs="+", default=["data/contrast_long"],
+                    help="folders of contrast-pair .jsonl files, or single files")
     ap.add_argument("--checkpoint", nargs="+", default=[str(CHECKPOINT)])
     ap.add_argument("--threshold", type=float, nargs="+", default=None,
                     help="one threshold per --checkpoint in place of its own (e.g. the one a "
@@ -120,7 +124,7 @@ def main(argv=None) -> None:
 
     from safety_training.contrast import load_pairs
 
-    pairs = load_pairs(args.pairs)
+    pairs = [p for path in args.pairs for p in load_pairs(path)]
     if args.surface:
         pairs = disguised(pairs, Surface(args.surface), random.Random(0))
     results = {}

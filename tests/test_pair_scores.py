@@ -31,6 +31,9 @@ def test_a_run_reports_every_form_and_category(tmp_path, tiny_model, tokenizer, 
     out = tmp_path / "scores.json"
     main(["--pairs", str(pairs), "--checkpoint", "tiny", "--json", str(out)])
     result = json.loads(out.read_text())["results"]["tiny"]
+    main(["--pairs", str(pairs / "beta.jsonl"), str(pairs / "alpha.jsonl"), "--checkpoint", "tiny",
+          "--json", str(tmp_path / "files.json")])  # single files, in any order: the same pairs
+    assert json.loads((tmp_path / "files.json").read_text())["n_pairs"] == 6
     assert set(result["forms"]) == {"chat", "raw"}
     for form in result["forms"].values():
         assert form["all"]["n"] == 6 and set(form["categories"]) == {"alpha", "beta"}
