@@ -1,6 +1,7 @@
 """Our contrast pairs (data/contrast, the long scenarios of data/contrast_long, the word-sense
-pairs of data/contrast_words and the over-refusal twins of data/contrast_overrefusal): schema,
-size, and zero overlap with evaluation files."""
+pairs of data/contrast_words, the over-refusal twins of data/contrast_overrefusal and the
+style-held-out pairs of data/contrast_styles): schema, size, and zero overlap with evaluation
+files."""
 
 import json
 import re
@@ -16,9 +17,12 @@ CONTRAST = Path(__file__).resolve().parents[1] / "data" / "contrast"
 LONG = CONTRAST.parent / "contrast_long"
 WORDS = CONTRAST.parent / "contrast_words"
 OVERREFUSAL = CONTRAST.parent / "contrast_overrefusal"
+NEW_STYLES = CONTRAST.parent / "contrast_styles"
+HELD_OUT_STYLES = ("format_wrapped", "indirect_goal", "third_party", "academic", "terse_keywords",
+                   "comparative", "informal_typos", "stealth_constraint")
 KEYS = {"id", "category", "style", "harmful", "benign", "benign_kind"}
 STYLES = {"blunt", "polite", "role_claim", "business", "household", "persuasive", "fiction",
-          "step_by_step", "euphemism", "scenario", "long_scenario"}
+          "step_by_step", "euphemism", "scenario", "long_scenario", *HELD_OUT_STYLES}
 KINDS = {"history", "explanation", "prevention", "fiction_analysis", "definition", "compliance",
          "idiom", "fictional_privacy", "public_role", "textbook", "support",
          "safe_target", "homonym", "safe_context"}
@@ -38,8 +42,8 @@ def _texts(pairs: list[dict]) -> set[str]:
     return {normalise(p[k]) for p in pairs for k in ("harmful", "benign")}
 
 
-@pytest.fixture(scope="module", params=[CONTRAST, LONG, WORDS, OVERREFUSAL],
-                ids=["contrast", "long", "words", "overrefusal"])
+@pytest.fixture(scope="module", params=[CONTRAST, LONG, WORDS, OVERREFUSAL, NEW_STYLES],
+                ids=["contrast", "long", "words", "overrefusal", "styles"])
 def pairs(request):
     return _load(request.param)
 
@@ -91,6 +95,21 @@ def test_overrefusal_pairs_have_60_per_kind_one_file_each_and_no_text_of_the_oth
         assert {p["benign_kind"] for p in pairs} == {f.stem}
     ours, others = _load(OVERREFUSAL), _load(CONTRAST) + _load(LONG) + _load(WORDS)
     assert not _texts(ours) & _texts(others)
+
+
+def test_style_held_out_pairs_use_only_new_styles_three_each_per_category_and_no_text_of_the_others():
+    categories = sorted(f.stem for f in CONTRAST.glob("*.jsonl"))
+    assert sorted(f.stem for f in NEW_STYLES.glob("*.jsonl")) == categories
+    for name in categories:
+        pairs = _load_file(NEW_STYLES / f"{name}.jsonl")
+        assert [p["id"] for p in pairs] == [f"{name}-style-{i:03d}" for i in range(1, 25)]
+        assert {p["category"] for p in pairs} == {name}
+        assert [p["style"] for p in pairs] == [s for s in HELD_OUT_STYLES for _ in range(3)]
+    ours = _load(NEW_STYLES)
+    others = _load(CONTRAST) + _load(LONG) + _load(WORDS) + _load(OVERREFUSAL)
+    assert not {p["style"] for p in others} & set(HELD_OUT_STYLES)
+    assert not _texts(ours) & _texts(others)
+    assert _near_copies([p[k] for p in ours for k in ("harmful", "benign")], _texts(others)) == []
 
 
 def _content_words(text: str) -> frozenset[str]:
