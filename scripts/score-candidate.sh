@@ -8,7 +8,8 @@
 # REFERENCE (default: the shipped checkpoint) is scored on the same splits; its held-out JSON is
 # kept in OUT_DIR and reused when present (scoring is deterministic). LONG_PAIRS and WORD_PAIRS
 # are the pair files no checkpoint of either chain trained on (default: the shipped chain's
-# held-out categories). A failing step is logged and the next one runs.
+# held-out categories); data/contrast_styles, which no run trained on, is scored too. A failing
+# step is logged and the next one runs.
 set -uo pipefail
 if [ $# -ne 3 ]; then
   echo "usage: bash scripts/score-candidate.sh CANDIDATE_DIR TRAIN_CONFIG OUT_DIR" >&2
@@ -47,6 +48,8 @@ for surface in none cyrillic; do
   step "pairs_words$suffix" $PY -m benchmarks.pair_scores --pairs $WORD_PAIRS $extra \
     --checkpoint "$REFERENCE" "$CK" --json "$OUT/pair_scores_words$suffix.json"
 done
+step pairs_styles $PY -m benchmarks.pair_scores --pairs data/contrast_styles \
+  --checkpoint "$REFERENCE" "$CK" --json "$OUT/pair_scores_styles.json"
 step agreement $ESS bench agreement --checkpoint "$CK" --json "$OUT/agreement.json"
 step self_refusal $PY -m benchmarks.self_refusal --checkpoint "$CK" --config "$CFG" \
   --json "$OUT/self_refusal.json"

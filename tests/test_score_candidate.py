@@ -25,7 +25,8 @@ def test_it_scores_the_candidate_beside_the_reference_on_every_measure(tmp_path)
     held_ref, held, *pairs, agreement, self_refusal, integration, done = lines
     assert held_ref.startswith("-m benchmarks.held_out --config cfg.yaml --checkpoint ref")
     assert f"--match-fpr {tmp_path}/out/held_out_reference.json" in held
-    assert len(pairs) == 4 and all("--checkpoint ref ck" in p for p in pairs)
+    assert len(pairs) == 5 and all("--checkpoint ref ck" in p for p in pairs)
+    assert "--pairs data/contrast_styles " in pairs[-1]
     assert sum("--surface cyrillic" in p for p in pairs) == 2
     assert "data/contrast_long/elections.jsonl" in pairs[0] and "data/contrast_words/hate.jsonl" in pairs[1]
     assert agreement.startswith("bench agreement --checkpoint ck")
@@ -40,4 +41,4 @@ def test_a_failing_step_is_named_and_the_rest_still_run(tmp_path):
     assert "bench agreement --checkpoint ck" in out.stdout  # ran after the failed ones
     assert out.stdout.strip().splitlines()[-1] == (
         "failed: held_out_reference held_out pairs_long pairs_words pairs_long_cyrillic "
-        "pairs_words_cyrillic self_refusal integration")
+        "pairs_words_cyrillic pairs_styles self_refusal integration")
