@@ -5,7 +5,7 @@ A pair is a harmful request and its benign twin with the same topic words and wr
 chat message and as raw text (what ``/v1/completions`` sends), and reports per checkpoint and
 form: AUROC, the flag rates at the checkpoint's own threshold (TPR on the harmful side, FPR on
 the benign side), and pair accuracy, the share of pairs whose harmful side scores above its
-twin (intent ranked above topic). Per category and per benign kind too (idiom, homonym,
+twin (intent ranked above topic). Per category, style and benign kind too (idiom, homonym,
 history ...), so a reader sees where the head fails.
 
 Use it on pairs written after the checkpoints were trained (``data/contrast_long``: long
@@ -73,11 +73,11 @@ def disguised(pairs: list, surface: Surface, rng: random.Random) -> list:
                     benign=surface_variant(p.benign, surface, rng)) for p in pairs]
 
 
-GROUPS = {"categories": lambda p: p.category, "kinds": lambda p: p.benign_kind}
+GROUPS = {"categories": lambda p: p.category, "styles": lambda p: p.style, "kinds": lambda p: p.benign_kind}
 
 
 def measure(decoder, pairs) -> dict:
-    """`pair_metrics` per form, overall, per category and per benign kind, at the
+    """`pair_metrics` per form, overall, per category, per style and per benign kind, at the
     checkpoint's threshold."""
     out = {"threshold": decoder.model.config.threshold, "forms": {}}
     for form in FORMS:
@@ -93,12 +93,12 @@ def measure(decoder, pairs) -> dict:
 
 
 def report(results: dict) -> str:
-    """One Markdown row per checkpoint and form, then per category and per benign kind (chat form)."""
+    """One Markdown row per checkpoint and form, then per category, style and benign kind (chat form)."""
     cols = ["auroc", "tpr", "fpr", "pair_accuracy"]
     rows = [[name, form, r["threshold"]] + [m["all"][c] for c in cols]
             for name, r in results.items() for form, m in r["forms"].items()]
     lines = [markdown_table(["checkpoint", "form", "threshold", "AUROC", "TPR", "FPR", "pair accuracy"], rows), ""]
-    for group, title in (("categories", "category"), ("kinds", "benign kind")):
+    for group, title in (("categories", "category"), ("styles", "style"), ("kinds", "benign kind")):
         keys = sorted(next(iter(results.values()))["forms"]["chat"][group])
         lines.append(markdown_table([f"{title} (chat)"] + [f"{n}: TPR / FPR / pair acc." for n in results],
                                     [[k] + ["{tpr} / {fpr} / {pair_accuracy}".format(**r["forms"]["chat"][group][k])

@@ -860,9 +860,6 @@ def held_out_report(model: SafetyModel, tok, cfg: TrainConfig, sets: Splits, val
     "scores"}}`` of every set, so another checkpoint can be compared at equal rates
     (`metrics.tpr_at_fpr`)."""
 
-    def query_scores_of(examples):
-        return query_scores(model, tok, cfg, examples)
-
     def by(examples, lab_score, key, prefix):
         """``{prefix + key(e): (labels, scores)}`` of the subsets of ``examples``."""
         out = {}
@@ -871,11 +868,11 @@ def held_out_report(model: SafetyModel, tok, cfg: TrainConfig, sets: Splits, val
             out[prefix + k] = ([lab_score[0][i] for i in rows], [lab_score[1][i] for i in rows])
         return out
 
-    calibration = query_scores_of(sets.calibration)
-    source = query_scores_of(sets.source_held_out)
+    calibration = query_scores(model, tok, cfg, sets.calibration)
+    source = query_scores(model, tok, cfg, sets.source_held_out)
     named = {"validation": val_scores[:2],  # one query row per example, in order
              "source_held_out": source,
-             "category_held_out": query_scores_of(sets.category_held_out),
+             "category_held_out": query_scores(model, tok, cfg, sets.category_held_out),
              **by(val_ex, val_scores, lambda e: Format(e.format).value, "validation_"),
              **by(sets.source_held_out, source, lambda e: e.source, "source_held_out:")}
     if any(e.source == SHAREGPT_CALIBRATION for e in sets.calibration):

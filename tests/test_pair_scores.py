@@ -38,6 +38,7 @@ def test_a_run_reports_every_form_and_category(tmp_path, tiny_model, tokenizer, 
     for form in result["forms"].values():
         assert form["all"]["n"] == 6 and set(form["categories"]) == {"alpha", "beta"}
         assert {k: m["n"] for k, m in form["kinds"].items()} == {"history": 4, "idiom": 2}
+        assert {k: m["n"] for k, m in form["styles"].items()} == {"long_scenario": 6}
         assert 0 <= form["all"]["auroc"] <= 1
     printed = capsys.readouterr().out
     assert "| tiny | chat |" in printed and "| idiom |" in printed
