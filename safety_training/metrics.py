@@ -72,10 +72,8 @@ def tpr_at_fpr(labels, scores, fpr: float) -> dict:
         raise ValueError("tpr_at_fpr: the set needs benign and harmful scores")
     if not 0 <= fpr < 1:
         raise ValueError(f"tpr_at_fpr: fpr must be in [0, 1), got {fpr}")
-    threshold = neg[min(round(fpr * len(neg)), len(neg) - 1)]
-    return {"fpr": round(sum(s > threshold for s in neg) / len(neg), 4),
-            "tpr": round(sum(s > threshold for s in pos) / len(pos), 4),
-            "threshold": round(threshold, 6)}
+    point = operating_point(labels, scores, neg[min(round(fpr * len(neg)), len(neg) - 1)])
+    return {k: point[k] for k in ("fpr", "tpr", "threshold")}
 
 
 def held_out_metrics(calibration: tuple[list[int], list[float]], sets: dict, fpr: float = 0.01,

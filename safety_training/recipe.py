@@ -846,10 +846,8 @@ def query_scores(model: SafetyModel, tok, cfg: TrainConfig, examples: list[Examp
     enc = [encode_example(tok, e, cfg, random.Random(0)) for e in bare]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]["slots"]))
     _, by_length, *_ = scores(model, [enc[i] for i in order], cfg.batch_size, cfg.lambda_cls)
-    out = [0.0] * len(enc)
-    for i, s in zip(order, by_length):
-        out[i] = s
-    return [e.query_label for e in examples], out
+    by_index = dict(zip(order, by_length))
+    return [e.query_label for e in examples], [by_index[i] for i in range(len(enc))]
 
 
 def held_out_report(model: SafetyModel, tok, cfg: TrainConfig, sets: Splits, val_ex: list[Example],
