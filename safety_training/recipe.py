@@ -651,7 +651,7 @@ def train(cfg: TrainConfig, base_dir: Path, log=print, resume: bool = False) -> 
                 sched.step()
                 step += 1
                 bar.update(1)
-                shown = {"lm": float(losses.lm), "cls": float(losses.cls), "kl": float(losses.kl)}
+                shown = {name: float(getattr(losses, name).detach()) for name in ("lm", "cls", "kl")}
                 bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
                 if cfg.log_every_steps and step % cfg.log_every_steps == 0:
                     log(clock.line(step, time.monotonic(), **shown))

@@ -42,3 +42,14 @@ def test_a_failing_step_is_named_and_the_rest_still_run(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == (
         "failed: held_out_reference held_out pairs_long pairs_words pairs_long_cyrillic "
         "pairs_words_cyrillic pairs_styles self_refusal integration")
+
+
+def test_skip_leaves_out_the_named_steps_only(tmp_path):
+    out = _run("ck", "cfg.yaml", str(tmp_path / "out"),
+               env={"PATH": "/usr/bin:/bin", "PY": "echo", "ESS": "echo", "SKIP": "held_out integration"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "=== held_out: skipped (SKIP)" in out.stdout and "=== integration: skipped (SKIP)" in out.stdout
+    ran = [line for line in out.stdout.splitlines() if not line.startswith("===")]
+    assert ran[0].startswith("-m benchmarks.held_out --config cfg.yaml --checkpoint ")  # the reference still runs
+    assert not any("--match-fpr" in line or line.startswith("-m pytest") for line in ran)
+    assert len(ran) == 1 + 5 + 2 + 1  # reference, five pair runs, agreement, self-refusal, the closing line
