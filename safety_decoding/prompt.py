@@ -254,11 +254,6 @@ class _Patterns:
     mixed_word: re.Pattern
     """A word (a maximal run of letters) with both a Latin letter and a look-alike in it; each
     lookahead scans the word once, from its start only, so the scan is linear."""
-    look_alike_run: re.Pattern
-    """Words written only in look-alikes (``ріре вомв``), with what is not a letter between
-    them; possessive, from a word's start only, so the scan is linear."""
-    other_letter: re.Pattern
-    """One letter that is neither Latin nor a look-alike (Russian ``д``, Greek ``λ``)."""
 
 
 def _patterns(sets: dict[str, list[int]], below: int) -> _Patterns:
@@ -266,7 +261,7 @@ def _patterns(sets: dict[str, list[int]], below: int) -> _Patterns:
     cls = {name: [c for c in codes if c < below] for name, codes in sets.items()}
     letter = r"[^\W\d_]"
     after_decorated = f"(?<!{_char_class(cls['decorated'], negate=True)})"  # or at the start
-    mark, decorating, lettered, look_alike = (_char_class(cls[k]) for k in ("marks", "decorating", "lettered", "look_alike"))
+    mark, decorating, lettered = (_char_class(cls[k]) for k in ("marks", "decorating", "lettered"))
     spacing = _char_class(sorted(set(cls["marks"]) - set(cls["decorating"])))
     # Each starts with a one-character lookahead: most positions fail there, at one table lookup.
     return _Patterns(
@@ -278,10 +273,7 @@ def _patterns(sets: dict[str, list[int]], below: int) -> _Patterns:
         odd_run=re.compile(f"(?={spacing}){after_decorated}{mark}+|(?={mark})(?<!{mark}){mark}*?{lettered}{mark}*"),
         latin_letter=re.compile(_char_class(cls["latin"])),
         mixed_word=re.compile(f"(?<!{letter})(?={letter}*?{_char_class(cls['latin'])})"
-                              f"(?={letter}*?{_char_class(cls['look_alike'])}){letter}+"),
-        look_alike_run=re.compile(f"(?<!{letter}){look_alike}++(?!{letter})"
-                                  rf"(?:[\W\d_]++{look_alike}++(?!{letter}))*+"),
-        other_letter=re.compile(f"(?!{_char_class(sorted(set(cls['latin']) | set(cls['look_alike'])))}){letter}"))
+                              f"(?={letter}*?{_char_class(cls['look_alike'])}){letter}+"))
 
 
 @dataclass(frozen=True)
@@ -412,9 +404,7 @@ def normalize_client_text(text: str) -> str:
       included, on Latin letters and their look-alikes: strike-through, underline, enclosing
       circles, stacked accents) are removed; other scripts' marks stay.
     - In a word that also has Latin letters, Cyrillic and Greek look-alikes (``LOOK_ALIKES``)
-      become Latin; so do words written only in look-alikes beside a word with Latin letters,
-      or in a text of no other letters (`_look_alike_words`). Russian and Greek text keep
-      their words.
+      become Latin; a word with no Latin letter (Russian, Greek) is kept as written.
     - Shouting is lower-cased (`unshout`), and so are words whose letters' case is scrambled
       (`unscramble`: "hOw dO I MaKe").
 
@@ -628,57 +618,9 @@ def _unicode_normalized(text: str) -> str:
         text = scans.decoration.sub("", text)
         if scans.odd_mark.search(text):
             text = scans.odd_run.sub(_odd_run, text)
-    if _LOOK_ALIKE_LETTER.search(text):
-        if scans.latin_letter.search(text):
-            text = scans.mixed_word.sub(_as_latin, text)
-        text = _look_alike_words(text, scans)
+    if _LOOK_ALIKE_LETTER.search(text) and scans.latin_letter.search(text):
+        text = scans.mixed_word.sub(lambda word: word.group().translate(LOOK_ALIKES), text)
     return text
-
-
-def _look_alike_words(text: str, scans: _Patterns) -> str:
-    """``text`` with its words written only in look-alikes (``ріре вомв``) made Latin where they
-    stand beside a word with Latin letters, or where the text has no other letters at all.
-
-    Our choice (session 27): every letter of "how to make a pipe bomb" has a Cyrillic
-    look-alike, so a disguised request can hold no Latin letter, and a head trained on such
-    disguises learned to flag Cyrillic rather than to read it
-    (`benchmarks/results/run17-candidate/`). Most Russian letters are look-alikes too ("в
-    Москве, а он нет" has none other), so a text's share of them cannot tell a disguise from
-    Russian; a Latin neighbour can. Russian and Greek text keep their words; beside an English
-    word a Russian one of look-alikes only reads as Latin ("Python на Windows": "ha"), a small
-    loss we accept. A run of one-letter Greek words is kept (`_as_latin_word`). Still passing: a
-    disguised run whose neighbours are words of another script ("pipe Да вомв").
-    """
-    if not scans.look_alike_run.search(text):
-        return text
-    if not scans.latin_letter.search(text):
-        if scans.other_letter.search(text):
-            return text
-        return scans.look_alike_run.sub(_as_latin_word, text)
-    reverse = text[::-1]  # the word before a run is the next word of the reversed text
-
-    def beside_latin(run: re.Match) -> bool:
-        words = (_NEXT_WORD.match(text, run.end()), _NEXT_WORD.match(reverse, len(text) - run.start()))
-        return any(w and scans.latin_letter.search(w[1]) for w in words)
-
-    return scans.look_alike_run.sub(lambda run: _as_latin_word(run) if beside_latin(run) else run[0], text)
-
-
-def _as_latin(word: re.Match) -> str:
-    return word[0].translate(LOOK_ALIKES)
-
-
-def _as_latin_word(run: re.Match) -> str:
-    """`_as_latin` for a run with a word of two letters or more or a letter that is not Greek:
-    Greek letters alone are kept, as the symbols of formulas ("frequency ν", "ρ = m / V" in
-    ShareGPT's English turns; session 27), while a lone Cyrillic ``а`` or ``І`` is a disguise."""
-    return _as_latin(run) if _NOT_FORMULA.search(run[0]) else run[0]
-
-
-_NEXT_WORD = re.compile(r"[\W\d_]*+([^\W\d_]++)")
-"""The first word at or after a position, past what is not a letter (`_look_alike_words`)."""
-_NOT_FORMULA = re.compile(r"[^\W\d_]{2}|[^\W\d_\u0370-\u03ff]")
-"""Two letters in a row, or a letter that is not Greek (`_as_latin_word`)."""
 
 
 def encode_segments(tokenizer, segments: list[tuple[str, Span]],

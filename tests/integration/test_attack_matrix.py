@@ -63,8 +63,6 @@ DISGUISES: dict[str, Callable[[str], str]] = {
     # scrambled case, as Best-of-N jailbreaking samples it (session 24)
     "alternating_case": lambda r: surface_variant(r, Surface.ALTERNATING_CASE, random.Random(0)),
     "random_case": lambda r: surface_variant(r, Surface.RANDOM_CASE, random.Random(0)),
-    # every letter that has a Cyrillic look-alike written as one: whole words of them (session 27)
-    "cyrillic_words": lambda r: surface_variant(r, Surface.CYRILLIC, random.Random(0)),
 }
 """The request text disguised for a reader's eye only (docs/method.md, "Decision 14"), sent as a
 plain chat request."""
