@@ -2,8 +2,8 @@
 
 gpt-fast's lever (``torch.compile`` of the decode step) in the form that pays on a 2-core CPU
 with AMX (`benchmarks.compile_step`): inductor with weight ``freezing`` (weights become constants,
-prepacked once) and ``max_autotune`` (its AMX/AVX512 micro-GEMM templates), which also fuses
-the norms, the rotary arithmetic and the residual adds into generated C++ kernels. The shapes
+prepacked once) and, with AMX or in float32, ``max_autotune`` (its micro-GEMM templates;
+`inductor_options`); inductor also fuses the norms, the rotary arithmetic and the residual adds into generated C++ kernels. The shapes
 the graph is compiled for are the batch (one row) and the rows per step (``q``: 1, a token; 2,
 a token and its ``[CLS]`` probe). The KV length is a dynamic dimension: the graph reads the
 `kv_cache.SlotCache` buffers as they are (any capacity), writes the step's K/V at the slots
@@ -25,20 +25,37 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .device import cpu_has_amx
 from .fused import concat_bias, grouped_attention, rotate
 from .kv_cache import SlotCache
 
 log = logging.getLogger(__name__)
 
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "cpp_wrapper": True}
-"""``torch._inductor.config`` fields the graph compiles with: one forward of the body runs
-1.79-1.88x as fast as `FusedBody`'s eager one with all three, 1.78-1.81x without
-``cpp_wrapper``, 1.28-1.34x with ``freezing`` alone and 0.94-1.0x with none
-(`benchmarks.compile_step`, `benchmarks/results/compile_step.json`). ``cpp_wrapper`` runs the
-whole graph as one C++ call that releases the GIL (the Python wrapper holds it through each
-kernel), so the event loop's thread streams frames while a step runs; it adds about 10 s of
-compiling per rows count. Inductor's FX graph cache cannot keep these graphs ("mkldnn tensors
-unpickleable": the packed weights of the GEMM templates), so every process compiles anew."""
+"""``torch._inductor.config`` fields the graph compiles with where `inductor_options` keeps
+``max_autotune``. With AMX (bfloat16) one forward of the body runs 1.79-1.88x as fast as
+`FusedBody`'s eager one with all three, 1.78-1.81x without ``cpp_wrapper``, 1.28-1.34x with
+``freezing`` alone and 0.94-1.0x with none (`benchmarks.compile_step`,
+`benchmarks/results/compile_step.json`); on AVX2 in float32, 2.1-2.3x
+(`compile_step-s21-avx2-weights.json`). ``cpp_wrapper`` runs the whole graph as one C++ call
+that releases the GIL (the Python wrapper holds it through each kernel), so the event loop's
+thread streams frames while a step runs; it adds about 10 s of compiling per rows count.
+Inductor's FX graph cache cannot keep these graphs ("mkldnn tensors unpickleable": the packed
+weights of the GEMM templates), so every process compiles anew."""
+
+
+def inductor_options(dtype: torch.dtype, amx: bool) -> dict[str, bool]:
+    """The inductor options for a graph of ``dtype`` on a CPU with (``amx``) or without AMX.
+
+    `INDUCTOR_OPTIONS`, less ``max_autotune`` for bfloat16 and float16 without AMX: there its
+    micro-GEMM templates run slower than oneDNN's packed products that ``freezing`` keeps (2 AMD
+    EPYC Zen 5 cores with AVX512-BF16, session 28: autotuned 0.76-0.81x `FusedBody`'s eager
+    forward, ``freezing`` alone 1.15-1.19x; `benchmarks/results/compile_step-s28-zen5.json`).
+    Measured, our choice."""
+    if dtype in (torch.bfloat16, torch.float16) and not amx:
+        return {**INDUCTOR_OPTIONS, "max_autotune": False}
+    return dict(INDUCTOR_OPTIONS)
+
 
 RECOMPILE_REFUSED = "Detected recompile"
 """How torch's ``fail_on_recompile`` stance words its refusal (`CompiledStep.__call__`)."""
@@ -137,7 +154,9 @@ class CompiledStep:
         if device.type != "cpu":
             raise ValueError(f"the compiled decode step runs on CPU only, the model is on {device}")
         self.graph = StepGraph(body).eval()
-        self.fn = torch.compile(self.graph, dynamic=False, options=INDUCTOR_OPTIONS)
+        self.options = inductor_options(self.graph.norm.dtype, cpu_has_amx())
+        """What inductor compiles with on this machine (`inductor_options`)."""
+        self.fn = torch.compile(self.graph, dynamic=False, options=self.options)
         self.compile_seconds: dict[int, float] = {}
         """Seconds each rows count took to compile (`warm_up`); empty before."""
         self.failure: str | None = None
@@ -168,7 +187,7 @@ class CompiledStep:
         runs the eager forward, ``cache`` untouched.
 
         Dynamo reads inductor's ``freezing`` when it traces, so a graph traced outside
-        `warm_up`'s ``inductor.patch(INDUCTOR_OPTIONS)`` would lose the packed weights, after
+        `warm_up`'s ``inductor.patch(self.options)`` would lose the packed weights, after
         about a minute of compiling on the engine thread. `ready`'s conditions and the dynamic
         KV dimensions leave nothing to recompile (tests/test_compiled.py), and the call runs
         under ``fail_on_recompile`` in case something does. Not patching the options around
@@ -206,7 +225,7 @@ class CompiledStep:
                 mask = torch.zeros(1, 1, g.n_heads // g.n_kv * q, 37, dtype=dtype)
                 buffers = [torch.zeros(1, g.n_kv, 101, g.head_dim, dtype=dtype) for _ in range(2 * g.n_layers)]
                 mark_dynamic(mask, buffers)
-                with inductor.patch(INDUCTOR_OPTIONS):
+                with inductor.patch(self.options):
                     self.fn(x, cos, sin, mask, buffers[:g.n_layers], buffers[g.n_layers:])
                 self.compile_seconds[q] = round(time.perf_counter() - t, 1)
                 log.info("compiled the decode step for %d row(s) in %.1f s", q, self.compile_seconds[q])

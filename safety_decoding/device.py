@@ -28,16 +28,25 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@lru_cache(maxsize=1)
-def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU flags include ``amx_bf16`` or ``avx512_bf16`` (Linux; else False)."""
+@lru_cache(maxsize=2)
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The first CPU's feature flags from ``cpuinfo`` (Linux; empty where it cannot be read)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                           if line.startswith("flags")), []))
+
+
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU flags include ``amx_bf16`` or ``avx512_bf16`` (Linux; else False)."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags(cpuinfo))
+
+
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU flags include ``amx_bf16`` (Intel AMX tiles; Linux; else False)."""
+    return "amx_bf16" in cpu_flags(cpuinfo)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -46,8 +46,9 @@ class Settings(BaseSettings):
                           "false: transformers' modules (the fallback).")
     compile: bool = Field(
         True, description="ESS_COMPILE: run decode steps of a single running request through a forward "
-                          "compiled by torch.compile (inductor, weights frozen, AMX/AVX512 GEMM templates; "
-                          "about 1.6x faster per token on 2 cores) where it can run: CPU, the fused "
+                          "compiled by torch.compile (inductor, weights frozen; its GEMM templates with AMX "
+                          "or in float32: about 1.6x faster per token on 2 AMX cores, 1.15x on 2 "
+                          "AVX512-BF16 cores without AMX) where it can run: CPU, the fused "
                           "forward, ESS_QUANTIZATION=none. Compiling adds about 110 s to startup on 2 "
                           "cores (the warm-up). false: every step runs the eager fused forward.")
     quantization: Literal[Quantization.values()] = Field(
