@@ -602,10 +602,29 @@ def _words_at(text: str, pattern: re.Pattern) -> Iterator[tuple[int, int]]:
         yield start, end
 
 
+NORMALIZING_PASSES = 4
+"""Most passes of `_one_pass` that `_unicode_normalized` runs (a bound: two reached a fixed
+point on every text tried, our data's and the tests' random strings)."""
+
+
 def _unicode_normalized(text: str) -> str:
-    """`normalize_client_text`'s work on non-ASCII text, shouting aside: `_context_free` by
-    `str.translate`, decorating marks by one scan, other marks by `_kept_marks` where a rule
-    needs a look, and look-alikes in words with Latin letters."""
+    """`normalize_client_text`'s work on non-ASCII text, shouting aside: `_one_pass` to a fixed
+    point. One pass is not idempotent: a character it removes between two combining marks (an
+    invisible one, or an enclosing decoration) can leave them out of canonical order
+    (``"Ж\\u0301\\u200b\\u0323"``), and the next pass composes them and reads the text again. A
+    text the first pass leaves as it was costs one pass; one it changes, two (French at the
+    character bound, 331,000 characters: 38 ms against 34 ms for one pass, 2 Zen 5 cores)."""
+    for _ in range(NORMALIZING_PASSES):
+        text, before = _one_pass(text), text
+        if text == before:
+            break
+    return text
+
+
+def _one_pass(text: str) -> str:
+    """One pass of the rules: `_context_free` by `str.translate`, decorating marks by one scan,
+    other marks by `_kept_marks` where a rule needs a look, and look-alikes in words with Latin
+    letters."""
     tables = _tables()
     scans = tables.patterns(text)
     if not unicodedata.is_normalized("NFC", text):  # a linear check; NFC text needs no sorting
