@@ -3,11 +3,12 @@
 gpt-fast's lever (``torch.compile`` of the decode step) in the form that pays on a 2-core CPU
 with AMX (`benchmarks.compile_step`): inductor with weight ``freezing`` (weights become constants,
 prepacked once) and, with AMX or in float32, ``max_autotune`` (its micro-GEMM templates;
-`inductor_options`); inductor also fuses the norms, the rotary arithmetic and the residual adds into generated C++ kernels. The shapes
-the graph is compiled for are the batch (one row) and the rows per step (``q``: 1, a token; 2,
-a token and its ``[CLS]`` probe). The KV length is a dynamic dimension: the graph reads the
-`kv_cache.SlotCache` buffers as they are (any capacity), writes the step's K/V at the slots
-after the used ones and attends over the used slots, so a generation never recompiles.
+`inductor_options`). Inductor also fuses the norms, the rotary arithmetic and the residual adds
+into generated C++ kernels. The shapes the graph is compiled for are the batch (one row) and
+the rows per step (``q``: 1, a token; 2, a token and its ``[CLS]`` probe). The KV length is a
+dynamic dimension: the graph reads the `kv_cache.SlotCache` buffers as they are (any capacity),
+writes the step's K/V at the slots after the used ones and attends over the used slots, so a
+generation never recompiles.
 
 Larger batches, prefills (a chunk of 1 or 2 columns for one row excepted: the graph computes any
 rows appended to a cache), LoRA rows on the safety rows only, CUDA and int8 run `FusedBody`'s
@@ -49,8 +50,8 @@ def inductor_options(dtype: torch.dtype, amx: bool) -> dict[str, bool]:
 
     `INDUCTOR_OPTIONS`, less ``max_autotune`` for bfloat16 and float16 without AMX: there its
     micro-GEMM templates run slower than oneDNN's packed products that ``freezing`` keeps (2 AMD
-    EPYC Zen 5 cores with AVX512-BF16, session 28: autotuned 0.76-0.81x `FusedBody`'s eager
-    forward, ``freezing`` alone 1.15-1.19x; `benchmarks/results/compile_step-s28-zen5.json`).
+    EPYC Zen 5 cores with AVX512-BF16, session 28: autotuned 0.71-0.82x `FusedBody`'s eager
+    forward, ``freezing`` alone 1.17-1.26x; `benchmarks/results/compile_step-s28-zen5*.json`).
     Measured, our choice."""
     if dtype in (torch.bfloat16, torch.float16) and not amx:
         return {**INDUCTOR_OPTIONS, "max_autotune": False}

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     compile: bool = Field(
         True, description="ESS_COMPILE: run decode steps of a single running request through a forward "
                           "compiled by torch.compile (inductor, weights frozen; its GEMM templates with AMX "
-                          "or in float32: about 1.6x faster per token on 2 AMX cores, 1.15x on 2 "
+                          "or in float32: about 1.6x faster per token on 2 AMX cores, 1.06x on 2 "
                           "AVX512-BF16 cores without AMX) where it can run: CPU, the fused "
                           "forward, ESS_QUANTIZATION=none. Compiling adds about 110 s to startup on 2 "
                           "cores (the warm-up). false: every step runs the eager fused forward.")
