@@ -125,7 +125,8 @@ def main(argv=None) -> dict:
         # Options make each mode its own backend (dynamo keeps one compiled entry per backend),
         # and the same settings hold globally while it compiles: freezing is decided when dynamo
         # traces, before options apply. No FX graph cache: the compile time is a cold start's.
-        settings = {**(MODES[mode] or inductor_options(dtype, cpu_has_amx())), "fx_graph_cache": False}
+        options = inductor_options(dtype, cpu_has_amx()) if mode == "served" else MODES[mode]
+        settings = {**options, "fx_graph_cache": False}
         compiled = torch.compile(graph, dynamic=False, options=settings)
         with inductor.patch(settings):
             for r in args.rows:

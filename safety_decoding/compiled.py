@@ -50,8 +50,8 @@ def inductor_options(dtype: torch.dtype, amx: bool) -> dict[str, bool]:
 
     `INDUCTOR_OPTIONS`, less ``max_autotune`` for bfloat16 and float16 without AMX: there its
     micro-GEMM templates run slower than oneDNN's packed products that ``freezing`` keeps (2 AMD
-    EPYC Zen 5 cores with AVX512-BF16, session 28: autotuned 0.71-0.82x `FusedBody`'s eager
-    forward, ``freezing`` alone 1.17-1.26x; `benchmarks/results/compile_step-s28-zen5*.json`).
+    EPYC Zen 5 cores with AVX512-BF16, session 28: autotuned 0.71-0.86x `FusedBody`'s eager
+    forward, ``freezing`` alone 1.13-1.26x; `benchmarks/results/compile_step-s28-zen5*.json`).
     Measured, our choice."""
     if dtype in (torch.bfloat16, torch.float16) and not amx:
         return {**INDUCTOR_OPTIONS, "max_autotune": False}
